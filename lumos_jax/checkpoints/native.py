@@ -1,0 +1,70 @@
+"""Our checkpoint format: `config.json` (HF-style) + `params/` (orbax, sharded arrays).
+
+Orbax writes to a temporary directory and commits by rename, so an interrupted save
+is never mistaken for a checkpoint; restore places each array straight onto its
+target sharding.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from lumos_jax.models.config import LlamaConfig
+from lumos_jax.models.llama import LlamaForCausalLM, abstract_model
+from lumos_jax.sharding import state_shardings
+
+
+def is_native_checkpoint(directory: str | Path) -> bool:
+    return (Path(directory) / "params").is_dir() and (Path(directory) / "config.json").exists()
+
+
+def save_native(model: LlamaForCausalLM, directory: str | Path) -> Path:
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    state = nnx.state(model, nnx.Param)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(directory / "params", nnx.to_pure_dict(state), force=True)
+        ckptr.wait_until_finished()
+    extra = {"lumos_jax": {"param_dtype": model.config.param_dtype, "dtype": model.config.dtype,
+                           "vocab_multiple": model.config.vocab_multiple}}
+    (directory / "config.json").write_text(json.dumps({**model.config.to_hf_dict(), **extra}, indent=2))
+    return directory
+
+
+def load_native(directory: str | Path, mesh: Mesh | None = None, rules=None,
+                **config_overrides) -> LlamaForCausalLM:
+    directory = Path(directory).absolute()
+    if not is_native_checkpoint(directory):
+        raise FileNotFoundError(f"{directory}: not a lumos-jax checkpoint (needs config.json and params/)")
+    hf = json.loads((directory / "config.json").read_text())
+    extra = hf.pop("lumos_jax", {})
+    config = LlamaConfig.from_hf_dict(hf, **{**extra, **config_overrides})
+    graphdef, abstract_state = nnx.split(abstract_model(config))
+    if mesh is None:
+        mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    shardings = state_shardings(abstract_state, mesh, rules)
+    target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                          nnx.to_pure_dict(abstract_state), nnx.to_pure_dict(shardings))
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            restored = ckptr.restore(directory / "params", target)
+        except ValueError as e:
+            raise ValueError(f"{directory}/params: does not match the config ({str(e).splitlines()[0]})") from None
+    nnx.replace_by_pure_dict(abstract_state, restored)
+    return nnx.merge(graphdef, abstract_state)
+
+
+def load_model(path: str | Path, mesh: Mesh | None = None, rules=None, **overrides) -> LlamaForCausalLM:
+    """An HF directory or a lumos-jax checkpoint, whichever `path` holds."""
+    from lumos_jax.checkpoints.hf import load_hf_model
+
+    if is_native_checkpoint(path):
+        return load_native(path, mesh, rules, **overrides)
+    return load_hf_model(path, mesh, rules, **overrides)

@@ -1,0 +1,117 @@
+"""gin: import every configurable up front, then parse --gin_file / --gin.X=Y.
+
+t5x-style: `--gin_file` may repeat; `--gin.model_config.preset="'llama2_7b'"` binds
+one parameter. Gin files are searched in the working directory and the repository's
+`gin/` folder, so `--gin_file=models/tiny.gin` works from anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import gin
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GIN_DIR = REPO_ROOT / "gin"
+
+# Every module holding @gin.configurable functions; imported before any parse so gin
+# never reports "No configurable matching" for a module that simply wasn't loaded.
+CONFIGURABLE_MODULES = [
+    "lumos_jax.sharding",
+    "lumos_jax.models.config",
+    "lumos_jax.tokenization",
+    "lumos_jax.generation",
+]
+OPTIONAL_CONFIGURABLE_MODULES: list[str] = [
+    "data_pipeline.gin_configurables",
+    "lumos_jax.training.gin_configurables",
+    "lumos_jax.inference.gin_configurables",
+    "lumos_jax.agent.gin_configurables",
+    "lumos_jax.evaluation.gin_configurables",
+]
+
+
+class ConfigError(ValueError):
+    """A bad gin file or binding; the message is one line naming the file or key."""
+
+
+def import_configurables() -> None:
+    for name in CONFIGURABLE_MODULES:
+        importlib.import_module(name)
+    for name in OPTIONAL_CONFIGURABLE_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not name.startswith(e.name):
+                raise
+
+
+def resolve_gin_file(name: str) -> str:
+    for base in (Path.cwd(), GIN_DIR, REPO_ROOT):
+        p = (base / name) if not Path(name).is_absolute() else Path(name)
+        if p.exists():
+            return str(p)
+    raise ConfigError(f"gin file not found: {name} (looked in ., {GIN_DIR})")
+
+
+def parse_gin(gin_files: Sequence[str] = (), bindings: Sequence[str] = ()) -> None:
+    """Parse files then bindings; any problem becomes one ConfigError line."""
+    import_configurables()
+    gin.clear_config()
+    for p in (str(Path.cwd()), str(GIN_DIR), str(REPO_ROOT)):
+        if p not in gin.config._LOCATION_PREFIXES:  # noqa: SLF001 - gin has no public getter
+            gin.add_config_file_search_path(p)
+    files = [resolve_gin_file(f) for f in gin_files]
+    for f in files:
+        try:
+            gin.parse_config_file(f)
+        except Exception as e:  # gin raises several types; report them as one line
+            raise ConfigError(f"{f}: {_one_line(e)}") from None
+    for b in bindings:
+        try:
+            gin.parse_config(b)
+        except Exception as e:
+            raise ConfigError(f"--gin.{b}: {_one_line(e)}") from None
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return " ".join(t.strip() for t in text if t.strip())[:500] or type(e).__name__
+
+
+def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Pull `--gin.X=Y` bindings out of argv (argparse can't express them)."""
+    rest, bindings = [], []
+    for a in argv:
+        if a.startswith("--gin."):
+            key, eq, value = a[len("--gin."):].partition("=")
+            if not eq:
+                raise ConfigError(f"{a}: expected --gin.NAME=VALUE")
+            bindings.append(f"{key} = {value}")
+        else:
+            rest.append(a)
+    return rest, bindings
+
+
+def add_gin_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gin_file", action="append", default=[],
+                        help="gin file (repeatable; searched in . and gin/)")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """argparse + gin for one subcommand: parses args, then gin files and bindings."""
+    add_gin_arguments(parser)
+    rest, bindings = split_gin_args(argv)
+    args = parser.parse_args(rest)
+    parse_gin(args.gin_file, bindings)
+    args.gin_bindings = bindings
+    return args
+
+
+def fail(message: str) -> None:
+    print(f"lumos-jax: error: {message}", file=sys.stderr)
+    raise SystemExit(2)

@@ -1,0 +1,273 @@
+"""The Llama family in Flax NNX, computing what HF `LlamaForCausalLM` computes.
+
+Parameter paths mirror HF (`model.layers.0.self_attn.q_proj`); a Linear stores
+`kernel` as (in, out), the transpose of HF's `weight`, so import is a transpose.
+Every parameter carries `logical_axes` metadata; `lumos_jax.sharding` maps those
+to the mesh via gin rules.
+
+Masking is by (segment id, position): a query attends to keys of its own non-zero
+segment whose position is <= its own. That one rule covers causal attention, left
+or right padding (segment 0) and packed rows (positions restart per segment).
+
+KV cache layout (decided here, used by the inference engine): per layer `k`, `v` of
+shape (batch, max_len, kv_heads, head_dim) and one `positions` array (batch,
+max_len) with -1 for empty slots. New tokens are written at per-row slot offsets,
+so rows of different lengths and `extend` after a tool call need no recomputation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lumos_jax.models.config import LlamaConfig
+from lumos_jax.sharding import constrain
+
+_NEG_INF = -1e30
+
+
+class KVCache(NamedTuple):
+    k: tuple[jax.Array, ...]  # per layer (batch, max_len, kv_heads, head_dim)
+    v: tuple[jax.Array, ...]
+    positions: jax.Array  # (batch, max_len) int32, -1 = empty slot
+
+    @classmethod
+    def init(cls, config: LlamaConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        dtype = dtype or config.jnp_dtype
+        shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+        return cls(zeros, zeros, jnp.full((batch, max_len), -1, jnp.int32))
+
+    @staticmethod
+    def logical_axes():
+        return ("cache_batch", "cache_length", "cache_kv_heads", "head_dim")
+
+
+def _param(rngs, shape, dtype, axes, std):
+    init = jax.nn.initializers.normal(std) if std else jax.nn.initializers.ones
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel, no bias; kernel (in, out) kept in param dtype, cast to compute dtype."""
+
+    def __init__(self, din, dout, axes, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.kernel = _param(rngs, (din, dout), config.jnp_param_dtype, axes,
+                             config.initializer_range)
+        self.dtype = config.jnp_dtype
+
+    def __call__(self, x):
+        return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+    """HF LlamaRMSNorm: normalise in fp32, cast back, then scale."""
+
+    def __init__(self, dim, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.weight = _param(rngs, (dim,), config.jnp_param_dtype, ("norm",), 0.0)
+        self.eps = config.rms_norm_eps
+
+    def __call__(self, x):
+        dtype = x.dtype
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(dtype) * h.astype(dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> jax.Array:
+    """Inverse frequencies in HF's convention, with Llama-3 / linear scaling."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = jnp.where(medium, smoothed, scaled)
+    elif kind != "default":
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+    return inv_freq
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate halves (i, i + d/2) as HF does; x (B, T, H, D), positions (B, T)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, D/2)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(q_seg, q_pos, k_seg, k_pos):
+    """(B, T, S) bool: same non-zero segment and key position <= query position."""
+    same = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
+    return same & (k_pos[:, None, :] <= q_pos[:, :, None])
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        self.q_proj = Linear(c.hidden_size, q_dim, ("embed", "q_heads"), c, rngs=rngs)
+        self.k_proj = Linear(c.hidden_size, kv_dim, ("embed", "kv_heads"), c, rngs=rngs)
+        self.v_proj = Linear(c.hidden_size, kv_dim, ("embed", "kv_heads"), c, rngs=rngs)
+        self.o_proj = Linear(q_dim, c.hidden_size, ("q_heads", "embed"), c, rngs=rngs)
+
+    def __call__(self, x, positions, segment_ids, inv_freq, layer_cache=None):
+        c = self.config
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, c.num_attention_heads, c.head_dim)
+        k = self.k_proj(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
+        v = self.v_proj(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
+        q = constrain(apply_rope(q, positions, inv_freq), ("batch", "length", "q_heads", "head_dim"))
+        k = constrain(apply_rope(k, positions, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
+        if layer_cache is None:
+            mask = attention_mask(segment_ids, positions, segment_ids, positions)
+            new_cache = None
+        else:
+            cache_k, cache_v, kv_pos, write_index = layer_cache
+            write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, 0))
+            k = cache_k = write(cache_k, k.astype(cache_k.dtype), write_index)
+            v = cache_v = write(cache_v, v.astype(cache_v.dtype), write_index)
+            # One sequence per row: valid query x filled slot x causal by position.
+            mask = attention_mask((segment_ids != 0).astype(jnp.int32), positions,
+                                  (kv_pos >= 0).astype(jnp.int32), kv_pos)
+            new_cache = (cache_k, cache_v)
+        groups = c.num_attention_heads // c.num_key_value_heads
+        q = q.reshape(b, t, c.num_key_value_heads, groups, c.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)) / math.sqrt(c.head_dim)
+        scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
+        out = out.reshape(b, t, c.num_attention_heads * c.head_dim)
+        return self.o_proj(out), new_cache
+
+
+class LlamaMLP(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), c, rngs=rngs)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), c, rngs=rngs)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, ("mlp", "embed"), c, rngs=rngs)
+
+    def __call__(self, x):
+        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(constrain(h, ("batch", "length", "mlp")))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config, rngs=rngs)
+        self.self_attn = LlamaAttention(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config, rngs=rngs)
+        self.mlp = LlamaMLP(config, rngs=rngs)
+
+    def __call__(self, x, positions, segment_ids, inv_freq, layer_cache=None):
+        h, new_cache = self.self_attn(self.input_layernorm(x), positions, segment_ids, inv_freq,
+                                      layer_cache)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return constrain(x, ("batch", "length", "act_embed")), new_cache
+
+
+class Embedding(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.weight = _param(rngs, (config.padded_vocab_size, config.hidden_size),
+                             config.jnp_param_dtype, ("vocab", "embed"), config.initializer_range)
+
+    def __call__(self, ids, dtype):
+        return jnp.take(self.weight[...], ids, axis=0).astype(dtype)
+
+
+class LlamaModel(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.embed_tokens = Embedding(config, rngs=rngs)
+        self.layers = nnx.List([LlamaDecoderLayer(config, rngs=rngs)
+                                for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config, rngs=rngs)
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class LlamaForCausalLM(nnx.Module):
+    """logits, cache = model(input_ids, positions=None, segment_ids=None, cache=None, ...)."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.model = LlamaModel(config, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.padded_vocab_size, ("embed", "vocab"),
+                                  config, rngs=rngs)
+
+    def __call__(self, input_ids, positions=None, segment_ids=None, cache: KVCache | None = None,
+                 cache_write_index=None, return_hidden=False):
+        """input_ids (B, T). segment_ids: 0 marks padding (default all 1). positions default
+        to 0..T-1. With `cache`, the T new tokens are written at `cache_write_index` (B,)
+        and attend to everything already cached; the updated cache is returned."""
+        c = self.config
+        b, t = input_ids.shape
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        inv_freq = rope_inv_freq(c)
+        x = constrain(self.model.embed_tokens(input_ids, c.jnp_dtype), ("batch", "length", "act_embed"))
+        new_k, new_v = [], []
+        if cache is not None:
+            write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, 0))
+            new_pos = jnp.where(segment_ids != 0, positions, -1).astype(jnp.int32)
+            kv_positions = write(cache.positions, new_pos, cache_write_index)
+        for i, layer in enumerate(self.model.layers):
+            layer_cache = None
+            if cache is not None:
+                layer_cache = (cache.k[i], cache.v[i], kv_positions, cache_write_index)
+            if c.remat_policy != "none" and cache is None:
+                x, lc = nnx.remat(lambda mdl, *a: mdl(*a),
+                                  policy=_REMAT_POLICIES[c.remat_policy])(
+                    layer, x, positions, segment_ids, inv_freq)
+            else:
+                x, lc = layer(x, positions, segment_ids, inv_freq, layer_cache)
+            if lc is not None:
+                new_k.append(lc[0])
+                new_v.append(lc[1])
+        x = self.model.norm(x)
+        new_cache = KVCache(tuple(new_k), tuple(new_v), kv_positions) if cache is not None else None
+        if return_hidden:
+            return x, new_cache
+        return self.logits(x), new_cache
+
+    def logits(self, hidden):
+        c = self.config
+        if c.tie_word_embeddings:
+            w = self.model.embed_tokens.weight[...].astype(c.jnp_dtype)
+            logits = jnp.einsum("bte,ve->btv", hidden, w)
+        else:
+            logits = self.lm_head(hidden)
+        logits = constrain(logits, ("batch", "length", "vocab"))
+        return logits[..., : c.vocab_size] if c.padded_vocab_size != c.vocab_size else logits
+
+
+def create_model(config: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
+    return LlamaForCausalLM(config, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(config: LlamaConfig) -> LlamaForCausalLM:
+    """Shapes only, no memory: the skeleton that checkpoints are loaded into."""
+    return nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))

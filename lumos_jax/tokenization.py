@@ -1,0 +1,189 @@
+"""Tokenizers loaded exactly, and the one Lumos chat encoder.
+
+Two backends give the same ids on ordinary text:
+- `sentencepiece` on a `tokenizer.model` — the reference trained with the slow
+  (legacy) Llama tokenizer, which splits text at special-token strings such as
+  `</s>` and encodes each piece with SentencePiece (so `</s>\\n` becomes `</s> ▁ \\n`);
+- `PreTrainedTokenizerFast` on a `tokenizer.json` (transformers 5's AutoTokenizer
+  rebuilds the pipeline and drops leading spaces; this class keeps the file's).
+
+This module is the single place that decides BOS/EOS: `encode(text)` never adds
+them; callers ask for BOS explicitly.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+from typing import Sequence
+
+import gin
+import numpy as np
+
+IGNORE_INDEX = -100
+PAD_TOKEN = "<pad>"
+
+
+class Tokenizer:
+    """encode/decode plus the special ids the rest of the library needs."""
+
+    def __init__(self, path: str | Path, add_pad_token: bool = False, backend: str = "auto"):
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"tokenizer: {path} does not exist")
+        model_file = path if path.is_file() else path / "tokenizer.model"
+        json_file = None if path.is_file() else path / "tokenizer.json"
+        if backend == "auto":
+            backend = "sentencepiece" if model_file.exists() else "hf"
+        self.backend = backend
+        self.path = path
+        if backend == "sentencepiece":
+            if not model_file.exists():
+                raise FileNotFoundError(f"tokenizer: no tokenizer.model in {path}")
+            import sentencepiece as spm
+
+            self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
+            self.base_vocab_size = self._sp.get_piece_size()
+            self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+            self.unk_id = self._sp.unk_id()
+            self._specials = {self._sp.id_to_piece(i): i for i in (self.bos_id, self.eos_id, self.unk_id)}
+        elif backend == "hf":
+            if json_file is None or not json_file.exists():
+                raise FileNotFoundError(f"tokenizer: no tokenizer.json in {path}")
+            from transformers import PreTrainedTokenizerFast
+
+            self._hf = PreTrainedTokenizerFast.from_pretrained(str(path))
+            self.base_vocab_size = len(self._hf)
+            self.bos_id = self._hf.bos_token_id
+            self.eos_id = self._hf.eos_token_id
+            self.unk_id = self._hf.unk_token_id
+            self._specials = {t: self._hf.convert_tokens_to_ids(t) for t in self._hf.all_special_tokens}
+        else:
+            raise ValueError(f"tokenizer backend {backend!r}: expected 'auto', 'sentencepiece' or 'hf'")
+        self.pad_id = None
+        if add_pad_token:
+            # Like the reference: `<pad>` appended after the base vocabulary (id 32000 for Llama-2).
+            self.pad_id = self.base_vocab_size
+            self._specials[PAD_TOKEN] = self.pad_id
+        self._split_re = re.compile("(" + "|".join(re.escape(t) for t in
+                                                   sorted(self._specials, key=len, reverse=True)) + ")")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base_vocab_size + (1 if self.pad_id is not None else 0)
+
+    @property
+    def eos_token(self) -> str:
+        return self.id_to_piece(self.eos_id)
+
+    def id_to_piece(self, i: int) -> str:
+        if i == self.pad_id:
+            return PAD_TOKEN
+        return self._sp.id_to_piece(i) if self.backend == "sentencepiece" else self._hf.convert_ids_to_tokens(i)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of `text`; special-token strings (`</s>`, `<pad>`) become their ids."""
+        ids = [self.bos_id] if add_bos else []
+        if self.backend == "hf":
+            pieces = [text] if self.pad_id is None else self._split_re.split(text)
+            for piece in pieces:
+                if piece == PAD_TOKEN:
+                    ids.append(self.pad_id)
+                elif piece:
+                    ids.extend(self._hf.encode(piece, add_special_tokens=False))
+            return ids
+        for piece in self._split_re.split(text):
+            if not piece:
+                continue
+            if piece in self._specials:
+                ids.append(self._specials[piece])
+            else:
+                ids.extend(self._sp.encode(piece))
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        ids = [int(i) for i in ids if not (skip_special and int(i) in self._special_ids)]
+        ids = [i for i in ids if i < self.base_vocab_size]
+        if self.backend == "sentencepiece":
+            return self._sp.decode(ids)
+        return self._hf.decode(ids, skip_special_tokens=skip_special)
+
+    @functools.cached_property
+    def _special_ids(self) -> set[int]:
+        return set(self._specials.values())
+
+
+@gin.configurable
+def load_tokenizer(path: str = gin.REQUIRED, add_pad_token: bool = True,
+                   backend: str = "auto") -> Tokenizer:
+    return Tokenizer(path, add_pad_token=add_pad_token, backend=backend)
+
+
+# -- The Lumos chat encoding (LUMOS_SPEC §1) ---------------------------------------
+
+ROLE_TAGS = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
+
+
+def concat_messages(messages: Sequence[dict], eos_token: str) -> str:
+    """Role-tagged text of a conversation, exactly as the reference builds it."""
+    out = []
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLE_TAGS:
+            raise ValueError(f"message {i}: unknown role {role!r} (expected system/user/assistant)")
+        if not isinstance(content, str):
+            raise ValueError(f"message {i}: content must be a string, got {type(content).__name__}")
+        if role == "system":
+            out.append(ROLE_TAGS[role] + content + "\n")
+        elif role == "user":
+            out.append(ROLE_TAGS[role] + content.strip() + "\n")
+        else:
+            out.append(ROLE_TAGS[role] + content.strip() + eos_token + "\n")
+    return "".join(out)
+
+
+def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer,
+                        max_len: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, labels) for one conversation; labels are -100 outside assistant turns.
+
+    Same rule as the reference (open-instruct's `encode_with_messages_format`): the
+    whole text is stripped, BOS-prefixed and truncated to `max_len`; each non-assistant
+    turn, and the `<|assistant|>\\n` header after it, is masked, its boundaries found by
+    tokenizing the text up to that point (kept literal: the quirks at `</s>\\n` and at
+    truncation come from exactly this rule).
+    """
+    if not messages:
+        raise ValueError("conversation has no messages")
+    eos = tokenizer.eos_token
+    text = concat_messages(messages, eos).strip()
+    full = tokenizer.encode(text, add_bos=True)
+    input_ids = np.asarray(full[:max_len], dtype=np.int32)
+    labels = input_ids.copy()
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            continue
+        start = 0 if i == 0 else _prefix_len(messages[:i], tokenizer, eos)
+        suffix = ROLE_TAGS["assistant"] if i + 1 < len(messages) and messages[i + 1]["role"] == "assistant" else ""
+        end = _prefix_len(messages[: i + 1], tokenizer, eos, suffix)
+        labels[start:min(end, max_len)] = IGNORE_INDEX
+        if end >= max_len:
+            break
+    return input_ids, labels
+
+
+def _prefix_len(messages, tokenizer, eos, suffix=""):
+    return len(tokenizer.encode(concat_messages(messages, eos) + suffix, add_bos=True))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+    return rows
