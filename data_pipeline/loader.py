@@ -1,0 +1,253 @@
+"""Training and evaluation batch iterators (the trainer's entry point).
+
+`make_train_iterator(...)` → an iterator of batch dicts (see docs/data.md) with
+`get_state()` / `set_state()`. State is small and JSON-serialisable: the epoch and
+position in this host's example order (rebuilt from the seed), the example references
+held in partly packed rows, and running statistics. Restoring it on a fresh iterator
+built with the same arguments yields exactly the batches that would have followed.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Sequence
+
+import gin
+import numpy as np
+
+from data_pipeline.encoding import Encoded, encode_fast
+from data_pipeline.mixture import Mixture, holdout_mask, host_slice
+from data_pipeline.packing import Packer, render_rows
+from data_pipeline.records import BadRecordReport
+from data_pipeline.sources import open_sources
+from lumos_jax.tokenization import Tokenizer, concat_messages
+
+STATE_VERSION = 1
+
+
+def _as_tokenizer(tokenizer) -> Tokenizer:
+    if tokenizer is None:
+        raise ValueError("data loader: a tokenizer (path or Tokenizer) is required")
+    return tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer, add_pad_token=True)
+
+
+def _process_info(process_index, process_count) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    return int(process_index), int(process_count)
+
+
+class BatchIterator:
+    """Batches of (batch_size, seq_len) int32 arrays from a mixture of annotation sources."""
+
+    def __init__(self, sources, tokenizer, *, seq_len: int, batch_size: int, packing: bool,
+                 seed: int, num_epochs: int | None, process_index: int, process_count: int,
+                 max_seq_length: int | None, weights: Sequence[float] | None = None,
+                 epoch_size: int | None = None, holdout_fraction: float = 0.0,
+                 holdout_side: str = "train", shuffle: bool = True, pad_hosts: bool = False,
+                 open_rows: int = 8, skip_bad_records: bool = False, tfds_data_dir: str | None = None):
+        if seq_len < 2 or batch_size < 1:
+            raise ValueError(f"seq_len={seq_len}, batch_size={batch_size}: need seq_len >= 2, batch_size >= 1")
+        self.max_len = seq_len if max_seq_length is None else int(max_seq_length)
+        if not 2 <= self.max_len <= seq_len + 1:
+            raise ValueError(f"max_seq_length={max_seq_length}: must be in 2..seq_len+1 ({seq_len + 1})")
+        if num_epochs is not None and num_epochs < 1:
+            raise ValueError(f"num_epochs={num_epochs}: must be >= 1 or None (forever)")
+        self.tokenizer = _as_tokenizer(tokenizer)
+        self.pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        self.report = BadRecordReport()
+        self.sources = open_sources(sources, skip_bad_records, self.report, tfds_data_dir)
+        held = [holdout_mask(s.name, len(s), holdout_fraction) for s in self.sources]
+        allowed = held if holdout_side == "eval" else [~h for h in held]
+        self.mixture = Mixture([len(s) for s in self.sources], weights, epoch_size, seed, shuffle, allowed)
+        self.seq_len, self.batch_size, self.packing = seq_len, batch_size, packing
+        self.num_epochs, self.pad_hosts = num_epochs, pad_hosts
+        self.process_index, self.process_count = process_index, process_count
+        self._lengths = [np.full(len(s), -1, np.int32) for s in self.sources]
+        self._encoded: dict[tuple[int, int], Encoded | None] = {}
+        self._fingerprint = {"sources": [s.name for s in self.sources], "sizes": [len(s) for s in self.sources],
+                             "weights": None if weights is None else [float(w) for w in weights],
+                             "seq_len": seq_len, "batch_size": batch_size, "packing": packing, "seed": seed,
+                             "max_len": self.max_len, "process": [process_index, process_count],
+                             "holdout": [holdout_fraction, holdout_side], "open_rows": open_rows}
+        self._packer = Packer(seq_len, open_rows, packing)
+        self._reset_position()
+
+    # -- order ------------------------------------------------------------------------
+    def _host_order(self, epoch: int) -> np.ndarray:
+        return host_slice(self.mixture.epoch_order(epoch), self.process_index, self.process_count,
+                          pad=self.pad_hosts)
+
+    def _reset_position(self):
+        self.epoch, self.pos, self.batches = 0, 0, 0
+        self._ready: list[list[tuple[int, int]]] = []
+        self._exhausted = False
+        self.stats = collections.Counter()
+        self._packer.flush()
+
+    # -- examples ---------------------------------------------------------------------
+    def _ref(self, key: tuple[int, int]) -> tuple[int, int]:
+        s, i = self._host_order(key[0])[key[1]]
+        return int(s), int(i)
+
+    def _encode(self, key: tuple[int, int]) -> Encoded | None:
+        if key not in self._encoded:
+            s, i = self._ref(key)
+            if s < 0:
+                self._encoded[key] = None
+            else:
+                record = self.sources[s][i]
+                try:
+                    self._encoded[key] = encode_fast(record["messages"], self.tokenizer, self.max_len)
+                except ValueError as e:
+                    raise ValueError(f"{self.sources[s].name} record {i} (id {record.get('id')}): {e}") from None
+                self._lengths[s][i] = len(self._encoded[key].input_ids)
+        return self._encoded[key]
+
+    def _slots(self, key) -> int:
+        enc = self._encode(key)
+        return 0 if enc is None else len(enc.input_ids) - 1
+
+    def example_length(self, source: int, index: int) -> int:
+        """Tokens of one example after truncation (BOS included); cached."""
+        n = self._lengths[source][index]
+        if n < 0:
+            messages = self.sources[source][index]["messages"]
+            text = concat_messages(messages, self.tokenizer.eos_token).strip()
+            n = min(len(self.tokenizer.encode(text, add_bos=True)), self.max_len)
+            self._lengths[source][index] = n
+        return int(n)
+
+    # -- iteration --------------------------------------------------------------------
+    def __iter__(self):
+        return self
+
+    def _advance(self) -> bool:
+        """Feed one example to the packer; False when the data is exhausted."""
+        order_len = len(self._host_order(self.epoch))
+        if self.pos >= order_len:
+            self.epoch, self.pos = self.epoch + 1, 0
+            if self.num_epochs is not None and self.epoch >= self.num_epochs:
+                self._ready.extend(self._packer.flush())
+                self._exhausted = True
+                return False
+        key = (self.epoch, self.pos)
+        self.pos += 1
+        enc = self._encode(key)
+        if enc is not None:
+            self.stats["examples"] += 1
+            self.stats["truncated"] += int(enc.full_length > self.max_len)
+            self.stats["no_target"] += int(not np.any(enc.labels[1:] >= 0))
+        self._ready.extend(self._packer.add(key, self._slots(key)))
+        return True
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        while len(self._ready) < self.batch_size and not self._exhausted:
+            self._advance()
+        if not self._ready:
+            raise StopIteration
+        rows, self._ready = self._ready[:self.batch_size], self._ready[self.batch_size:]
+        encoded = [[e for e in (self._encode(k) for k in row) if e is not None] for row in rows]
+        batch = render_rows(encoded, self.seq_len, self.batch_size, self.pad_id)
+        for row in rows:
+            for k in row:
+                self._encoded.pop(k, None)
+        self.batches += 1
+        self.stats["rows"] += self.batch_size
+        self.stats["tokens"] += int((batch["segment_ids"] > 0).sum())
+        self.stats["loss_tokens"] += int(batch["loss_mask"].sum())
+        return batch
+
+    # -- state ------------------------------------------------------------------------
+    def get_state(self) -> dict:
+        return {"version": STATE_VERSION, "fingerprint": self._fingerprint, "epoch": self.epoch,
+                "pos": self.pos, "batches": self.batches, "exhausted": self._exhausted,
+                "open_rows": [[list(k) for k in r] for r in self._packer.rows],
+                "ready_rows": [[list(k) for k in r] for r in self._ready], "stats": dict(self.stats)}
+
+    def set_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"data iterator state: unsupported version {state.get('version') if isinstance(state, dict) else state!r}")
+        if state["fingerprint"] != self._fingerprint:
+            diff = sorted(k for k in self._fingerprint if state["fingerprint"].get(k) != self._fingerprint[k])
+            raise ValueError(f"data iterator state was saved with different settings ({', '.join(diff)})")
+        self._encoded.clear()
+        self.epoch, self.pos, self.batches = int(state["epoch"]), int(state["pos"]), int(state["batches"])
+        self._exhausted = bool(state["exhausted"])
+        self._ready = [[tuple(k) for k in r] for r in state["ready_rows"]]
+        self._packer.restore([[tuple(k) for k in r] for r in state["open_rows"]], self._slots)
+        self.stats = collections.Counter(state["stats"])
+
+    # -- sizes ------------------------------------------------------------------------
+    def _count_rows(self, epochs: Sequence[int]) -> tuple[int, int]:
+        """(rows finished within the epochs, rows left open) replaying the packer on lengths."""
+        packer = Packer(self.seq_len, self._packer.open_rows, self.packing)
+        rows = 0
+        for epoch in epochs:
+            for s, i in self._host_order(epoch):
+                slots = 0 if s < 0 else self.example_length(int(s), int(i)) - 1
+                rows += len(packer.add(0, slots))
+        return rows, len(packer.rows)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Full batches in one epoch on this host (packed: replays the packer on lengths)."""
+        if not self.packing:
+            return len(self._host_order(0)) // self.batch_size
+        rows, _ = self._count_rows([0])
+        return rows // self.batch_size
+
+    @property
+    def num_batches(self) -> int | None:
+        """Batches the whole run yields (None when num_epochs is None); exact."""
+        if self.num_epochs is None:
+            return None
+        if not self.packing:
+            return -(-len(self._host_order(0)) * self.num_epochs // self.batch_size)
+        rows, left = self._count_rows(range(self.num_epochs))
+        return -(-(rows + left) // self.batch_size)
+
+    def summary(self) -> dict:
+        """Statistics so far: examples, truncation, tokens, packing efficiency, bad records."""
+        st = dict(self.stats)
+        rows = st.get("rows", 0)
+        st["packing_efficiency"] = st.get("tokens", 0) / (rows * self.seq_len) if rows else 0.0
+        st["bad_records"] = self.report.total
+        return st
+
+
+@gin.configurable
+def make_train_iterator(sources: Sequence[str] | str = gin.REQUIRED, tokenizer=gin.REQUIRED, *,
+                        weights: Sequence[float] | None = None, epoch_size: int | None = None,
+                        seq_len: int = 1024, batch_size: int = 8, packing: bool = True, seed: int = 0,
+                        num_epochs: int | None = None, process_index: int | None = None,
+                        process_count: int | None = None, max_seq_length: int | None = None,
+                        holdout_fraction: float = 0.0, open_rows: int = 8,
+                        skip_bad_records: bool = False, tfds_data_dir: str | None = None) -> BatchIterator:
+    """Shuffled, host-sharded, (optionally) packed training batches; see docs/data.md."""
+    process_index, process_count = _process_info(process_index, process_count)
+    return BatchIterator(sources, tokenizer, seq_len=seq_len, batch_size=batch_size, packing=packing,
+                         seed=seed, num_epochs=num_epochs, process_index=process_index,
+                         process_count=process_count, max_seq_length=max_seq_length, weights=weights,
+                         epoch_size=epoch_size, holdout_fraction=holdout_fraction, holdout_side="train",
+                         open_rows=open_rows, skip_bad_records=skip_bad_records, tfds_data_dir=tfds_data_dir)
+
+
+@gin.configurable
+def make_eval_iterator(sources: Sequence[str] | str = gin.REQUIRED, tokenizer=gin.REQUIRED, *,
+                       seq_len: int = 1024, batch_size: int = 8, holdout_fraction: float = 0.0,
+                       process_index: int | None = None, process_count: int | None = None,
+                       max_seq_length: int | None = None, skip_bad_records: bool = False,
+                       tfds_data_dir: str | None = None) -> BatchIterator:
+    """One pass, in file order, one conversation per row; with holdout_fraction > 0 only the
+    held-out examples (those the train iterator with the same fraction leaves out). Every
+    host yields the same number of batches (missing rows are empty)."""
+    process_index, process_count = _process_info(process_index, process_count)
+    return BatchIterator(sources, tokenizer, seq_len=seq_len, batch_size=batch_size, packing=False,
+                         seed=0, num_epochs=1, process_index=process_index, process_count=process_count,
+                         max_seq_length=max_seq_length, holdout_fraction=holdout_fraction,
+                         holdout_side="eval" if holdout_fraction > 0 else "train", shuffle=False,
+                         pad_hosts=True, skip_bad_records=skip_bad_records, tfds_data_dir=tfds_data_dir)

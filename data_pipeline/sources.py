@@ -1,0 +1,68 @@
+"""Random-access record sources: annotation JSONL files or tfds array_record datasets.
+
+A source spec is a string:
+- `path/to/file.jsonl` — a Lumos annotation file, validated when opened;
+- `tfds:NAME/CONFIG` (optionally `:SPLIT`, default `train`) — a dataset written by
+  `data_pipeline.tfds_builders`, read with `tfds.data_source` through a `grain.MapDataset`
+  (no TensorFlow). `tfds_data_dir` says where it was built.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from data_pipeline.records import BadRecordReport, read_annotations
+
+
+class RecordSource:
+    """`len(src)`, `src[i]` → `{dataset, id, messages}`; `name` for errors and holdout hashing."""
+
+    def __init__(self, name: str, records):
+        self.name = name
+        self._records = records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, i: int) -> dict:
+        return self._records[i]
+
+
+def _decode_tfds_example(example: dict) -> dict:
+    def text(v):
+        return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+    return {"dataset": text(example["dataset"]), "id": text(example["id"]),
+            "messages": json.loads(text(example["messages_json"]))}
+
+
+def open_source(spec: str, skip_bad_records: bool = False, report: BadRecordReport | None = None,
+                tfds_data_dir: str | None = None) -> RecordSource:
+    if spec.startswith("tfds:"):
+        import grain
+        import tensorflow_datasets as tfds
+
+        name, _, split = spec[len("tfds:"):].partition(":")
+        import data_pipeline.tfds_builders  # noqa: F401  (registers the builders)
+
+        data_source = tfds.data_source(name, split=split or "train", data_dir=tfds_data_dir,
+                                       download=False)
+        dataset = grain.MapDataset.source(data_source).map(_decode_tfds_example)
+        return RecordSource(spec, dataset)
+    path = Path(spec)
+    return RecordSource(path.name, read_annotations(path, skip_bad_records, report))
+
+
+def open_sources(specs: Sequence[str] | str, skip_bad_records: bool = False,
+                 report: BadRecordReport | None = None, tfds_data_dir: str | None = None) -> list[RecordSource]:
+    if isinstance(specs, str):
+        specs = [specs]
+    if not specs:
+        raise ValueError("data sources: at least one file or tfds dataset is needed")
+    out = [open_source(s, skip_bad_records, report, tfds_data_dir) for s in specs]
+    for spec, src in zip(specs, out):
+        if len(src) == 0:
+            raise ValueError(f"data source {spec}: no usable records")
+    return out
