@@ -7,6 +7,7 @@ imports. Each target is `module:function(argv) -> int`.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 SUBCOMMANDS = {
@@ -50,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(getattr(module, func_name)(rest) or 0)
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        # Bad user input (gin, files, shapes): one clear line, no traceback.
+        # Bad user input (gin, files, shapes): one clear line, no traceback
+        # (LUMOS_JAX_DEBUG=1 shows it).
+        if os.environ.get("LUMOS_JAX_DEBUG"):
+            raise
         print(f"lumos-jax {name}: error: {e}", file=sys.stderr)
         return 2
 
