@@ -39,6 +39,13 @@ class LlamaConfig:
     dtype: str = "float32"
     # "none", "full" (recompute each layer) or "dots" (save matmul outputs only).
     remat_policy: str = "none"
+    # "xla" (einsum + mask, any backend), "cudnn" (fused flash attention on NVIDIA GPUs,
+    # packed segments as cuDNN segment offsets) or "cudnn_bias" (flash attention with the
+    # segment mask as an additive bias: slower, no segment limit). Without a KV cache
+    # only; decoding with a cache always uses "xla".
+    attention_impl: str = "xla"
+    # cudnn: the most segments (packed conversations) one row may hold.
+    max_segments_per_row: int = 64
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -55,6 +62,12 @@ class LlamaConfig:
         if self.remat_policy not in ("none", "full", "dots"):
             raise ValueError(f"LlamaConfig.remat_policy={self.remat_policy!r}; "
                              "expected 'none', 'full' or 'dots'")
+        if self.attention_impl not in ("xla", "cudnn", "cudnn_bias"):
+            raise ValueError(f"LlamaConfig.attention_impl={self.attention_impl!r}; "
+                             "expected 'xla', 'cudnn' or 'cudnn_bias'")
+        if self.attention_impl != "xla" and self.dtype == "float32":
+            raise ValueError(f"LlamaConfig.attention_impl={self.attention_impl!r} needs "
+                             "dtype 'bfloat16' or 'float16' (cuDNN flash attention has no fp32)")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -157,11 +170,12 @@ PRESETS: dict[str, LlamaConfig] = {
 @gin.configurable
 def model_config(preset: str = "tiny", hf_dir: str | None = None, overrides: dict | None = None,
                  param_dtype: str | None = None, dtype: str | None = None,
-                 remat_policy: str | None = None, vocab_multiple: int | None = None) -> LlamaConfig:
+                 remat_policy: str | None = None, vocab_multiple: int | None = None,
+                 attention_impl: str | None = None) -> LlamaConfig:
     """The config a run uses: a named preset or an HF directory's config.json, plus overrides."""
     overrides = dict(overrides or {})
     for key, value in dict(param_dtype=param_dtype, dtype=dtype, remat_policy=remat_policy,
-                           vocab_multiple=vocab_multiple).items():
+                           vocab_multiple=vocab_multiple, attention_impl=attention_impl).items():
         if value is not None:
             overrides[key] = value
     bad = set(overrides) - {f.name for f in dataclasses.fields(LlamaConfig)}

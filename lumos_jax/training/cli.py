@@ -1,0 +1,38 @@
+"""`lumos-jax train --gin_file=experiments/X.gin --workdir=DIR [--gin.K=V ...] [--profile]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Sequence
+
+
+def main(argv: Sequence[str]) -> int:
+    from lumos_jax.config import parse_args
+
+    parser = argparse.ArgumentParser(prog="lumos-jax train", description=__doc__)
+    parser.add_argument("--workdir", help="checkpoints, logs and profile go here "
+                        "(default: gin train.workdir)")
+    parser.add_argument("--profile", action="store_true",
+                        help="write a JAX profiler trace of a few steps to WORKDIR/profile")
+    parser.add_argument("--max_steps", type=int, help="stop after this many steps (overrides gin)")
+    args = parse_args(parser, argv)
+
+    from lumos_jax.training.loop import train
+
+    kwargs = {}
+    if args.workdir:
+        kwargs["workdir"] = args.workdir
+    if args.profile:
+        kwargs["profile"] = True
+    if args.max_steps is not None:
+        kwargs["max_steps"] = args.max_steps
+    result = train(**kwargs)
+    import jax
+
+    if jax.process_index() == 0:
+        last = max(result["losses"]) if result["losses"] else None
+        print(json.dumps({"step": result["step"],
+                          "final_loss": result["losses"].get(last) if last else None,
+                          "eval": result["eval"].get(max(result["eval"])) if result["eval"] else None}))
+    return 0

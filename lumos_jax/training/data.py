@@ -1,0 +1,228 @@
+"""Training batches: the data pipeline's iterator, or a small in-memory one with the same
+contract, and the step from a host's rows to one global sharded batch.
+
+Contract (docs/architecture.md, docs/data.md): dicts of int32 (rows, seq_len) arrays
+`input_ids, targets, loss_mask, segment_ids, positions`; the iterator has
+`get_state()` / `set_state()` (JSON) and `steps_per_epoch`.
+
+`InMemoryBatches` defines the *global* batch sequence and hands each process its own
+rows of it, so a run gives the same batches on any number of processes (the property
+the multi-host test checks). `data_pipeline` instead gives each host disjoint examples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import gin
+import jax
+import numpy as np
+
+from lumos_jax.training.step import BATCH_KEYS
+
+
+def example_to_row(input_ids: np.ndarray, labels: np.ndarray) -> dict:
+    """One encoded conversation -> the shifted contract fields (n tokens fill n-1 slots)."""
+    return dict(input_ids=input_ids[:-1], targets=input_ids[1:],
+                loss_mask=(labels[1:] != -100).astype(np.int32))
+
+
+def build_rows(examples: Sequence[dict], seq_len: int, packing: bool, pad_id: int = 0) -> list[dict]:
+    """Rows of exactly seq_len: one example per row, or greedily packed in order."""
+    rows, current, used = [], [], 0
+
+    def flush():
+        row = {k: np.zeros(seq_len, np.int32) for k in BATCH_KEYS}
+        row["input_ids"][:] = pad_id
+        at = 0
+        for seg, ex in enumerate(current, 1):
+            n = len(ex["input_ids"])
+            for k in ("input_ids", "targets", "loss_mask"):
+                row[k][at:at + n] = ex[k]
+            row["segment_ids"][at:at + n] = seg
+            row["positions"][at:at + n] = np.arange(n)
+            at += n
+        rows.append(row)
+
+    for ex in examples:
+        ex = {k: v[:seq_len] for k, v in ex.items()}
+        n = len(ex["input_ids"])
+        if current and (not packing or used + n > seq_len):
+            flush()
+            current, used = [], 0
+        current.append(ex)
+        used += n
+    if current:
+        flush()
+    return rows
+
+
+class InMemoryBatches:
+    """Deterministic batches from examples held in memory: a fresh permutation per epoch
+    (seed + epoch), rows built per epoch, the last partial batch dropped. Its position is
+    (epoch, batch index), so `set_state` is exact and cheap."""
+
+    def __init__(self, examples: Sequence[dict], seq_len: int, global_batch: int, seed: int = 0,
+                 packing: bool = False, shuffle: bool = True, num_epochs: int | None = None,
+                 process_index: int | None = None, process_count: int | None = None,
+                 pad_id: int = 0):
+        self.examples = [example_to_row(*e) if isinstance(e, tuple) else e for e in examples]
+        if not self.examples:
+            raise ValueError("training data: no examples")
+        self.seq_len, self.global_batch, self.seed = seq_len, global_batch, seed
+        self.packing, self.shuffle, self.num_epochs, self.pad_id = packing, shuffle, num_epochs, pad_id
+        self.process_index = jax.process_index() if process_index is None else process_index
+        self.process_count = jax.process_count() if process_count is None else process_count
+        if global_batch % self.process_count:
+            raise ValueError(f"global batch {global_batch} not divisible by {self.process_count} processes")
+        self.local_batch = global_batch // self.process_count
+        self.epoch, self.index = 0, 0
+        self._rows_epoch, self._rows = None, None
+        self.steps_per_epoch = len(self._epoch_rows(0)) // global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"training data: {len(self._epoch_rows(0))} rows of {seq_len} tokens "
+                             f"make no full global batch of {global_batch}")
+
+    def _epoch_rows(self, epoch: int) -> list[dict]:
+        if self._rows_epoch != epoch:
+            order = np.arange(len(self.examples))
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(order)
+            self._rows = build_rows([self.examples[i] for i in order], self.seq_len,
+                                    self.packing, self.pad_id)
+            self._rows_epoch = epoch
+        return self._rows
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        if self.index >= self.steps_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        if self.num_epochs is not None and self.epoch >= self.num_epochs:
+            raise StopIteration
+        rows = self._epoch_rows(self.epoch)
+        start = self.index * self.global_batch + self.process_index * self.local_batch
+        mine = rows[start:start + self.local_batch]
+        self.index += 1
+        return {k: np.stack([r[k] for r in mine]) for k in BATCH_KEYS}
+
+    def get_state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def set_state(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def encode_files(paths: Sequence[str | Path], tokenizer, max_len: int) -> list[tuple]:
+    from lumos_jax.tokenization import encode_conversation, read_jsonl
+
+    out = []
+    for path in paths:
+        for n, record in enumerate(read_jsonl(path), 1):
+            if "messages" not in record:
+                raise ValueError(f"{path}:{n}: record has no 'messages'")
+            out.append(encode_conversation(record["messages"], tokenizer, max_len))
+    return out
+
+
+def synthetic_examples(num: int, vocab_size: int, min_len: int, max_len: int, seed: int = 0) -> list[tuple]:
+    """Random token conversations with a masked 'prompt' half: for tests and benchmarks."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(num):
+        n = int(rng.integers(min_len, max_len + 1))
+        ids = rng.integers(3, vocab_size, n).astype(np.int32)
+        ids[0] = 1
+        labels = ids.copy()
+        labels[: n // 2] = -100
+        out.append((ids, labels))
+    return out
+
+
+@gin.configurable
+def training_data(seq_len: int = 1024, global_batch: int = 128, seed: int = 0,
+                  source: str = "auto", data_dir: str = "../shared/data/lumos/annotations",
+                  task: str | None = None, module: str | None = None,
+                  formulation: str | None = None, files: Sequence[str] = (),
+                  tokenizer: str = "../shared/fixtures/llama2-tokenizer", packing: bool = True,
+                  max_seq_length: int | None = None, holdout_fraction: float = 0.0,
+                  synthetic_vocab: int = 512, synthetic_examples_count: int = 256):
+    """The train iterator a run uses (and a held-out one when holdout_fraction > 0).
+
+    Files: `files`, or `{data_dir}/lumos_{task}_{module}_{formulation}.jsonl` (the
+    released naming). source: "pipeline" (data_pipeline), "memory" (encode in memory
+    here), "synthetic" (random tokens), "auto" (pipeline if installed, else memory).
+    Returns (train_iterator, eval_iterator_factory or None)."""
+    from lumos_jax.config import REPO_ROOT
+
+    if source == "synthetic":
+        ex = synthetic_examples(synthetic_examples_count, synthetic_vocab, seq_len // 4, seq_len + 1, seed)
+        return InMemoryBatches(ex, seq_len, global_batch, seed, packing=packing), None
+    paths = [Path(f) for f in files]
+    if not paths:
+        if not (task and module and formulation):
+            raise ValueError("training_data: set `files` or all of task, module, formulation")
+        paths = [Path(data_dir) / f"lumos_{task}_{module}_{formulation}.jsonl"]
+    paths = [p if p.is_absolute() or p.exists() else REPO_ROOT / p for p in paths]
+    for p in paths:
+        if not p.exists():
+            raise FileNotFoundError(f"training_data: {p} does not exist")
+    tok_path = Path(tokenizer)
+    tok_path = tok_path if tok_path.is_absolute() or tok_path.exists() else REPO_ROOT / tok_path
+    if source in ("auto", "pipeline"):
+        try:
+            from data_pipeline.loader import make_eval_iterator, make_train_iterator
+        except ImportError:
+            if source == "pipeline":
+                raise
+        else:
+            per_host = global_batch // jax.process_count()
+            common = dict(sources=[str(p) for p in paths], tokenizer=str(tok_path), seq_len=seq_len,
+                          batch_size=per_host)
+            it = make_train_iterator(**common, packing=packing, seed=seed, num_epochs=None,
+                                     max_seq_length=max_seq_length, holdout_fraction=holdout_fraction)
+            ev = ((lambda: make_eval_iterator(**common, holdout_fraction=holdout_fraction))
+                  if holdout_fraction > 0 else None)
+            return it, ev
+    elif source != "memory":
+        raise ValueError(f"training_data.source={source!r}; expected auto, pipeline, memory or synthetic")
+    from lumos_jax.tokenization import Tokenizer
+
+    tok = Tokenizer(tok_path, add_pad_token=True)
+    examples = encode_files(paths, tok, max_seq_length or seq_len)
+    held = []
+    if holdout_fraction > 0:
+        order = np.random.default_rng([seed, 12345]).permutation(len(examples))
+        n_eval = max(1, int(round(holdout_fraction * len(examples))))
+        held = [examples[i] for i in order[:n_eval]]
+        examples = [examples[i] for i in order[n_eval:]]
+    it = InMemoryBatches(examples, seq_len, global_batch, seed, packing=packing, pad_id=tok.pad_id)
+    ev = None
+    if held:
+        def ev():
+            rows = build_rows([example_to_row(*e) for e in held], seq_len, packing, tok.pad_id)
+            local = global_batch // jax.process_count()
+            return _fixed_batches(rows, global_batch, local)
+    return it, ev
+
+
+def _fixed_batches(rows: list[dict], global_batch: int, local: int) -> Iterator[dict]:
+    """Every row once, the last batch topped up with empty rows (no targets)."""
+    empty = {k: np.zeros_like(v) for k, v in rows[0].items()}
+    rows = rows + [empty] * (-len(rows) % global_batch)
+    p = jax.process_index()
+    for start in range(0, len(rows), global_batch):
+        mine = rows[start + p * local: start + (p + 1) * local]
+        yield {k: np.stack([r[k] for r in mine]) for k in BATCH_KEYS}
+
+
+def global_batch_array(host_batch: dict, sharding, global_rows: int) -> dict:
+    """This host's rows -> global jax.Arrays laid out on the batch sharding."""
+    out = {}
+    for k in BATCH_KEYS:
+        local = np.asarray(host_batch[k], dtype=np.int32)
+        shape = (global_rows, local.shape[1])
+        out[k] = jax.make_array_from_process_local_data(sharding, local, shape)
+    return out

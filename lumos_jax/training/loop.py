@@ -1,0 +1,181 @@
+"""`train()`: the whole run, from gin, on whatever mesh gin describes.
+
+Order of work, so bad input fails fast: gin/mesh/shape checks -> data -> restore or
+initialise the state -> compile -> steps. Checkpoints (async) every `save_every` steps,
+a forced save on SIGTERM and at the end; resuming restores params, optimizer, step,
+RNG and the data iterator's position, so the resumed losses equal the uninterrupted ones.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import gin
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from lumos_jax.models.config import model_config
+from lumos_jax.sharding import make_mesh
+from lumos_jax.training import state as state_lib
+from lumos_jax.training.checkpointing import Checkpointer, PreemptionFlag
+from lumos_jax.training.data import global_batch_array, training_data
+from lumos_jax.training.distributed import initialize_distributed
+from lumos_jax.training.metrics import (MetricsWriter, Progress, flops_per_token,
+                                        peak_flops_per_device)
+from lumos_jax.training.step import (batch_sharding, check_batch, make_eval_step,
+                                     make_train_step)
+
+
+class Preempted(SystemExit):
+    """Raised after the SIGTERM checkpoint is written (exit status 143)."""
+
+
+@gin.configurable
+def train(workdir: str = gin.REQUIRED, *, seq_len: int = 1024, global_batch: int = 128,
+          grad_accum_steps: int = 1, num_epochs: float = 2, max_steps: int | None = None,
+          init_from: str | None = None, seed: int = 0, save_every: int = 500,
+          keep_checkpoints: int = 3, async_checkpoints: bool = True, log_every: int = 10,
+          eval_every: int = 0, export_hf_dir: str | None = None,
+          tokenizer_dir_for_export: str | None = None, profile: bool = False,
+          profile_steps: Sequence[int] = (3, 6), progress_bar: bool = True) -> dict:
+    """Train one Lumos module; returns {"losses": {step: loss}, "eval": {...}, "step": n}.
+
+    workdir gets checkpoints/, logs/ (metrics.jsonl, tensorboard/) and profile/.
+    init_from: an HF directory or lumos-jax checkpoint (the importer shards it straight
+    onto the mesh); None starts from random weights."""
+    initialize_distributed()
+    workdir = Path(workdir).absolute()
+    lead = jax.process_index() == 0
+    config = model_config()
+    mesh = make_mesh()
+    with jax.set_mesh(mesh):
+        return _run(**locals())
+
+
+def _run(workdir, seq_len, global_batch, grad_accum_steps, num_epochs, max_steps, init_from, seed,
+         save_every, keep_checkpoints, async_checkpoints, log_every, eval_every, export_hf_dir,
+         tokenizer_dir_for_export, profile, profile_steps, progress_bar, lead, config, mesh):
+    data, eval_factory = training_data(seq_len=seq_len, global_batch=global_batch, seed=seed)
+    if max_steps is None:
+        max_steps = int(math.ceil(num_epochs * data.steps_per_epoch))
+    setup = state_lib.build_setup(config, mesh, max_steps, state_lib.optimizer_settings())
+    check_batch(setup, global_batch, grad_accum_steps)
+    ckpt = Checkpointer(workdir / "checkpoints", save_every, keep_checkpoints, async_checkpoints)
+    start = ckpt.latest_step()
+    if start is not None:
+        state, data_state = ckpt.restore(start, state_lib.restore_target(setup))
+        data.set_state(data_state)
+        if lead:
+            print(f"lumos-jax train: resumed from {ckpt.directory / str(start)}")
+    else:
+        start = 0
+        if init_from:
+            from lumos_jax.checkpoints.native import load_model
+
+            params = state_lib.params_from_model(setup, load_model(init_from, mesh, **_dtype_overrides(config)))
+        else:
+            params = state_lib.random_params(setup, seed)
+        state = state_lib.init_state(setup, params, seed)
+
+    step_fn = make_train_step(setup, grad_accum_steps)
+    eval_fn = make_eval_step(setup) if (eval_every and eval_factory) else None
+    bsh = batch_sharding(setup)
+    writer = MetricsWriter(workdir / "logs", enabled=lead)
+    progress = Progress(max_steps, start, enabled=lead and progress_bar)
+    preempt = PreemptionFlag().install()
+    peak = peak_flops_per_device()
+    flops_step = flops_per_token(config, seq_len) * global_batch * seq_len
+    losses, evals = {}, {}
+    pending, t_last, step = [], time.perf_counter(), start
+    try:
+        while step < max_steps:
+            if profile and lead and step == start + profile_steps[0]:
+                jax.profiler.start_trace(str(workdir / "profile"))
+            host = next(data)
+            batch = global_batch_array(host, bsh, global_batch)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            pending.append((step, metrics))
+            ckpt.save(step, state, data.get_state())
+            if profile and lead and step == start + profile_steps[1]:
+                jax.block_until_ready(metrics)
+                jax.profiler.stop_trace()
+            if len(pending) >= log_every or step == max_steps:
+                t_last = _log(pending, losses, writer, progress, t_last, flops_step, peak,
+                              global_batch * seq_len, mesh.size)
+                pending = []
+            if eval_fn is not None and step % eval_every == 0:
+                evals[step] = _evaluate(eval_fn, state["params"], eval_factory, bsh, global_batch)
+                writer.write(step, evals[step], prefix="eval")
+            if _any_process(preempt.is_set()):
+                ckpt.save(step, state, data.get_state(), force=True)
+                ckpt.wait()
+                if lead:
+                    print(f"lumos-jax train: SIGTERM; saved step {step}, exiting")
+                raise Preempted(143)
+        if pending:
+            _log(pending, losses, writer, progress, t_last, flops_step, peak,
+                 global_batch * seq_len, mesh.size)
+        ckpt.wait()
+        if step not in ckpt.manager.all_steps():
+            ckpt.save(step, state, data.get_state(), force=True)
+            ckpt.wait()
+        if export_hf_dir:
+            _export(setup, state["params"], export_hf_dir, tokenizer_dir_for_export or init_from)
+    finally:
+        preempt.uninstall()
+        progress.close()
+        writer.close()
+        ckpt.close()
+    return {"losses": losses, "eval": evals, "step": step, "state": state, "setup": setup}
+
+
+def _dtype_overrides(config) -> dict:
+    return dict(param_dtype=config.param_dtype, dtype=config.dtype, remat_policy=config.remat_policy,
+                attention_impl=config.attention_impl, vocab_multiple=config.vocab_multiple)
+
+
+def _log(pending, losses, writer, progress, t_last, flops_step, peak, tokens_step, n_devices):
+    host = jax.device_get([m for _, m in pending])
+    now = time.perf_counter()
+    dt = (now - t_last) / len(pending)
+    for (step, _), m in zip(pending, host):
+        values = {k: float(v) for k, v in m.items()}
+        values["step_time_s"] = dt
+        values["tokens_per_s"] = tokens_step / dt
+        if peak:
+            values["mfu"] = flops_step / dt / (peak * n_devices)
+        losses[step] = values["loss"]
+        writer.write(step, values)
+    progress.update(len(pending), {"loss": values["loss"], "lr": values["learning_rate"]})
+    return now
+
+
+def _evaluate(eval_fn, params, eval_factory, bsh, global_batch) -> dict:
+    total, count = 0.0, 0.0
+    for host in eval_factory():
+        s, c = jax.device_get(eval_fn(params, global_batch_array(host, bsh, global_batch)))
+        total, count = total + float(s), count + float(c)
+    loss = total / max(count, 1.0)
+    return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "target_tokens": count}
+
+
+def _any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def _export(setup, params, directory, tokenizer_dir) -> None:
+    from lumos_jax.checkpoints.hf import save_hf_model
+
+    if jax.process_count() > 1:
+        params = multihost_utils.process_allgather(params, tiled=True)
+    if jax.process_index() == 0:
+        model = state_lib.model_from_params(setup, params)
+        tok = tokenizer_dir if tokenizer_dir and Path(tokenizer_dir).is_dir() else None
+        save_hf_model(model, directory, tokenizer_dir=tok)

@@ -1,0 +1,123 @@
+"""The train state (params, optimizer state, step, RNG) as one pytree, and its shardings.
+
+Params are a pure nested dict (`nnx.to_pure_dict`), so the state is plain arrays that
+orbax saves and `nnx.merge(graphdef, params)` turns back into a model inside the step.
+Optimizer state is sharded like the params it mirrors; scalars such as Adam's `count`
+are replicated (`optax.tree_map_params`), so `tx.init` is jitted straight onto the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import gin
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lumos_jax.models.config import LlamaConfig
+from lumos_jax.models.llama import abstract_model, create_model
+from lumos_jax.sharding import state_shardings
+
+
+@gin.configurable
+def optimizer_settings(learning_rate: float = 2e-5, warmup_ratio: float = 0.03,
+                       warmup_steps: int | None = None, schedule: str = "linear",
+                       weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
+                       eps: float = 1e-8, max_grad_norm: float | None = 1.0) -> dict:
+    """AdamW + linear warmup/decay, the reference recipe's defaults (HF Trainer's)."""
+    if schedule not in ("linear", "constant"):
+        raise ValueError(f"optimizer_settings.schedule={schedule!r}; expected 'linear' or 'constant'")
+    return dict(learning_rate=learning_rate, warmup_ratio=warmup_ratio, warmup_steps=warmup_steps,
+                schedule=schedule, weight_decay=weight_decay, b1=b1, b2=b2, eps=eps,
+                max_grad_norm=max_grad_norm)
+
+
+def make_schedule(total_steps: int, s: dict) -> Callable:
+    """HF `get_linear_schedule_with_warmup`: lr * n/warmup, then linear to 0 at total_steps.
+    Evaluated at the optimizer's step count before the update (the first step uses n=0)."""
+    warmup = s["warmup_steps"] if s["warmup_steps"] is not None else math.ceil(s["warmup_ratio"] * total_steps)
+    lr = s["learning_rate"]
+    if s["schedule"] == "constant":
+        decay = optax.constant_schedule(lr)
+    else:
+        decay = optax.linear_schedule(lr, 0.0, max(total_steps - warmup, 1))
+    if warmup <= 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def make_optimizer(total_steps: int, s: dict) -> tuple[optax.GradientTransformation, Callable]:
+    schedule = make_schedule(total_steps, s)
+    # Like HF Trainer: no weight decay on norm weights (the 1-D params).
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    parts = [] if not s["max_grad_norm"] else [optax.clip_by_global_norm(s["max_grad_norm"])]
+    parts.append(optax.adamw(schedule, b1=s["b1"], b2=s["b2"], eps=s["eps"],
+                             weight_decay=s["weight_decay"], mask=decay_mask))
+    return optax.chain(*parts), schedule
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    """Everything static about a run: the model's graph, optimizer, shapes and shardings."""
+    config: LlamaConfig
+    mesh: Mesh
+    graphdef: Any
+    tx: optax.GradientTransformation
+    schedule: Callable
+    abstract_state: dict  # ShapeDtypeStructs
+    shardings: dict       # NamedShardings, same structure as the state
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+
+def build_setup(config: LlamaConfig, mesh: Mesh, total_steps: int, settings: dict,
+                rules=None) -> TrainSetup:
+    graphdef, abstract_params_state = nnx.split(abstract_model(config))
+    param_sh = nnx.to_pure_dict(state_shardings(abstract_params_state, mesh, rules))
+    abstract_params = nnx.to_pure_dict(abstract_params_state)
+    tx, schedule = make_optimizer(total_steps, settings)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, param_sh,
+                                   transform_non_params=lambda _: replicated)
+    rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    abstract = dict(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                    opt_state=abstract_opt, rng=rng)
+    shardings = dict(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
+    return TrainSetup(config, mesh, graphdef, tx, schedule, abstract, shardings)
+
+
+def random_params(setup: TrainSetup, seed: int) -> dict:
+    """Fresh weights, each created directly in its shard (never whole on one device)."""
+    make = lambda: nnx.to_pure_dict(nnx.state(create_model(setup.config, seed)))  # noqa: E731
+    return jax.jit(make, out_shardings=setup.shardings["params"])()
+
+
+def params_from_model(setup: TrainSetup, model) -> dict:
+    """Params of a loaded model (e.g. the HF importer's), resharded onto the train mesh."""
+    params = nnx.to_pure_dict(nnx.state(model))
+    return jax.device_put(params, setup.shardings["params"])
+
+
+def init_state(setup: TrainSetup, params: dict, seed: int) -> dict:
+    opt_state = jax.jit(setup.tx.init, out_shardings=setup.shardings["opt_state"])(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), setup.replicated)
+    rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), setup.replicated)
+    return dict(step=step, params=params, opt_state=opt_state, rng=rng)
+
+
+def restore_target(setup: TrainSetup) -> dict:
+    """ShapeDtypeStructs carrying the shardings: orbax restores each array onto its shard."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        setup.abstract_state, setup.shardings)
+
+
+def model_from_params(setup: TrainSetup, params: dict):
+    return nnx.merge(setup.graphdef, params)
