@@ -1,0 +1,128 @@
+"""Decode-friendly parameters: the model's weights regrouped for few, large matmuls.
+
+A decode step reads every weight once per token, so it is bound by memory bandwidth and
+kernel launches. Regrouping q/k/v into one (embed, kv_heads, groups + 2, head_dim) matrix and
+gate/up into one (embed, 2, mlp) matrix halves the matmuls per layer; keeping kv_heads (and
+mlp) as explicit axes lets tensor parallelism shard them without splitting a head's q/k/v.
+The vocabulary is padded to a multiple of 256 so the logits matmul shards and tiles evenly.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+
+from lumos_jax.models.llama import LlamaForCausalLM, rope_inv_freq
+from lumos_jax.sharding import logical_to_spec
+
+VOCAB_PAD = 256
+
+
+class ForwardSpec(NamedTuple):
+    """The static (hashable) facts a compiled forward needs."""
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    vocab_size: int
+    dtype: str
+
+    @property
+    def groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+# Logical axes of each leaf (mapped to the mesh by lumos_jax.sharding's gin rules).
+LAYER_AXES = {
+    "attn_norm": ("norm",),
+    "wqkv": ("embed", "kv_heads", None, "head_dim"),
+    "wo": ("kv_heads", None, "head_dim", "embed"),
+    "mlp_norm": ("norm",),
+    "w_gate_up": ("embed", None, "mlp"),
+    "w_down": ("mlp", "embed"),
+}
+TOP_AXES = {"embed": ("vocab", "embed"), "norm": ("norm",), "lm_head": ("embed", "vocab"),
+            "inv_freq": (None,)}
+
+
+def forward_spec(config) -> ForwardSpec:
+    return ForwardSpec(config.num_hidden_layers, config.num_attention_heads,
+                       config.num_key_value_heads, config.head_dim, float(config.rms_norm_eps),
+                       config.vocab_size, config.dtype)
+
+
+def padded_vocab(vocab_size: int) -> int:
+    return -(-vocab_size // VOCAB_PAD) * VOCAB_PAD
+
+
+def _fuse(raw: dict, spec: ForwardSpec, dtype) -> dict:
+    """Raw model arrays -> decode params (pure jnp, jitted by `decode_params`)."""
+    e = raw["embed"].shape[1]
+    kv, g, d = spec.num_kv_heads, spec.groups, spec.head_dim
+    vp = padded_vocab(spec.vocab_size)
+    cast = lambda a: a.astype(dtype)  # noqa: E731
+    layers = []
+    for lyr in raw["layers"]:
+        q = lyr["q"].reshape(e, kv, g, d)
+        k = lyr["k"].reshape(e, kv, 1, d)
+        v = lyr["v"].reshape(e, kv, 1, d)
+        layers.append({
+            "attn_norm": cast(lyr["attn_norm"]),
+            "wqkv": cast(jnp.concatenate([q, k, v], axis=2)),
+            "wo": cast(lyr["o"].reshape(kv, g, d, e)),
+            "mlp_norm": cast(lyr["mlp_norm"]),
+            "w_gate_up": cast(jnp.stack([lyr["gate"], lyr["up"]], axis=1)),
+            "w_down": cast(lyr["down"]),
+        })
+    embed = raw["embed"][: spec.vocab_size]
+    head = raw["lm_head"][:, : spec.vocab_size]
+    return {
+        "embed": cast(jnp.pad(embed, ((0, vp - spec.vocab_size), (0, 0)))),
+        "layers": tuple(layers),
+        "norm": cast(raw["norm"]),
+        "lm_head": cast(jnp.pad(head, ((0, 0), (0, vp - spec.vocab_size)))),
+        "inv_freq": raw["inv_freq"],
+    }
+
+
+def param_shardings(params: dict, mesh: Mesh, rules=None) -> dict:
+    """NamedShardings for a decode-params tree from its logical axes."""
+    def one(axes, leaf):
+        return NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh, rules))
+
+    return {
+        **{k: one(TOP_AXES[k], params[k]) for k in TOP_AXES},
+        "layers": tuple({k: one(LAYER_AXES[k], lyr[k]) for k in LAYER_AXES}
+                        for lyr in params["layers"]),
+    }
+
+
+def decode_params(model: LlamaForCausalLM, mesh: Mesh | None = None, rules=None) -> tuple[dict, ForwardSpec]:
+    """(params, spec) for the engine, placed on `mesh` (tensor-parallel) when given."""
+    c = model.config
+    spec = forward_spec(c)
+    m = model.model
+    raw_layers = []
+    for layer in m.layers:
+        a, p = layer.self_attn, layer.mlp
+        raw_layers.append({
+            "attn_norm": layer.input_layernorm.weight[...], "q": a.q_proj.kernel[...],
+            "k": a.k_proj.kernel[...], "v": a.v_proj.kernel[...], "o": a.o_proj.kernel[...],
+            "mlp_norm": layer.post_attention_layernorm.weight[...], "gate": p.gate_proj.kernel[...],
+            "up": p.up_proj.kernel[...], "down": p.down_proj.kernel[...]})
+    embed = m.embed_tokens.weight[...]
+    raw = {"embed": embed, "layers": raw_layers, "norm": m.norm.weight[...],
+           "lm_head": embed.T if c.tie_word_embeddings else model.lm_head.kernel[...],
+           "inv_freq": rope_inv_freq(c)}
+    dtype = c.jnp_dtype
+    fuse = jax.jit(lambda r: _fuse(r, spec, dtype))
+    if mesh is not None:
+        shapes = jax.eval_shape(fuse, raw)
+        fuse = jax.jit(lambda r: _fuse(r, spec, dtype), out_shardings=param_shardings(shapes, mesh, rules))
+    return fuse(raw), spec
+
+
