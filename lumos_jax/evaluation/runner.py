@@ -1,0 +1,210 @@
+"""Resumable evaluation: run an agent over examples in batches, one JSONL record per example.
+
+Output folder:
+- `predictions.jsonl`: one record per finished example (answer, scores, rounds, error kind,
+  the agent's full trace); appended and fsync'ed after every batch, so a crash loses at most
+  the batch in flight. On restart, finished ids are skipped and a torn last line is dropped.
+- `summary.json`, `results.md`, `plot.png`: rebuilt from all records in dataset order, written
+  to a temp file and renamed. The summary depends only on the records, so a killed-and-resumed
+  run gives the same summary as an uninterrupted one (timings live under `timing`).
+
+An exception inside the agent for one example is recorded as error kind `agent_exception`;
+the run goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from lumos_jax.evaluation.agents import AgentResult, as_result
+from lumos_jax.evaluation.datasets import DatasetError, Example
+from lumos_jax.evaluation.scoring import METRIC_LABELS, get_scorer, headline
+
+PREDICTIONS = "predictions.jsonl"
+SUMMARY = "summary.json"
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses, tuples, sets and numpy scalars into plain JSON values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write to a temp file beside `path`, fsync, rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    mode = "wb" if isinstance(text, bytes) else "w"
+    with open(tmp, mode, **({} if isinstance(text, bytes) else {"encoding": "utf-8"})) as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_records(path: Path, dataset: str) -> dict[str, dict]:
+    """Finished records by id. A torn final line (crash mid-write) is dropped and the file
+    rewritten without it; a bad line elsewhere, or another dataset's records, is an error."""
+    if not path.exists():
+        return {}
+    lines = path.read_text(encoding="utf-8").split("\n")
+    records: dict[str, dict] = {}
+    kept: list[str] = []
+    torn = False
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            is_last = all(not rest.strip() for rest in lines[n:])
+            if is_last:
+                torn = True
+                break
+            raise DatasetError(f"{path}:{n}: corrupt record (not JSON); remove the line to resume") from None
+        if rec.get("dataset") != dataset:
+            raise DatasetError(f"{path}:{n}: record of dataset {rec.get('dataset')!r}, not {dataset!r}; "
+                               "use another output_dir")
+        records[rec["id"]] = rec
+        kept.append(line)
+    if torn:
+        write_atomic(path, "".join(k + "\n" for k in kept))
+    return records
+
+
+def classify(result: AgentResult, correct: bool, crashed: bool) -> str:
+    """One error kind per example, for the summary's histogram."""
+    if crashed:
+        return "agent_exception"
+    if correct:
+        return "correct"
+    if result.error:
+        return str(result.error)
+    if any(isinstance(s, dict) and s.get("error") for s in result.trace):
+        return "tool_error"
+    if not result.stopped:
+        return "max_rounds"
+    if result.answer is None or (isinstance(result.answer, str) and not result.answer.strip()):
+        return "no_answer"
+    return "wrong_answer"
+
+
+def _run_batch(agent: Any, batch: Sequence[Example]) -> list[tuple[AgentResult, str | None]]:
+    """Results for a batch; if the batched call fails, fall back to one-by-one so a single
+    bad example cannot take its neighbours down."""
+    run_batch = getattr(agent, "run_batch", None)
+    if run_batch is not None:
+        try:
+            results = list(run_batch(list(batch)))
+            if len(results) != len(batch):
+                raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} examples")
+            return [(as_result(r), None) for r in results]
+        except Exception:  # noqa: BLE001 - retried one by one below
+            pass
+    out = []
+    for ex in batch:
+        try:
+            out.append((as_result(agent(ex) if run_batch is None else run_batch([ex])[0]), None))
+        except Exception as e:  # noqa: BLE001 - an agent bug must not end the evaluation
+            tb = traceback.format_exception_only(type(e), e)[-1].strip()
+            out.append((AgentResult(answer=None, stopped=False), tb))
+    return out
+
+
+def make_record(example: Example, dataset: str, metric: str, result: AgentResult,
+                crash: str | None, seconds: float) -> dict:
+    scores = get_scorer(metric)(example, result.answer) if crash is None else {"correct": 0.0, "total": float(
+        len(example.answer) if metric == "mind2web_step_sr" else 1)}
+    correct = scores["correct"] >= scores["total"] > 0
+    return {
+        "id": example.id, "dataset": dataset, "question": example.question,
+        "gold": to_jsonable(example.answer), "prediction": to_jsonable(result.answer),
+        "scores": scores, "correct": correct, "rounds": int(result.rounds or 0),
+        "stopped": bool(result.stopped), "error_kind": classify(result, correct, crash is not None),
+        "error": crash or result.error, "trace": to_jsonable(result.trace),
+        "seconds": round(seconds, 4),
+    }
+
+
+def summarize(records: list[dict], metric: str, info: dict) -> dict:
+    """Everything derived from records only (deterministic); no timings here."""
+    scores = [r["scores"] for r in records]
+    by_rounds: dict[str, dict] = {}
+    for r in records:
+        slot = by_rounds.setdefault(str(r["rounds"]), {"n": 0, "correct": 0.0, "total": 0.0})
+        slot["n"] += 1
+        slot["correct"] += r["scores"]["correct"]
+        slot["total"] += r["scores"]["total"]
+    for slot in by_rounds.values():
+        slot["score"] = 100.0 * slot["correct"] / slot["total"] if slot["total"] else 0.0
+    extras = sorted({k for s in scores for k in s} - {"correct", "total"})
+    summary = {
+        **info,
+        "metric": metric, "metric_label": METRIC_LABELS.get(metric, metric),
+        "score": headline(scores), "n": len(records),
+        "correct": sum(s["correct"] for s in scores), "total": sum(s["total"] for s in scores),
+        "extras": {k: 100.0 * sum(s.get(k, 0.0) for s in scores) / len(scores) for k in extras} if scores else {},
+        "by_rounds": dict(sorted(by_rounds.items(), key=lambda kv: int(kv[0]))),
+        "error_kinds": dict(sorted(Counter(r["error_kind"] for r in records).items())),
+    }
+    return summary
+
+
+def evaluate(examples: Sequence[Example], agent: Any, metric: str, output_dir: str | Path,
+             dataset: str, batch_size: int = 8, info: dict | None = None,
+             on_batch: Callable[[int, int], None] | None = None) -> dict:
+    """Run (or resume) an evaluation and write all outputs; returns the summary."""
+    from lumos_jax.evaluation.report import write_reports
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    get_scorer(metric)
+    ids = [ex.id for ex in examples]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i, c in Counter(ids).items() if c > 1)
+        raise DatasetError(f"{dataset}: example id {dup!r} occurs twice")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pred_path = out / PREDICTIONS
+    done = load_records(pred_path, dataset)
+    todo = [ex for ex in examples if ex.id not in done]
+    start = time.perf_counter()
+    for b in range(0, len(todo), batch_size):
+        batch = todo[b:b + batch_size]
+        t0 = time.perf_counter()
+        results = _run_batch(agent, batch)
+        per_example = (time.perf_counter() - t0) / len(batch)
+        lines = []
+        for ex, (result, crash) in zip(batch, results):
+            rec = make_record(ex, dataset, metric, result, crash, per_example)
+            done[ex.id] = rec
+            lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+        with open(pred_path, "a", encoding="utf-8") as f:
+            f.write("".join(lines))
+            f.flush()
+            os.fsync(f.fileno())
+        if on_batch is not None:
+            on_batch(len(done), len(examples))
+    records = [done[i] for i in ids if i in done]
+    summary = summarize(records, metric, {"dataset": dataset, **(info or {})})
+    summary["timing"] = {"this_run_seconds": round(time.perf_counter() - start, 3),
+                         "examples_this_run": len(todo),
+                         "agent_seconds_total": round(sum(r["seconds"] for r in records), 3)}
+    write_atomic(out / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    write_reports(summary, out)
+    return summary

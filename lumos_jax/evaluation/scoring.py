@@ -1,0 +1,116 @@
+"""Per-example scorers and their aggregation into one headline number per dataset.
+
+A scorer maps (example, prediction) to `{"correct": c, "total": t, ...extras}`; the headline
+is 100 * sum(correct) / sum(total) (t = 1 for a question, t = evaluated steps for a Mind2Web
+task, so step SR is micro-averaged as in the reference). Extras (HotpotQA F1) are averaged
+over examples.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from lumos_jax.evaluation import metrics
+from lumos_jax.evaluation.datasets import Example
+from lumos_jax.evaluation.mind2web import score_steps
+
+Scorer = Callable[[Example, Any], dict]
+
+
+def _as_text(prediction: Any) -> str:
+    return "" if prediction is None else str(prediction)
+
+
+def score_numeric(example: Example, prediction: Any) -> dict:
+    return {"correct": float(metrics.numeric_match(prediction, example.answer)), "total": 1.0}
+
+
+def score_yes_no(example: Example, prediction: Any) -> dict:
+    return {"correct": float(metrics.yes_no_match(_as_text(prediction), example.answer)),
+            "total": 1.0}
+
+
+def score_squad(example: Example, prediction: Any) -> dict:
+    pred = metrics.answer_after_marker(_as_text(prediction))
+    return {"correct": float(metrics.squad_exact_match(pred, str(example.answer))), "total": 1.0,
+            "f1": metrics.hotpot_f1(pred, str(example.answer))}
+
+
+def score_mind2web(example: Example, prediction: Any) -> dict:
+    return score_steps(prediction, example.answer)
+
+
+def score_webshop(example: Example, prediction: Any) -> dict:
+    """The prediction is the environment's reward for the purchase (None = nothing bought)."""
+    if isinstance(prediction, dict):
+        prediction = prediction.get("reward")
+    reward = 0.0 if prediction is None else float(prediction)
+    metrics.webshop_score([reward])  # validates the range
+    return {"correct": reward, "total": 1.0}
+
+
+def score_choice(example: Example, prediction: Any) -> dict:
+    """Multiple choice (A-OKVQA MC, ScienceQA): the choice text, its letter or its index."""
+    choices = example.meta.get("choices", [])
+    gold = int(example.answer)
+    pred = _as_text(metrics.answer_after_marker(_as_text(prediction))).strip()
+    picked = None
+    norm = metrics.squad_normalize(pred)
+    for i, c in enumerate(choices):
+        if norm and norm == metrics.squad_normalize(c):
+            picked = i
+    if picked is None and len(pred.rstrip(").").strip("(")) == 1:
+        letter = pred.rstrip(").").strip("(").upper()
+        if "A" <= letter <= "Z":
+            picked = ord(letter) - ord("A")
+    if picked is None and pred.isdigit():
+        picked = int(pred)
+    return {"correct": float(picked == gold), "total": 1.0}
+
+
+def score_vqa_direct(example: Example, prediction: Any) -> dict:
+    """A-OKVQA direct answer: min(1, matching human answers / 3) after SQuAD normalisation."""
+    pred = metrics.squad_normalize(metrics.answer_after_marker(_as_text(prediction)))
+    answers = [metrics.squad_normalize(a) for a in example.meta.get("direct_answers", [])]
+    return {"correct": min(1.0, sum(a == pred for a in answers) / 3.0), "total": 1.0}
+
+
+def score_sql(example: Example, prediction: Any) -> dict:
+    """InterCode-SQL: execution match of the predicted query against the gold on the task's db."""
+    from lumos_jax.evaluation.user_datasets import sql_execution_match
+
+    return {"correct": float(sql_execution_match(_as_text(prediction), example)), "total": 1.0}
+
+
+SCORERS: dict[str, Scorer] = {
+    "numeric_match": score_numeric,
+    "yes_no": score_yes_no,
+    "squad": score_squad,
+    "mind2web_step_sr": score_mind2web,
+    "webshop_reward": score_webshop,
+    "choice": score_choice,
+    "vqa_direct": score_vqa_direct,
+    "sql_execution": score_sql,
+}
+
+METRIC_LABELS = {
+    "numeric_match": "exact match (%)",
+    "yes_no": "accuracy (%)",
+    "squad": "EM (%)",
+    "mind2web_step_sr": "step success rate (%)",
+    "webshop_reward": "reward (x100)",
+    "choice": "accuracy (%)",
+    "vqa_direct": "direct-answer accuracy (%)",
+    "sql_execution": "execution accuracy (%)",
+}
+
+
+def get_scorer(name: str) -> Scorer:
+    if name not in SCORERS:
+        raise ValueError(f"unknown metric {name!r}; known: {', '.join(SCORERS)}")
+    return SCORERS[name]
+
+
+def headline(scores: list[dict]) -> float:
+    total = sum(s["total"] for s in scores)
+    return 100.0 * sum(s["correct"] for s in scores) / total if total else 0.0
