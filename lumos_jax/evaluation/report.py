@@ -20,8 +20,9 @@ def markdown_table(summaries: list[dict]) -> str:
         extras = ", ".join(f"{k} {v:.1f}" for k, v in s.get("extras", {}).items())
         note = s.get("paper_note", "")
         notes = "; ".join(x for x in (extras, note) if x)
+        n = f"{s['n']}" if s["total"] == s["n"] else f"{s['n']} ({s['total']:.0f} steps)"
         lines.append(f"| {s.get('experiment', '-')} | {s['dataset']} | {s['metric_label']} | "
-                     f"{_fmt(s['score'])} | {_fmt(s.get('paper_score'))} | {s['n']} | {notes} |")
+                     f"{_fmt(s['score'])} | {_fmt(s.get('paper_score'))} | {n} | {notes} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,34 @@
+"""`lumos-jax eval --gin_file=experiments/eval/<name>.gin [--output_dir D] [--limit N]`.
+
+Runs (or resumes) the experiment, prints the score table beside the paper's number and the
+paths of the outputs (predictions.jsonl, summary.json, results.md, plot.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+
+def main(argv: Sequence[str]) -> int:
+    from lumos_jax.config import ConfigError, parse_args
+    from lumos_jax.evaluation.experiment import eval_experiment, run_experiment
+    from lumos_jax.evaluation.report import markdown_table
+
+    parser = argparse.ArgumentParser(prog="lumos-jax eval", description=__doc__.splitlines()[0])
+    parser.add_argument("--output_dir", default=None, help="overrides eval_experiment.output_dir")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
+    args = parse_args(parser, argv)
+    if not args.gin_file:
+        raise ConfigError("lumos-jax eval needs --gin_file=experiments/eval/<name>.gin")
+    try:
+        cfg = eval_experiment()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"eval_experiment: {e}") from None
+    summary = run_experiment(cfg, output_dir=args.output_dir, limit=args.limit, progress=not args.quiet)
+    out = Path(args.output_dir or cfg.output_dir)
+    print(markdown_table([summary]), end="")
+    print(f"outputs: {out}/predictions.jsonl, summary.json, results.md, plot.png")
+    return 0

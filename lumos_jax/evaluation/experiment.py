@@ -1,0 +1,138 @@
+"""An evaluation experiment as gin configures it: dataset + subset + agent factory + outputs.
+
+`eval_experiment` (gin) holds the settings; `run_experiment()` loads the data, builds the
+agent with `agent_factory(domain=, metric=, default_max_rounds=, examples=)` (the factory's own
+gin `max_rounds`, when bound, wins over the dataset's reference default) and runs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import gin
+
+from lumos_jax.evaluation import datasets as ds
+from lumos_jax.evaluation.catalogue import DATASETS
+from lumos_jax.evaluation.datasets import Example
+from lumos_jax.evaluation.user_datasets import USER_READERS
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# datasets beyond the catalogue's: (domain, metric, max rounds, reference subset)
+EXTRA_DATASETS = {
+    "hotpotqa_distractor": ("complex_qa", "squad", 5, None),
+    "aokvqa": ("multimodal", "choice", 5, None),
+    "scienceqa": ("multimodal", "choice", 5, None),
+    "intercode_sql": ("sql", "sql_execution", 5, None),
+}
+ALL_DATASETS = {**DATASETS, **EXTRA_DATASETS}
+
+
+@gin.configurable
+def eval_data_dir(path: str | None = None) -> Path:
+    """Where the bundled-format eval files live: gin, else $LUMOS_EVAL_DATA, else ../shared."""
+    if path:
+        return Path(path).expanduser()
+    env = os.environ.get("LUMOS_EVAL_DATA")
+    if env:
+        return Path(env).expanduser()
+    return REPO_ROOT.parent / "shared" / "data" / "eval"
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A relative data path is tried from the working directory, then the repository root."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    in_repo = REPO_ROOT / p
+    return in_repo if in_repo.exists() else p
+
+
+def load_dataset(name: str, data_path: str | Path | None = None, start: int = 0,
+                 limit: int | None = None, reader_kwargs: dict | None = None) -> list[Example]:
+    """Examples of a named dataset, from `data_path` or the default file in eval_data_dir()."""
+    if name not in ALL_DATASETS:
+        raise ValueError(f"unknown eval dataset {name!r}; known: {', '.join(sorted(ALL_DATASETS))}")
+    if name in ds.READERS:
+        reader, filename = ds.READERS[name][0], ds.READERS[name][1]
+        path = resolve_path(data_path) if data_path else eval_data_dir() / filename
+        examples = reader(path)
+    else:
+        if not data_path:
+            raise ValueError(f"dataset {name!r} is user-supplied: set eval_experiment.data_path "
+                             "(see docs/evaluation.md for the expected format)")
+        module, func = USER_READERS.get(name, "lumos_jax.evaluation.user_datasets:?").split(":")
+        examples = getattr(importlib.import_module(module), func)(resolve_path(data_path), **(reader_kwargs or {}))
+    return ds.select_subset(examples, start, limit)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str
+    dataset: str
+    agent_factory: Callable[..., Any]
+    data_path: str | None
+    start: int
+    limit: int | None
+    output_dir: str
+    batch_size: int
+    paper_score: float | None
+    paper_note: str
+    reader_kwargs: dict
+
+    @property
+    def domain(self) -> str:
+        return ALL_DATASETS[self.dataset][0]
+
+    @property
+    def metric(self) -> str:
+        return ALL_DATASETS[self.dataset][1]
+
+    @property
+    def max_rounds(self) -> int:
+        return ALL_DATASETS[self.dataset][2]
+
+
+@gin.configurable
+def eval_experiment(name: str = gin.REQUIRED, dataset: str = gin.REQUIRED,
+                    agent_factory: Callable[..., Any] = gin.REQUIRED, data_path: str | None = None,
+                    start: int = 0, limit: int | None = None, output_dir: str | None = None,
+                    batch_size: int = 8, paper_score: float | None = None, paper_note: str = "",
+                    reader_kwargs: dict | None = None) -> ExperimentConfig:
+    if dataset not in ALL_DATASETS:
+        raise ValueError(f"eval_experiment.dataset: unknown {dataset!r}; known: {', '.join(sorted(ALL_DATASETS))}")
+    return ExperimentConfig(name, dataset, agent_factory, data_path, start, limit,
+                            output_dir or f"runs/eval/{name}", batch_size, paper_score, paper_note,
+                            dict(reader_kwargs or {}))
+
+
+@gin.configurable
+def scripted_agent(domain: str, metric: str, default_max_rounds: int, examples: list[Example],
+                   kind: str = "oracle") -> Any:
+    """Gold (`oracle`) or always-wrong answers without a model: for tests and smoke runs."""
+    from lumos_jax.evaluation.agents import ScriptedAgent
+
+    return ScriptedAgent(metric, kind)
+
+
+def run_experiment(cfg: ExperimentConfig, output_dir: str | None = None, limit: int | None = None,
+                   progress: bool = True) -> dict:
+    from lumos_jax.evaluation.runner import evaluate
+
+    lim = cfg.limit if limit is None else limit
+    examples = load_dataset(cfg.dataset, cfg.data_path, cfg.start, lim, cfg.reader_kwargs)
+    agent = cfg.agent_factory(domain=cfg.domain, metric=cfg.metric, default_max_rounds=cfg.max_rounds,
+                              examples=examples)
+    info = {"experiment": cfg.name, "paper_score": cfg.paper_score, "paper_note": cfg.paper_note,
+            "subset": {"start": cfg.start, "limit": lim}}
+
+    def show(done: int, total: int) -> None:
+        if progress:
+            print(f"\r{cfg.name}: {done}/{total}", end="\n" if done == total else "", flush=True)
+
+    return evaluate(examples, agent, cfg.metric, output_dir or cfg.output_dir, cfg.dataset,
+                    batch_size=cfg.batch_size, info=info, on_batch=show)

@@ -1,0 +1,67 @@
+"""`lumos-jax eval` end to end on gin experiments, and the checkpoint catalogue."""
+
+import json
+
+import pytest
+
+from lumos_jax.cli import main as lumos_main
+from lumos_jax.evaluation import catalogue
+
+
+def test_eval_cli_oracle_and_wrong(tmp_path, capsys):
+    rc = lumos_main(["eval", "--gin_file=experiments/eval/tiny_gsm8k_oracle.gin",
+                     f"--output_dir={tmp_path / 'o'}", "--quiet"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| tiny_gsm8k_oracle | gsm8k | exact match (%) | 100.0 | 47.1 | 20 |" in out
+    rc = lumos_main(["eval", "--gin_file=experiments/eval/tiny_gsm8k_oracle.gin",
+                     "--gin.scripted_agent.kind='wrong'", f"--output_dir={tmp_path / 'w'}",
+                     "--limit=5", "--quiet"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "w" / "summary.json").read_text())
+    assert summary["score"] == 0.0 and summary["n"] == 5
+
+
+def test_eval_cli_mind2web(tmp_path, capsys):
+    assert lumos_main(["eval", "--gin_file=experiments/eval/tiny_mind2web_oracle.gin",
+                       f"--output_dir={tmp_path}", "--quiet"]) == 0
+    assert "| 100.0 | 27.6 | 20 (43 steps) |" in capsys.readouterr().out
+
+
+def test_eval_cli_bad_input_is_one_line(tmp_path, capsys):
+    assert lumos_main(["eval"]) == 2
+    assert "needs --gin_file" in capsys.readouterr().err
+    assert lumos_main(["eval", "--gin_file=experiments/eval/tiny_gsm8k_oracle.gin",
+                       "--gin.eval_experiment.dataset='nope'", f"--output_dir={tmp_path}"]) == 2
+    assert "unknown 'nope'" in capsys.readouterr().err
+    assert lumos_main(["eval", "--gin_file=experiments/eval/tiny_gsm8k_oracle.gin",
+                       f"--gin.eval_data_dir.path='{tmp_path}'", f"--output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "gsm8k_test.jsonl" in err and len(err.strip().splitlines()) == 1
+
+
+def test_catalogue_files_are_current_and_complete():
+    exps = catalogue.experiments()
+    assert len(exps) == 26
+    names = {e.name for e in exps}
+    # every released checkpoint pair appears with each of its datasets
+    for (family, form, size), dss in catalogue.RELEASED.items():
+        for d in dss:
+            assert f"lumos_{family}_{form}_{size}_{d}" in names
+    for e in exps:
+        path = catalogue.CATALOGUE_DIR / f"{e.name}.gin"
+        assert path.read_text() == catalogue.gin_text(e), f"{path} is stale: run catalogue --write"
+    text = catalogue.gin_text(catalogue.Experiment("complex_qa", "iterative", "13b", "strategyqa"))
+    assert "checkpoints/lumos_complex_qa_plan_iterative-13B" in text
+    assert "eval_experiment.limit = 300" in text and "lumos_agent.max_rounds = 5" in text
+
+
+@pytest.mark.parametrize("name", ["lumos_maths_iterative_7b_gsm8k", "lumos_unified_iterative_7b_webshop",
+                                  "lumos_web_agent_iterative_13b_mind2web"])
+def test_catalogue_gin_parses(name):
+    from lumos_jax.config import parse_gin
+    from lumos_jax.evaluation.experiment import eval_experiment
+
+    parse_gin([f"experiments/eval/{name}.gin"])
+    cfg = eval_experiment()
+    assert cfg.name == name and cfg.batch_size == 16
