@@ -1,0 +1,135 @@
+"""Engine vs Hugging Face transformers: greedy decoding, extend, stops, bad input."""
+
+import numpy as np
+import pytest
+
+from inference_helpers import STORIES, hf_greedy, random_hf_dir, random_prompts
+
+from lumos_jax.checkpoints.hf import load_hf_model
+from lumos_jax.inference import Engine, NoFreeSlotError, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def stories():
+    from transformers import LlamaForCausalLM
+
+    return load_hf_model(STORIES), LlamaForCausalLM.from_pretrained(STORIES).eval()
+
+
+@pytest.fixture(scope="module")
+def stories_engine(stories):
+    return Engine(stories[0], num_slots=4, max_len=128, steps_per_call=8)
+
+
+def test_greedy_matches_hf_on_stories260k_mixed_lengths(stories, stories_engine):
+    hf = stories[1]
+    rng = np.random.default_rng(0)
+    prompts = [[1], [1, 403, 407, 261, 378]] + random_prompts(rng, 4, 2, 40, 512)
+    n = 24
+    results = stories_engine.generate(prompts, SamplingParams(max_new_tokens=n))
+    for p, r in zip(prompts, results):
+        assert r.tokens == hf_greedy(hf, p, n), f"prompt of {len(p)} tokens"
+        assert r.finish_reason == "length" and r.prompt_tokens == len(p)
+
+
+def test_greedy_generate_wrapper_matches_llama2c_reference(stories):
+    import json
+
+    from lumos_jax.generation import greedy_generate
+
+    ref = json.loads((STORIES / "reference_greedy.json").read_text())["empty_prompt"]
+    out = greedy_generate(stories[0], [ref["prompt_ids"]], 40, stop_ids=[2])[0]
+    assert out == ref["generated_ids"][:40]
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(num_attention_heads=4, num_key_value_heads=2),                       # GQA
+    dict(num_attention_heads=4, num_key_value_heads=1, head_dim=24,           # MQA, odd head_dim
+         tie_word_embeddings=True, rope_theta=500.0),
+], ids=["gqa", "mqa_tied"])
+def test_greedy_matches_hf_on_random_configs(tmp_path, cfg):
+    from transformers import LlamaForCausalLM
+
+    hf_dir = random_hf_dir(tmp_path, seed=len(cfg), **cfg)
+    hf = LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    engine = Engine(load_hf_model(hf_dir), num_slots=4, max_len=64, steps_per_call=5)
+    prompts = random_prompts(np.random.default_rng(1), 5, 1, 30, 300)
+    results = engine.generate(prompts, SamplingParams(max_new_tokens=12))
+    for p, r in zip(prompts, results):
+        assert r.tokens == hf_greedy(hf, p, 12)
+
+
+def test_extend_equals_recompute_and_counts_prefill(stories, stories_engine):
+    eng = stories_engine
+    a, b = [1, 403, 407, 261, 378], [266, 268, 388, 13, 300, 301]
+    slot = eng.start(a, SamplingParams(max_new_tokens=7), request_id="ep")
+    (r1,) = _run_until_done(eng)
+    assert r1.slot == slot and r1.request_id == "ep" and len(r1.tokens) == 7
+    eng.extend(slot, b, SamplingParams(max_new_tokens=9))
+    (r2,) = _run_until_done(eng)
+    assert eng.prefilled_tokens(slot) == len(a) + len(b)
+    assert eng.sequence(slot) == a + r1.tokens + b + r2.tokens
+    eng.release(slot)
+    fresh = eng.generate([a + r1.tokens + b], SamplingParams(max_new_tokens=9))[0]
+    assert r2.tokens == fresh.tokens == hf_greedy(stories[1], a + r1.tokens + b, 9)
+
+
+def test_stop_ids_per_row_and_stop_strings_rewind(stories, stories_engine):
+    from lumos_jax.tokenization import Tokenizer
+
+    eng = stories_engine
+    tok = Tokenizer(STORIES)
+    eng.tokenizer = tok
+    try:
+        prompt = [1, 403, 407, 261, 378]
+        full = hf_greedy(stories[1], prompt, 30)
+        stop_at = full[5]
+        by_id = eng.generate([prompt, prompt], SamplingParams(max_new_tokens=30, stop_ids=(stop_at,)))
+        assert by_id[0].tokens == full[: full.index(stop_at) + 1] and by_id[0].stop == stop_at
+        text = tok.decode(full)
+        target = "girl"
+        assert target in text
+        slot = eng.start(prompt, SamplingParams(max_new_tokens=30, stop_strings=(target,)))
+        (r,) = _run_until_done(eng)
+        assert r.finish_reason == "stop" and r.stop == target and target in r.text
+        assert target not in tok.decode(r.tokens[:-1]) and r.tokens == full[: len(r.tokens)]
+        # the cache was rewound to the cut: extending equals recomputing the truncated text
+        eng.extend(slot, [13], SamplingParams(max_new_tokens=6))
+        (r2,) = _run_until_done(eng)
+        eng.release(slot)
+        assert r2.tokens == hf_greedy(stories[1], prompt + r.tokens + [13], 6)
+    finally:
+        eng.tokenizer = None
+
+
+def test_bad_input_is_rejected_with_clear_errors(stories_engine):
+    eng = stories_engine
+    with pytest.raises(ValueError, match="at least one token"):
+        eng.start([])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        eng.start([1, 99999])
+    with pytest.raises(ValueError, match="max_len=128"):
+        eng.submit([1] * 200)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="tokenizer"):
+        eng.start([1], SamplingParams(stop_strings=("\n",)))
+    slot = eng.start([1, 2, 3])
+    with pytest.raises(ValueError, match="still prefill"):
+        eng.extend(slot, [5])
+    with pytest.raises(ValueError, match="not in use"):
+        eng.extend(eng.num_slots + 3, [5])
+    others = [eng.start([1]) for _ in range(eng.free_slots)]
+    with pytest.raises(NoFreeSlotError):
+        eng.start([1])
+    for s in [slot] + others:
+        eng.release(s)
+    assert eng.free_slots == eng.num_slots
+
+
+def _run_until_done(eng, limit=100):
+    for _ in range(limit):
+        done = eng.step()
+        if done:
+            return done
+    raise AssertionError("engine did not finish")
