@@ -91,7 +91,7 @@ def make_train_step(setup: TrainSetup, grad_accum: int = 1) -> Callable:
                 body, (zeros, jnp.float32(0), jnp.float32(0)), _microbatches(batch, grad_accum, spec))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = dict(step=state["step"] + 1, params=optax.apply_updates(params, updates),
                          opt_state=opt_state, rng=state["rng"])

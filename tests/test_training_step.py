@@ -1,0 +1,131 @@
+"""The train step: against HF transformers + torch AdamW, across mesh shapes, with
+gradient accumulation, and the loss mask on a real Lumos conversation."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from conftest import DATA
+from lumos_jax.models import PRESETS
+from lumos_jax.sharding import make_mesh
+from lumos_jax.training import data as data_lib
+from lumos_jax.training import state as state_lib
+from lumos_jax.training import step as step_lib
+
+TINY = PRESETS["tiny"]
+
+
+def run_steps(config, mesh_shape, batches, grad_accum=1, lr=1e-3, total=10, params=None,
+              warmup_steps=None):
+    devices = jax.devices()[: int(np.prod(mesh_shape))]
+    mesh = make_mesh(*mesh_shape, devices=devices)
+    with jax.set_mesh(mesh):
+        settings = state_lib.optimizer_settings(learning_rate=lr, warmup_steps=warmup_steps)
+        setup = state_lib.build_setup(config, mesh, total, settings)
+        params = (state_lib.random_params(setup, 0) if params is None
+                  else jax.device_put(params, setup.shardings["params"]))
+        state = state_lib.init_state(setup, params, 0)
+        fn = step_lib.make_train_step(setup, grad_accum)
+        bsh = step_lib.batch_sharding(setup)
+        losses = []
+        for host in batches:
+            state, metrics = fn(state, data_lib.global_batch_array(host, bsh, len(host["input_ids"])))
+            losses.append(float(metrics["loss"]))
+        return np.array(losses), jax.device_get(state["params"])
+
+
+def synthetic_batches(n, rows=8, seq=32, packing=True):
+    it = data_lib.InMemoryBatches(data_lib.synthetic_examples(64, TINY.vocab_size, 6, 30, 1),
+                                  seq, rows, seed=0, packing=packing)
+    return [next(it) for _ in range(n)]
+
+
+def test_losses_equal_across_mesh_shapes():
+    batches = synthetic_batches(10)
+    assert batches[0]["segment_ids"].max() > 1  # rows really are packed
+    ref, _ = run_steps(TINY, (1, 1, 1), batches)
+    assert ref[-1] < ref[0]  # it learns
+    for shape in [(2, 2, 2), (1, 8, 1), (2, 1, 4)]:
+        got, _ = run_steps(TINY, shape, batches)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5, err_msg=f"mesh {shape}")
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    batches = synthetic_batches(3)
+    one, p_one = run_steps(TINY, (1, 1, 1), batches, grad_accum=1)
+    four, p_four = run_steps(TINY, (1, 1, 1), batches, grad_accum=4)
+    np.testing.assert_allclose(four, one, rtol=0, atol=1e-6)
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), p_one, p_four))
+    assert max(diffs) <= 1e-6
+
+
+def test_matches_hf_transformers_and_torch_adamw(tmp_path):
+    """Loss and three AdamW updates (clip 1.0, linear warmup/decay) against the HF model
+    trained with torch.optim.AdamW and transformers' linear schedule."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from lumos_jax.checkpoints.hf import load_hf_model
+
+    torch.manual_seed(0)
+    hf_config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, max_position_embeddings=128)
+    hf = transformers.LlamaForCausalLM(hf_config).float()
+    hf.save_pretrained(tmp_path)
+    ours = load_hf_model(tmp_path)
+    from flax import nnx
+
+    params = nnx.to_pure_dict(nnx.state(ours))
+    it = data_lib.InMemoryBatches(data_lib.synthetic_examples(40, 256, 5, 24, 3), 24, 4,
+                                  seed=0, packing=False)
+    batches = [next(it) for _ in range(4)]
+    lr, total = 3e-3, 4
+    got, _ = run_steps(ours.config, (1, 1, 1), batches, lr=lr, total=total, params=params,
+                       warmup_steps=1)
+
+    opt = torch.optim.AdamW(hf.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    sched = transformers.get_linear_schedule_with_warmup(opt, 1, total)
+    expected = []
+    for b in batches:
+        mask = torch.tensor(b["segment_ids"] != 0).long()
+        logits = hf(input_ids=torch.tensor(b["input_ids"]).long(), attention_mask=mask,
+                    position_ids=torch.tensor(b["positions"]).long()).logits
+        xent = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.tensor(b["targets"]).long().flatten(),
+                                                 reduction="none")
+        w = torch.tensor(b["loss_mask"]).float().flatten()
+        loss = (xent * w).sum() / w.sum()
+        expected.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5)
+    assert abs(got[-1] - got[0]) > 1e-3  # the updates really changed the model
+
+
+def test_user_turn_targets_do_not_change_the_loss(llama2_tokenizer):
+    from lumos_jax.tokenization import encode_conversation, read_jsonl
+
+    record = read_jsonl(DATA / "lumos/annotations/lumos_maths_plan_iterative.jsonl")[0]
+    ids, labels = encode_conversation(record["messages"], llama2_tokenizer, 512)
+    row = data_lib.build_rows([data_lib.example_to_row(ids, labels)], 512, packing=False)[0]
+    batch = {k: v[None] for k, v in row.items()}
+    config = TINY.replace(vocab_size=llama2_tokenizer.vocab_size)
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        setup = state_lib.build_setup(config, mesh, 1, state_lib.optimizer_settings())
+        params = state_lib.random_params(setup, 0)
+        loss = jax.jit(lambda p, b: step_lib.summed_loss(setup.graphdef, p, b))
+        base_sum, base_n = loss(params, batch)
+        user = (batch["loss_mask"] == 0) & (batch["segment_ids"] != 0)
+        assert user.sum() > 50 and batch["loss_mask"].sum() > 10
+        rng = np.random.default_rng(0)
+        changed = dict(batch, targets=np.where(user, rng.integers(3, 32000, user.shape), batch["targets"]))
+        same_sum, same_n = loss(params, changed)
+        assert float(same_sum) == float(base_sum) and float(same_n) == float(base_n)
+        assistant = batch["loss_mask"] == 1
+        moved = dict(batch, targets=np.where(assistant, (batch["targets"] + 7) % 32000, batch["targets"]))
+        assert abs(float(loss(params, moved)[0]) - float(base_sum)) > 1e-3
