@@ -1,0 +1,158 @@
+"""Expected memory per device for a full fine-tune: the table in docs/launch.md.
+
+Assumptions (stated in docs/launch.md too):
+- fp32 params, fp32 gradients, AdamW m and v in fp32; a second fp32 gradient buffer
+  when microbatches are accumulated. Each is sharded exactly as the project's
+  logical-axis rules shard the parameter (`lumos_jax.sharding`), so replicated
+  pieces (norms, a vocabulary that tensor does not divide) count in full.
+- bf16 activations with full remat: each layer keeps only its bf16 input; the
+  backward pass recomputes one layer at a time (its projections, MLP and, for XLA's
+  plain attention, fp32 scores, probabilities and their gradient), and the fp32
+  logits plus their gradient exist once.
+- FSDP gathers one layer's weights at a time in fp32, two layers in flight.
+- one sequence of 1,024 tokens per device per microbatch; microbatches are
+  accumulated up to the reference global batch of 128.
+- no allocator slack or XLA scratch: keep >= 10% of HBM free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+from dataclasses import dataclass
+
+from launch.topology import GLOBAL_BATCH, GpuCluster, Mesh, TpuSlice, gpu_presets, tpu_presets
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    params: float        # bytes per device
+    optimizer: float
+    gradients: float
+    activations: float
+    gathered_weights: float
+    accumulation_steps: int
+
+    @property
+    def total(self) -> float:
+        return self.params + self.optimizer + self.gradients + self.activations + self.gathered_weights
+
+
+@functools.lru_cache(maxsize=8)
+def _param_shapes(config_key: str, config) -> tuple:
+    """((shape, logical_axes), ...) of every parameter; built once per model (slow-ish)."""
+    import jax
+    from flax import nnx
+
+    from lumos_jax.models import abstract_model
+
+    state = nnx.state(abstract_model(config), nnx.Param)
+    leaves = jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    return tuple((tuple(v.get_value().shape), v.get_metadata().get("logical_axes")) for v in leaves)
+
+
+def sharded_param_elements(config, mesh: Mesh) -> tuple[int, int]:
+    """(parameter elements per device under the real sharding rules, elements of one layer)."""
+    from jax.sharding import AbstractMesh
+
+    from lumos_jax.sharding import logical_to_spec
+
+    abstract_mesh = AbstractMesh((mesh.data, mesh.fsdp, mesh.tensor), ("data", "fsdp", "tensor"))
+    per_device = 0
+    for shape, names in _param_shapes(repr(config), config):
+        spec = logical_to_spec(names, shape, abstract_mesh)
+        local = list(shape)
+        for i, axes in enumerate(spec):
+            for axis in (axes if isinstance(axes, tuple) else (axes,) if axes else ()):
+                local[i] //= abstract_mesh.shape[axis]
+        per_device += math.prod(local)
+    h, i = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+    return per_device, layer
+
+
+def estimate(config, mesh: Mesh, seq_len: int = 1024, micro_batch: int = 1,
+             global_batch: int = GLOBAL_BATCH) -> MemoryEstimate:
+    """Bytes per device for one full fine-tuning step of `config` on `mesh`."""
+    per_device, layer_params = sharded_param_elements(config, mesh)
+    batch_shards = mesh.data * mesh.fsdp
+    accumulation = max(1, global_batch // (batch_shards * micro_batch))
+    f32, bf16 = 4, 2
+    params = per_device * f32
+    gradients = per_device * f32 * (2 if accumulation > 1 else 1)
+    optimizer = 2 * per_device * f32
+
+    b, t, tp = micro_batch, seq_len, mesh.tensor
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    heads_local = heads // tp if heads % tp == 0 else heads
+    inter_local = inter // tp if inter % tp == 0 else inter
+    vocab = config.padded_vocab_size
+    vocab_local = vocab // tp if vocab % tp == 0 else vocab
+    saved_inputs = layers * b * t * h * bf16
+    q_local = heads_local * config.head_dim
+    kv_local = q_local * config.num_key_value_heads // heads
+    # one recomputed layer: activations and their gradients (x2), bf16
+    layer_work = 2 * b * t * (2 * h + q_local + 2 * kv_local + q_local + 4 * inter_local) * bf16
+    attention = 3 * b * heads_local * t * t * f32  # scores, probabilities, their gradient
+    logits = 2 * b * t * vocab_local * f32
+    activations = saved_inputs + layer_work + attention + logits
+    gathered = 2 * layer_params * f32 / tp
+    return MemoryEstimate(params, optimizer, gradients, activations, gathered, accumulation)
+
+
+def memory_table(models=("llama2_7b", "llama2_13b")) -> str:
+    """Markdown: one row per preset, GiB per device for each model (fits = under 90% of HBM)."""
+    from lumos_jax.models import PRESETS
+
+    head = ["preset", "slice / cluster", "devices", "hosts", "mesh (data, fsdp, tensor)", "HBM GiB"]
+    head += [f"{m} GiB/device" for m in models]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    targets: list[TpuSlice | GpuCluster] = [*tpu_presets(), *gpu_presets()]
+    for target in targets:
+        mesh = target.mesh
+        if isinstance(target, TpuSlice):
+            name, devices, hosts = target.accelerator_type, target.chips, target.hosts
+        else:
+            name, devices, hosts = f"{target.nodes} x {target.gpus_per_node} H100", target.devices, target.nodes
+        cells = [f"`{target.preset}`", name, str(devices), str(hosts),
+                 f"({mesh.data}, {mesh.fsdp}, {mesh.tensor})", f"{target.hbm_gib:g}"]
+        for model in models:
+            est = estimate(PRESETS[model], mesh)
+            gib = est.total / GIB
+            mark = "" if gib <= 0.9 * target.hbm_gib else " ✗"
+            cells.append(f"{gib:.1f}{mark}")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.memory", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="a lumos_jax.models preset; with --mesh prints the breakdown")
+    parser.add_argument("--mesh", help="data,fsdp,tensor, e.g. 1,16,1")
+    parser.add_argument("--seq_len", type=int, default=1024)
+    args = parser.parse_args(argv)
+    if not args.model:
+        print(memory_table())
+        return 0
+    from lumos_jax.models import PRESETS
+
+    if args.model not in PRESETS:
+        parser.error(f"unknown model {args.model!r}; known: {', '.join(PRESETS)}")
+    try:
+        mesh = Mesh(*(int(x) for x in (args.mesh or "1,8,1").split(",")))
+    except (TypeError, ValueError):
+        parser.error(f"--mesh={args.mesh!r}: expected three integers data,fsdp,tensor")
+    est = estimate(PRESETS[args.model], mesh, seq_len=args.seq_len)
+    for field in ("params", "optimizer", "gradients", "activations", "gathered_weights", "total"):
+        print(f"{field:>17}: {getattr(est, field) / GIB:7.2f} GiB")
+    print(f"{'accumulation':>17}: {est.accumulation_steps} microbatches")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
