@@ -1,0 +1,213 @@
+"""GSM8K rationales → converted subgoal plans, without an LLM teacher.
+
+Calculations the rationale writes out without a mark ("4+6=10") get one first, when the
+written result checks out. Each rationale line with calculator marks `<<expr=value>>` becomes one subgoal; its text is
+the line with the marks folded back into plain expressions ("She sold 48/2 clips in May."),
+and each mark becomes an action `R{n} = Calculator(expr)`, where a number equal to an
+earlier mark's value is replaced by that result's variable (most recent first) unless the
+question itself states that number. Every
+action is then executed in order (a `calculator` callable: sympy, exact rationals, by
+default) with the variables bound to the values computed so far; a problem counts as
+executed when the last result equals the `#### answer`. Failures are kept with a reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Iterable, NamedTuple
+
+MARK = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
+NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?|\.\d+)(?![\w.])")
+VARIABLE = re.compile(r"\bR(\d+)\b")
+SAFE_EXPR = re.compile(r"^[\d\s.+\-*/()R%]*$")
+# An unmarked calculation written out in the text: "4+6=10", "$40 − $4 = $36", "10 × $4 = 40".
+_OPERAND = r"\(?\s*\$?\d[\d,]*(?:\.\d+)?%?\s*\)?"
+PLAIN_CALC = re.compile(rf"((?:{_OPERAND}\s*[-+*/×x÷−–]\s*)+{_OPERAND})\s*=\s*\$?\s*(\d[\d,]*(?:\.\d+)?)")
+_OPERATORS = str.maketrans({"×": "*", "x": "*", "÷": "/", "−": "-", "–": "-", "$": None, ",": None})
+
+
+class Conversion(NamedTuple):
+    ok: bool
+    reason: str  # "" when ok
+    row: dict | None  # converted row {task, natural_language_plan, subgoal_plan, ans}
+    executed: bool  # every action ran and the last result equals the answer
+
+
+def parse_number(text: str) -> Fraction | None:
+    text = text.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        return Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def sympy_calculator(expression: str) -> Fraction:
+    """Exact value of an arithmetic expression (numbers, + - * / ( ) and %)."""
+    import sympy
+
+    if not SAFE_EXPR.match(expression) or "R" in expression:
+        raise ValueError(f"not plain arithmetic: {expression!r}")
+    value = sympy.sympify(expression.replace("%", "/100"), rational=True)
+    if not value.is_number or not value.is_finite:
+        raise ValueError(f"no finite value: {expression!r}")
+    value = sympy.nsimplify(value)
+    if not value.is_rational:
+        raise ValueError(f"irrational result: {expression!r}")
+    return Fraction(int(value.p), int(value.q))
+
+
+def format_value(value: Fraction) -> str:
+    if value.denominator == 1:
+        return str(value.numerator)
+    as_float = float(value)
+    return f"{as_float:.10g}" if Fraction(f"{as_float:.10g}") == value else f"{value.numerator}/{value.denominator}"
+
+
+def mark_plain_calculations(line: str, calculator: Callable[[str], Fraction]) -> tuple[str, int]:
+    """A line without marks, with each written-out calculation that checks out given a mark."""
+    if MARK.search(line):
+        return line, 0
+    added = 0
+
+    def repl(m):
+        nonlocal added
+        expression = m.group(1).translate(_OPERATORS).strip()
+        value = parse_number(m.group(2))
+        try:
+            ok = value is not None and calculator(expression) == value
+        except (ValueError, ZeroDivisionError, TypeError, SyntaxError):
+            ok = False
+        if not ok:
+            return m.group(0)
+        added += 1
+        return f"{m.group(1).rstrip()} = <<{expression}={m.group(2).replace(',', '')}>>{m.group(2)}"
+
+    return PLAIN_CALC.sub(repl, line), added
+
+
+def _subgoal_text(line: str) -> str:
+    """The sentence with each mark folded into its expression and its echoed value dropped."""
+    out, at = [], 0
+    for m in MARK.finditer(line):
+        before = line[at:m.start()]
+        after_at = m.end()
+        echoed = line[after_at:after_at + len(m.group(2))]
+        if echoed == m.group(2):
+            after_at += len(echoed)
+        shown = re.search(r"\s*=\s*\$?\s*$", before)
+        if shown:  # "48/2 = <<48/2=24>>24" → "48/2"
+            out.append(before[:shown.start()])
+        else:  # "has <<5*2=10>>10 apples" → "has 5*2 apples"
+            out.append(before.rstrip("$") + m.group(1).strip())
+        at = after_at
+    out.append(line[at:])
+    return re.sub(r"\s+", " ", "".join(out)).strip()
+
+
+def _substitute(expression: str, earlier: list[tuple[str, Fraction]], literals: set[Fraction]) -> str:
+    """Numbers equal to an earlier result become its variable, unless the question states them."""
+    def repl(m):
+        value = parse_number(m.group(1))
+        if value in literals:
+            return m.group(1)
+        for name, v in reversed(earlier):
+            if value is not None and v == value:
+                return name
+        return m.group(1)
+
+    return NUMBER.sub(repl, expression.strip())
+
+
+def convert_problem(problem: dict, calculator: Callable[[str], Fraction] = sympy_calculator) -> Conversion:
+    question, answer = problem.get("question"), problem.get("answer")
+    if not isinstance(question, str) or not isinstance(answer, str) or "####" not in answer:
+        return Conversion(False, "missing_question_or_answer_line", None, False)
+    rationale, _, final = answer.rpartition("####")
+    gold = parse_number(final)
+    if gold is None:
+        return Conversion(False, "unreadable_final_answer", None, False)
+    earlier: list[tuple[str, Fraction]] = []  # (variable, mark value) for substitution
+    literals = {parse_number(x) for x in re.findall(r"\d[\d,]*(?:\.\d+)?|\.\d+", question)}
+    blocks, actions_total, plain = [], 0, 0
+    for line in (ln.strip() for ln in rationale.strip().split("\n")):
+        line, added = mark_plain_calculations(line, calculator)
+        plain += added
+        marks = list(MARK.finditer(line))
+        if not marks:
+            continue
+        actions = []
+        for m in marks:
+            mark_value = parse_number(m.group(2))
+            expression = _substitute(m.group(1), earlier, literals)
+            if mark_value is None or not expression or not SAFE_EXPR.match(expression):
+                return Conversion(False, "unparsable_mark", None, False)
+            actions_total += 1
+            name = f"R{actions_total}"
+            actions.append((name, expression, m.group(2).strip()))
+            earlier.append((name, mark_value))
+        blocks.append((_subgoal_text(line), actions))
+    if not blocks:
+        return Conversion(False, "no_calculation_marks", None, False)
+
+    # Execute every action with the variables bound to computed (not annotated) values.
+    values: dict[str, Fraction] = {}
+    executed, lines_out, reason = True, [], ""
+    for k, (text, actions) in enumerate(blocks, 1):
+        lines_out.append(f"Subgoal {k}: {text}")
+        for j, (name, expression, shown) in enumerate(actions, 1):
+            result_text = shown
+            if executed:
+                bound = VARIABLE.sub(lambda v: f"({values[v.group(0)]})" if v.group(0) in values else v.group(0),
+                                     expression)
+                try:
+                    values[name] = calculator(bound)
+                    result_text = format_value(values[name])
+                except (ValueError, ZeroDivisionError, TypeError, KeyError, SyntaxError) as e:
+                    executed, reason = False, f"calculator_error: {type(e).__name__}"
+            lines_out.append(f"Action {k}-{j}: {name} = Calculator({expression}) = {result_text}")
+        lines_out.append("")
+    last = f"R{actions_total}"
+    if executed and values.get(last) != gold:
+        executed, reason = False, "final_value_differs_from_answer"
+    row = {"task": question, "natural_language_plan": " ".join(rationale.strip().split("\n")),
+           "subgoal_plan": "\n".join(lines_out).strip().replace("\n\n\n", "\n\n"),
+           "ans": final.strip(), "unmarked_calculations": plain}
+    return Conversion(True, reason, row, executed)
+
+
+class GSM8KReport(NamedTuple):
+    total: int
+    converted: int
+    executed: int
+    failures: dict  # reason → count (conversion failures and execution failures)
+    examples: dict  # reason → first few line numbers
+
+
+def convert_file(path: str | Path, calculator: Callable[[str], Fraction] = sympy_calculator
+                 ) -> tuple[list[dict], GSM8KReport]:
+    """Converted rows of every problem that converts, plus a report of rates and reasons."""
+    rows, failures, examples = [], collections.Counter(), collections.defaultdict(list)
+    total = executed = 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            total += 1
+            try:
+                problem = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                problem = {}
+            result = convert_problem(problem if isinstance(problem, dict) else {}, calculator)
+            if result.row is not None:
+                rows.append(result.row)
+            executed += result.executed
+            if result.reason:
+                failures[result.reason] += 1
+                if len(examples[result.reason]) < 5:
+                    examples[result.reason].append(n)
+    report = GSM8KReport(total, len(rows), executed, dict(failures), dict(examples))
+    return rows, report
