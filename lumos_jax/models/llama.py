@@ -136,12 +136,17 @@ def fused_attention(q, k, v, segment_ids, positions, config: LlamaConfig):
     scale = 1.0 / math.sqrt(config.head_dim)
     if config.attention_impl == "cudnn_bias":
         mask = attention_mask(segment_ids, positions, segment_ids, positions)
+        # is_causal lets the kernel skip blocks above the diagonal; the mask is causal too.
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
-                                            implementation="cudnn")
+                                            is_causal=True, implementation="cudnn")
     from jax._src.cudnn.fused_attention_stablehlo import MaskType
     from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
 
     offsets, lengths = segment_layout(segment_ids, config.max_segments_per_row)
+    if k.shape[2] != q.shape[2]:
+        # JAX scales packed kv offsets by the *query* head count: give K/V that many heads.
+        groups = q.shape[2] // k.shape[2]
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
     out = cudnn_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
                           kv_offsets=offsets, scale=scale, mask_type=MaskType.PADDING_CAUSAL)
     # Padding slots belong to no segment; give them zeros, never uninitialised values.
