@@ -39,7 +39,8 @@ class TpuLauncher:
         self.args, self.forwarded, self.shell, self.sleep = args, list(forwarded), shell, sleep
         self.slice: TpuSlice = parse_accelerator_type(args.accelerator_type)
         self.runtime = args.runtime_version or self.slice.generation.runtime_version
-        self.archive = Path(args.log_dir) / "lumos-jax.tar.gz"
+        log_dir = Path(args.log_dir) if shell.dry_run else Path(args.log_dir).absolute()
+        self.archive = log_dir / "lumos-jax.tar.gz"
         self.attempt = 0
 
     # -- gcloud pieces ------------------------------------------------------------
@@ -130,6 +131,9 @@ class TpuLauncher:
     def start(self) -> None:
         d, logs = self.args.remote_dir, self.args.remote_log_dir
         train = [self.args.python, "-m", *shlex.split(self.args.entry), *self.forwarded]
+        if self.args.entry == cli_args.DEFAULT_ENTRY:
+            # TPU: JAX finds the coordinator and process ids itself (lumos_jax.training.distributed).
+            train.append("--gin.initialize_distributed.auto=True")
         self.shell.note(f"start on all {self.slice.hosts} worker(s) at once (attempt {self.attempt})")
         self.shell.run(self._ssh(f"cd {d} && bash launch/tpu_worker.sh start {logs} {shlex.join(train)}"))
 
