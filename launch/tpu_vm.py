@@ -128,8 +128,13 @@ class TpuLauncher:
                    ".venv/bin/pip install -q -U pip && .venv/bin/pip install -q -e '.[tpu]'")
         self.shell.run(self._ssh(install))
 
+    def _remote_logs(self) -> str:
+        """The workers' log dir as a shell word; relative means under $HOME, wherever we cd."""
+        logs = self.args.remote_log_dir
+        return shlex.quote(logs) if logs.startswith(("/", "~")) else f'"$HOME"/{shlex.quote(logs)}'
+
     def start(self) -> None:
-        d, logs = self.args.remote_dir, self.args.remote_log_dir
+        d, logs = self.args.remote_dir, self._remote_logs()
         train = [self.args.python, "-m", *shlex.split(self.args.entry), *self.forwarded]
         if self.args.entry == cli_args.DEFAULT_ENTRY:
             # TPU: JAX finds the coordinator and process ids itself (lumos_jax.training.distributed).
@@ -139,7 +144,7 @@ class TpuLauncher:
 
     def worker_status(self, dry_output: str) -> tuple[int, list[tuple[str, str, int | None]]]:
         r = self.shell.run(self._ssh(f"bash {self.args.remote_dir}/launch/tpu_worker.sh status "
-                                     f"{self.args.remote_log_dir}"),
+                                     f"{self._remote_logs()}"),
                            check=False, capture=True, dry_output=dry_output, timeout=300)
         found = [(m.group(1), m.group(2), None if m.group(3) is None else int(m.group(3)))
                  for m in STATUS_RE.finditer(r.stdout)]

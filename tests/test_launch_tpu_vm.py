@@ -57,15 +57,24 @@ def test_gin_file_outside_repo_is_refused(tmp_path, capsys):
     assert "outside the repository" in capsys.readouterr().err
 
 
-FAKE_GCLOUD = r'''#!{python}
-"""A stand-in for gcloud: a TPU whose state lives in a JSON file, scripted worker statuses."""
-import json, os, pathlib, sys
+FAKE_GCLOUD = r"""#!{python}
+# A stand-in for gcloud. The slice's state lives in a JSON file; each worker is a
+# directory used as $HOME, where scp/ssh really copy and run (so the archive, its
+# extraction, tpu_worker.sh and the logs are real). `pip install` is skipped.
+# Scripted events, one per status poll: "preempt" (the slice disappears) or "ok".
+import json, os, pathlib, shutil, subprocess, sys
 path = pathlib.Path(os.environ["FAKE_GCLOUD_STATE"])
 st = json.loads(path.read_text())
 argv = sys.argv[1:]
 st["calls"].append(argv)
 words = [a for a in argv if not a.startswith("--")]
+flag = lambda name: next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")), None)
 verb = words[3]
+def homes():
+    root = pathlib.Path(st["root"]) / f"slice{st['creates']}"
+    ws = [root / f"w{w}" for w in range(st["hosts"])]
+    pick = flag("worker")
+    return ws if pick in (None, "all") else [ws[int(pick)]]
 def done(code=0, out=""):
     path.write_text(json.dumps(st))
     sys.stdout.write(out)
@@ -75,95 +84,113 @@ if verb == "describe":
 if verb == "create":
     st["state"] = "ACTIVE" if words[2] == "queued-resources" else "READY"
     st["creates"] += 1
+    for h in homes():
+        h.mkdir(parents=True)
     done()
 if verb == "delete":
     st["state"] = None
     done()
+if st["state"] not in ("READY", "ACTIVE"):
+    done(255)
 if verb == "scp":
     src, dst = words[4], words[5]
-    if ":" in src:
-        worker = next(a for a in argv if a.startswith("--worker=")).split("=")[1]
-        pathlib.Path(dst).write_text(f"worker {worker} of slice #{st['creates']}\n")
+    for h in homes():
+        if ":" in src:
+            shutil.copy(h / src.split(":", 1)[1], dst)
+        else:
+            shutil.copy(src, h / dst.split(":", 1)[1])
     done()
 if verb == "ssh":
-    command = next(a for a in argv if a.startswith("--command="))
-    if "tpu_worker.sh status" not in command:
-        done()
-    event = st["events"].pop(0)
-    hosts = st["hosts"]
-    if event == "preempt":
-        st["state"] = "PREEMPTED"
-        done(255)
-    line = {"running": "state=running", "done": "state=exited code=0"}.get(event)
-    if event == "fail":
-        lines = [f"lumos-jax-status host=w{w} state=exited code={3 if w == 1 else 0}" for w in range(hosts)]
-    else:
-        lines = [f"lumos-jax-status host=w{w} {line}" for w in range(hosts)]
-    done(0, "\n".join(lines) + "\n")
+    command = flag("command")
+    if "tpu_worker.sh status" in command and st["events"]:
+        if st["events"].pop(0) == "preempt":
+            st["state"] = "PREEMPTED"
+            done(255)
+    if "pip install" in command:
+        command = command.split(" && cd ")[0]  # extract only
+    out, code = "", 0
+    for h in homes():
+        r = subprocess.run(["bash", "-c", command], cwd=h, env={**os.environ, "HOME": str(h)},
+                           capture_output=True, text=True)
+        out += r.stdout
+        code = code or r.returncode
+    done(code, out)
 done(2)
-'''
+"""
 
 
-def run_with_fake_gcloud(tmp_path, monkeypatch, events, extra=()):
+def run_with_fake_gcloud(tmp_path, monkeypatch, events, entry="launch.selftest", accelerator="v4-16"):
     gcloud = tmp_path / "gcloud"
     gcloud.write_text(FAKE_GCLOUD.replace("{python}", sys.executable))
     gcloud.chmod(0o755)
     state = tmp_path / "state.json"
-    state.write_text(json.dumps({"state": None, "creates": 0, "calls": [], "events": events, "hosts": 4}))
+    hosts = parse_accelerator_type(accelerator).hosts
+    state.write_text(json.dumps({"state": None, "creates": 0, "calls": [], "events": events,
+                                 "hosts": hosts, "root": str(tmp_path / "slices")}))
     monkeypatch.setenv("FAKE_GCLOUD_STATE", str(state))
-    code = tpu_vm.main(["--name=lumos-v4", "--zone=us-central2-b", "--accelerator_type=v4-32",
-                        f"--gcloud={gcloud}", "--poll_seconds=0", f"--log_dir={tmp_path / 'logs'}",
-                        *extra, *TRAIN])
+    for var in ("XLA_FLAGS", "JAX_PLATFORMS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    code = tpu_vm.main(["--name=lumos-v4", "--zone=us-central2-b", f"--accelerator_type={accelerator}",
+                        f"--gcloud={gcloud}", "--poll_seconds=0.5", f"--log_dir={tmp_path / 'logs'}",
+                        f"--python={sys.executable}", f"--entry={entry}", *TRAIN])
     return code, json.loads(state.read_text())
 
 
 def _starts(calls):
-    return [c for c in calls if any("tpu_worker.sh start" in a for a in c)]
+    return [i for i, c in enumerate(calls) if any("tpu_worker.sh start" in a for a in c)]
 
 
 def test_preemption_recreates_the_slice_and_restarts(tmp_path, monkeypatch):
-    code, st = run_with_fake_gcloud(tmp_path, monkeypatch, ["running", "preempt", "running", "done"])
+    code, st = run_with_fake_gcloud(tmp_path, monkeypatch, ["preempt"])
     assert code == 0
     assert st["creates"] == 2 and st["events"] == []
-    verbs = [c[3] for c in st["calls"] if c[3] in ("create", "delete")]
+    calls = st["calls"]
+    verbs = [c[3] for c in calls if c[3] in ("create", "delete")]
     assert verbs == ["create", "delete", "create"]
-    starts = _starts(st["calls"])
-    assert len(starts) == 2
-    for call in starts:
-        assert "--worker=all" in call
-        command = next(a for a in call if a.startswith("--command="))
-        assert "--gin_file=models/tiny.gin" in command
-        assert "--gin.initialize_distributed.auto=True" in command
+    starts = _starts(calls)
+    copies = [i for i, c in enumerate(calls) if c[3] == "scp" and "--worker=all" in c]
+    deleted_at = next(i for i, c in enumerate(calls) if c[3] == "delete")
     # the code is copied again to the new slice before the second start
-    copies = [i for i, c in enumerate(st["calls"]) if c[3] == "scp" and "--worker=all" in c]
-    start_at = [i for i, c in enumerate(st["calls"]) if c in starts]
-    deleted_at = next(i for i, c in enumerate(st["calls"]) if c[3] == "delete")
-    assert len(copies) == 2 and start_at[0] < deleted_at < copies[1] < start_at[1]
+    assert len(starts) == 2 and len(copies) == 2
+    assert starts[0] < deleted_at < copies[1] < starts[1]
+    for i in starts:
+        assert "--worker=all" in calls[i]
+    # each worker of the new slice ran the job from the extracted archive; logs came back
     logs = sorted(p.name for p in (tmp_path / "logs" / "attempt_1").iterdir())
-    assert logs == [f"worker_{w}.log" for w in range(4)]
-    assert (tmp_path / "logs" / "attempt_1" / "worker_3.log").read_text() == "worker 3 of slice #2\n"
-    assert (tmp_path / "logs" / "lumos-jax.tar.gz").stat().st_size > 0
+    assert logs == ["worker_0.log", "worker_1.log"]
+    for name in logs:
+        text = (tmp_path / "logs" / "attempt_1" / name).read_text()
+        assert "=== lumos-jax start" in text
+        assert "selftest: process 0/1 local_devices=1 devices=1 sum=0 expected=0 ok" in text
+        assert "--gin_file=models/tiny.gin" in text
+
+
+def test_default_entry_asks_jax_to_autodetect_the_slice():
+    out = dry_run_output(tpu_vm.main, CASES["tpu_v4_32_spot.txt"])
+    starts = [line for line in out.splitlines() if "tpu_worker.sh start" in line]
+    assert starts and all("--gin.initialize_distributed.auto=True" in line for line in starts)
 
 
 def test_training_failure_is_reported_not_restarted(tmp_path, monkeypatch, capsys):
-    code, st = run_with_fake_gcloud(tmp_path, monkeypatch, ["fail"])
-    assert code == 3
+    code, st = run_with_fake_gcloud(tmp_path, monkeypatch, [], entry="lumos_no_such_module")
+    assert code == 1
     assert st["creates"] == 1 and len(_starts(st["calls"])) == 1
-    assert "exited with 3 on 1 worker" in capsys.readouterr().err
-    assert len(list((tmp_path / "logs" / "attempt_0").iterdir())) == 4
+    assert "exited with 1 on 2 worker" in capsys.readouterr().err
+    log = (tmp_path / "logs" / "attempt_0" / "worker_1.log").read_text()
+    assert "No module named lumos_no_such_module" in log
 
 
 def test_ready_slice_is_reused(tmp_path, monkeypatch):
-    gcloud_state = {"events": ["done"]}
-    code, st = run_with_fake_gcloud(tmp_path, monkeypatch, gcloud_state["events"])
+    code, st = run_with_fake_gcloud(tmp_path, monkeypatch, [])
     assert code == 0 and st["creates"] == 1
-    # second launch on the same (still READY) slice: no create
     state = tmp_path / "state.json"
-    st.update(events=["done"], calls=[])
+    st["calls"] = []
     state.write_text(json.dumps(st))
-    code = tpu_vm.main(["--name=lumos-v4", "--zone=us-central2-b", "--accelerator_type=v4-32",
-                        f"--gcloud={tmp_path / 'gcloud'}", "--poll_seconds=0",
-                        f"--log_dir={tmp_path / 'logs'}", *TRAIN])
+    code = tpu_vm.main(["--name=lumos-v4", "--zone=us-central2-b", "--accelerator_type=v4-16",
+                        f"--gcloud={tmp_path / 'gcloud'}", "--poll_seconds=0.5",
+                        f"--log_dir={tmp_path / 'logs'}", f"--python={sys.executable}",
+                        "--entry=launch.selftest", *TRAIN])
     after = json.loads(state.read_text())
     assert code == 0 and after["creates"] == 1
     assert not [c for c in after["calls"] if c[3] == "create"]
