@@ -1,0 +1,96 @@
+"""Token backends for `ChatModelGenerator`: the plain greedy generator and the Engine.
+
+`GreedyBackend` recomputes every prompt from scratch each turn (the reference's behaviour,
+kept as a fallback and a baseline). `EngineBackend` keeps one engine slot per session and
+extends it with only the new tokens, so each prompt token is prefilled once; when a new
+prompt does not extend what the slot holds (reference-style re-tokenization drift), the
+slot is restarted and the recomputation is counted in `recomputed_tokens`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Sequence
+
+
+class GreedyBackend:
+    def __init__(self, model):
+        self.model = model
+        self.prefilled_tokens = 0
+        self._lock = threading.Lock()
+
+    def generate_tokens(self, batch: Sequence[tuple[str, list[int]]], max_new_tokens: int,
+                        stop_ids: Sequence[int]) -> list[tuple[list[int], int]]:
+        from lumos_jax.generation import greedy_generate
+
+        with self._lock:
+            prompts = [list(ids) for _, ids in batch]
+            outs = greedy_generate(self.model, prompts, max_new_tokens, stop_ids)
+            self.prefilled_tokens += sum(len(p) for p in prompts)
+        return [(o, len(p)) for o, p in zip(outs, prompts)]
+
+    def release(self, session: str) -> None:
+        pass
+
+
+class EngineBackend:
+    """Sessions on `lumos_jax.inference.Engine` slots (API in docs/inference.md)."""
+
+    def __init__(self, engine, seed: int = 0):
+        from lumos_jax.inference import SamplingParams
+
+        self.engine, self._params_cls, self.seed = engine, SamplingParams, seed
+        self.slots: dict[str, int] = {}
+        self.recomputed_tokens = 0
+        self._lock = threading.Lock()
+
+    def _params(self, max_new_tokens, stop_ids):
+        return self._params_cls(temperature=0.0, max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids),
+                                seed=self.seed)
+
+    def generate_tokens(self, batch, max_new_tokens, stop_ids):
+        with self._lock:
+            params = self._params(max_new_tokens, stop_ids)
+            pending = list(range(len(batch)))
+            results: dict[int, tuple[list[int], int]] = {}
+            while pending:
+                running: dict[int, int] = {}
+                waiting = []
+                for i in pending:
+                    slot = self._begin(batch[i][0], batch[i][1], params)
+                    if slot is None:
+                        waiting.append(i)
+                    else:
+                        running[slot] = i
+                if not running:
+                    raise RuntimeError("engine: no free slot for a new session (release finished episodes "
+                                       "or raise num_slots)")
+                while running:
+                    for r in self.engine.step():
+                        i = running.pop(r.slot, None)
+                        if i is not None:
+                            results[i] = (list(r.tokens), r.prompt_tokens)
+                pending = waiting
+            return [results[i] for i in range(len(batch))]
+
+    def _begin(self, session: str, ids: list[int], params):
+        slot = self.slots.get(session)
+        if slot is not None:
+            seq = self.engine.sequence(slot)
+            if len(seq) < len(ids) and ids[:len(seq)] == seq:
+                self.engine.extend(slot, ids[len(seq):], params)
+                return slot
+            self.recomputed_tokens += min(len(seq), len(ids))
+            self.engine.release(slot)
+            del self.slots[session]
+        if self.engine.free_slots == 0:
+            return None
+        slot = self.engine.start(ids, params, request_id=session)
+        self.slots[session] = slot
+        return slot
+
+    def release(self, session: str) -> None:
+        with self._lock:
+            slot = self.slots.pop(session, None)
+            if slot is not None:
+                self.engine.release(slot)

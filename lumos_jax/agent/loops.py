@@ -1,0 +1,195 @@
+"""Lumos-I and Lumos-O (LUMOS_SPEC §4) as resumable episodes.
+
+An episode is a Python generator that yields what it needs next — `Generate` (a planner or
+grounder turn) or `Work` (tool calls) — and is resumed with the answer. The runner
+(`runner.py`) drives many episodes at once: it batches every episode waiting on the same
+module into one generation call and runs tools in a pool meanwhile. The same episode code
+also runs alone (`run_episode`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from typing import Any, Callable, Generator as PyGenerator
+
+from lumos_jax.agent import prompts
+from lumos_jax.agent.execution import ActionRecord, Executor, last_result_text
+from lumos_jax.agent.parsing import parse_actions, parse_onetime_plan, parse_plan_turn
+from lumos_jax.agent.tools.base import ToolContext, value_text
+from lumos_jax.agent.trace import Trace
+
+
+@dataclasses.dataclass
+class Generate:
+    module: str
+    messages: list[dict]
+
+
+@dataclasses.dataclass
+class Work:
+    """Tool work to run in the pool: `fn()` returns the value sent back."""
+
+    fn: Callable[[], Any]
+    kind: str = "tools"
+
+
+@dataclasses.dataclass
+class EpisodeConfig:
+    domain: str = "maths"
+    formulation: str = "iterative"     # or "onetime"
+    style: str = "train"
+    max_rounds: int = 8
+    final_answer_qa: bool = True       # complex_qa: the QA step over all answers
+
+
+@dataclasses.dataclass
+class EpisodeResult:
+    task: str
+    answer: str | None
+    reason: str          # "stopped", "max_rounds", "done", or an error description
+    rounds: int
+    trace: Trace
+    variables: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.reason in ("stopped", "max_rounds", "done")
+
+
+def _user(text):
+    return {"role": "user", "content": text}
+
+
+def _assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def final_variable(variables: dict) -> str | None:
+    """The answer variable: `Output` if set, else the highest-numbered R."""
+    if "Output" in variables:
+        return "Output"
+    rs = sorted((int(k[1:]), k) for k in variables if re.fullmatch(r"R\d+", k))
+    return rs[-1][1] if rs else None
+
+
+def _execute(executor: Executor, actions, ctx) -> Work:
+    return Work(lambda: executor.run(actions, ctx))
+
+
+def lumos_iterative(task: str, cfg: EpisodeConfig, executor: Executor, ctx: ToolContext,
+                    trace: Trace) -> PyGenerator[Any, Any, tuple[str, int]]:
+    """Plan one subgoal, ground it, execute it, report back; until the planner stops."""
+    d, style = cfg.domain, cfg.style
+    plan = [_user(prompts.plan_first(task))]
+    ground: list[dict] = []
+    earlier: list[tuple[str, str, bool]] = []
+    for k in range(1, cfg.max_rounds + 1):
+        out = yield Generate("plan", plan)
+        plan.append(_assistant(out.text))
+        step = parse_plan_turn(out.text)
+        trace.generation("plan", k, plan[-2]["content"], out, {"stop": step.stop, "subgoal": step.subgoal,
+                                                               "error": step.error})
+        if step.stop:
+            return "stopped", k - 1
+        if step.error:
+            return f"planner_error: {step.error}", k - 1
+        subgoal = step.subgoal.strip() if style == "reference" else step.subgoal
+        ctx.subgoal = subgoal
+        if k == 1:
+            ground = [_user(prompts.ground_first(d, task, subgoal))]
+        else:
+            ground.append(_user(prompts.ground_next(d, style, subgoal, earlier)))
+        gout = yield Generate("ground", ground)
+        ground.append(_assistant(gout.text))
+        actions = parse_actions(gout.text)
+        trace.generation("ground", k, ground[-2]["content"], gout, [a.to_dict() for a in actions])
+        records: list[ActionRecord] = yield _execute(executor, actions, ctx)
+        trace.actions(k, records)
+        result = last_result_text(records)
+        from_qa = bool(records) and records[-1].tool == "QA" and records[-1].ok
+        earlier.append((f"Subgoal {k}", result, from_qa))
+        plan.append(_user(prompts.plan_feedback(d, style, k, subgoal, result)))
+    return "max_rounds", cfg.max_rounds
+
+
+def lumos_onetime(task: str, cfg: EpisodeConfig, executor: Executor, ctx: ToolContext,
+                  trace: Trace) -> PyGenerator[Any, Any, tuple[str, int]]:
+    """Plan all subgoals, ground them all, execute in order."""
+    plan = [_user(prompts.plan_first(task))]
+    out = yield Generate("plan", plan)
+    subgoals = parse_onetime_plan(out.text)
+    trace.generation("plan", 1, plan[0]["content"], out, {"subgoals": subgoals})
+    if not subgoals:
+        return "planner_error: no subgoals", 0
+    text = "; ".join(subgoals)
+    ground = [_user(prompts.ground_first(cfg.domain, task, text.strip() if cfg.style == "reference" else text,
+                                         onetime=True))]
+    gout = yield Generate("ground", ground)
+    actions = parse_actions(gout.text)
+    trace.generation("ground", 1, ground[0]["content"], gout, [a.to_dict() for a in actions])
+    records = yield _execute(executor, actions, ctx)
+    trace.actions(1, records)
+    return "done", len(subgoals)
+
+
+def episode(task: str, cfg: EpisodeConfig, executor: Executor, ctx: ToolContext | None = None,
+            trace: Trace | None = None) -> PyGenerator[Any, Any, EpisodeResult]:
+    """One whole episode: the loop, then the answer (and complex QA's final QA step)."""
+    prompts.check(cfg.domain, cfg.style)
+    ctx = ctx or ToolContext(variables={}, task=task, domain=cfg.domain)
+    trace = trace or Trace(task=task, domain=cfg.domain, formulation=cfg.formulation, style=cfg.style)
+    loop = lumos_iterative if cfg.formulation == "iterative" else lumos_onetime
+    if cfg.formulation not in ("iterative", "onetime"):
+        raise ValueError(f"formulation {cfg.formulation!r}: expected 'iterative' or 'onetime'")
+    reason, rounds = yield from loop(task, cfg, executor, ctx, trace)
+    answer = None
+    var = final_variable(ctx.variables)
+    if var is not None:
+        answer = value_text(ctx.variables[var])
+    if cfg.domain == "complex_qa" and cfg.final_answer_qa and ctx.qa_pairs and "QA" in executor.registry:
+        qa = executor.registry.get("QA")
+        start = time.perf_counter()
+
+        def ask():
+            from lumos_jax.agent.tools.qa import final_answer
+
+            try:
+                return final_answer(qa, task, list(ctx.qa_pairs)), None
+            except Exception as e:  # noqa: BLE001 - reported in the trace, answer falls back
+                return None, f"{type(e).__name__}: {e}"
+
+        final, err = yield Work(ask, kind="final_answer")
+        trace.event("final_answer", qa_pairs=[list(p) for p in ctx.qa_pairs], answer=final, error=err,
+                    seconds=time.perf_counter() - start)
+        if final is not None:
+            answer = final
+    trace.end(reason, answer, rounds)
+    return EpisodeResult(task=task, answer=answer, reason=reason, rounds=rounds, trace=trace,
+                         variables={k: value_text(v) for k, v in ctx.variables.items()})
+
+
+def run_episode(ep, generators: dict) -> EpisodeResult:
+    """Drive one episode alone (no batching): handy for the CLI and tests."""
+    try:
+        req = next(ep)
+        while True:
+            if isinstance(req, Generate):
+                t0 = time.perf_counter()
+                out = generators[req.module].generate([_request(req, "solo")])[0]
+                out.seconds = time.perf_counter() - t0
+                req = ep.send(out)
+            else:
+                req = ep.send(req.fn())
+    except StopIteration as stop:
+        for g in generators.values():
+            for m in ("plan", "ground"):
+                g.release(f"solo/{m}")
+        return stop.value
+
+
+def _request(req: Generate, episode_id: str):
+    from lumos_jax.agent.generators import GenRequest
+
+    return GenRequest(session=f"{episode_id}/{req.module}", module=req.module, messages=list(req.messages))
