@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from lumos_jax.inference.forward import SlotCache
+from lumos_jax.inference.forward import DECODE_ATTENTION, SlotCache
 from lumos_jax.inference.params import decode_params
 from lumos_jax.inference.sampling import SamplingParams, row_keys
 from lumos_jax.inference.steps import RowControls, decode_loop, prefill_step
@@ -72,29 +72,53 @@ class Engine:
 
     def __init__(self, model, *, num_slots: int = 8, max_len: int = 2048, steps_per_call: int = 16,
                  mesh: Mesh | None = None, tokenizer=None, max_prefill_tokens: int = 16384,
-                 rules=None):
+                 rules=None, decode_attention: str = "dot"):
+        params, spec = decode_params(model, mesh, rules)
+        self._setup(model.config, params, spec, mesh, rules, num_slots, max_len, steps_per_call,
+                    tokenizer, max_prefill_tokens, decode_attention)
+
+    def _setup(self, config, params, spec, mesh, rules, num_slots, max_len, steps_per_call,
+               tokenizer, max_prefill_tokens, decode_attention):
         if num_slots < 1 or max_len < 2 or steps_per_call < 1:
             raise ValueError(f"Engine: num_slots={num_slots}, max_len={max_len}, "
                              f"steps_per_call={steps_per_call} must be positive (max_len >= 2)")
-        self.config = model.config
+        if decode_attention not in DECODE_ATTENTION:
+            raise ValueError(f"Engine: decode_attention={decode_attention!r}; expected one of "
+                             f"{sorted(DECODE_ATTENTION)}")
+        self.config, self.params, self.spec, self.mesh, self._rules = config, params, spec, mesh, rules
         self.num_slots, self.max_len, self.steps_per_call = num_slots, max_len, steps_per_call
         self.tokenizer = tokenizer
         self.max_prefill_tokens = max_prefill_tokens
-        self.vocab_size = model.config.vocab_size
-        self.params, self.spec = decode_params(model, mesh, rules)
-        self.mesh = mesh
+        self.decode_attention = decode_attention
+        self.vocab_size = config.vocab_size
         self.cache_sharding = None
-        shape = (num_slots, self.spec.num_kv_heads, max_len, self.spec.head_dim)
+        shape = (num_slots, spec.num_kv_heads, max_len, spec.head_dim)
         if mesh is not None:
             self.cache_sharding = NamedSharding(
                 mesh, logical_to_spec(SlotCache.logical_axes(), shape, mesh, rules))
-        self.cache = SlotCache.init(self.spec, num_slots, max_len, model.config.jnp_dtype,
-                                    self.cache_sharding)
+        self.cache = SlotCache.init(spec, num_slots, max_len, config.jnp_dtype, self.cache_sharding)
         self._slots: dict[int, _Slot] = {}
         self._queue: deque = deque()
         self._ids = itertools.count()
         self.stats = {"prefilled_tokens": 0, "generated_tokens": 0, "decode_calls": 0,
                       "prefill_calls": 0}
+
+    def resized(self, **changes) -> "Engine":
+        """A fresh engine sharing these weights, with other sizes (num_slots, max_len,
+        steps_per_call, max_prefill_tokens, decode_attention, tokenizer). Drop this engine
+        first if its cache should be freed."""
+        kw = dict(num_slots=self.num_slots, max_len=self.max_len, steps_per_call=self.steps_per_call,
+                  tokenizer=self.tokenizer, max_prefill_tokens=self.max_prefill_tokens,
+                  decode_attention=self.decode_attention)
+        bad = set(changes) - set(kw)
+        if bad:
+            raise ValueError(f"Engine.resized: unknown setting(s) {sorted(bad)}")
+        kw.update(changes)
+        new = object.__new__(Engine)
+        new._setup(self.config, self.params, self.spec, self.mesh, self._rules, kw["num_slots"],
+                   kw["max_len"], kw["steps_per_call"], kw["tokenizer"], kw["max_prefill_tokens"],
+                   kw["decode_attention"])
+        return new
 
     @classmethod
     def from_path(cls, path, *, mesh: Mesh | None = None, tokenizer=None, rules=None,
@@ -305,7 +329,8 @@ class Engine:
                 active[i], rows[i] = True, s
         out, self.cache = decode_loop(self.params, self.cache, last, lengths, generated, active,
                                       self._controls(rows), spec=self.spec,
-                                      steps=self.steps_per_call, cache_sharding=self.cache_sharding)
+                                      steps=self.steps_per_call, cache_sharding=self.cache_sharding,
+                                      attention=self.decode_attention)
         out = jax.device_get(out)
         self.stats["decode_calls"] += 1
         for i in np.flatnonzero(active):

@@ -75,6 +75,20 @@ def _attend(q, k, v, mask, spec: ForwardSpec):
     return jnp.einsum("nkgts,nksd->ntkgd", probs, v)
 
 
+def _attend_decode_reduce(q, k, v, mask, spec: ForwardSpec):
+    """Decode attention as multiply + reduce (one fused pass over the cache) instead of
+    batched matrix-vector products; same result, sometimes faster on GPU."""
+    q1 = q[:, 0].astype(jnp.float32) / math.sqrt(spec.head_dim)          # (B, KV, G, D)
+    scores = jnp.sum(q1[:, :, :, None, :] * k[:, :, None].astype(jnp.float32), axis=-1)
+    scores = jnp.where(mask[:, :, None, :], scores, _NEG)               # (B, KV, G, S)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), axis=3)
+    return out.astype(q.dtype)[:, None]                                 # (B, 1, KV, G, D)
+
+
+DECODE_ATTENTION = {"dot": _attend, "reduce": _attend_decode_reduce}
+
+
 def _out(lyr, attn, x):
     return x + jnp.einsum("ntkgd,kgde->nte", attn, lyr["wo"])
 
@@ -126,7 +140,7 @@ def prefill_forward(params, cache: SlotCache, spec: ForwardSpec, slots, tokens, 
 
 
 def decode_forward(params, cache: SlotCache, spec: ForwardSpec, tokens, lengths, active,
-                   cache_sharding=None):
+                   cache_sharding=None, attention: str = "dot"):
     """One token per slot: `tokens` (B,) sit at position `lengths` (B,); inactive rows
     write nothing. Returns (logits (B, V), cache)."""
     b = tokens.shape[0]
@@ -145,6 +159,7 @@ def decode_forward(params, cache: SlotCache, spec: ForwardSpec, tokens, lengths,
         kc, vc = _constrain(kc, cache_sharding), _constrain(vc, cache_sharding)
         new_k.append(kc)
         new_v.append(vc)
-        x = _out(lyr, _attend(q, kc.astype(dtype), vc.astype(dtype), mask, spec), x)
+        attend = DECODE_ATTENTION[attention]
+        x = _out(lyr, attend(q, kc.astype(dtype), vc.astype(dtype), mask, spec), x)
         x = x + _mlp(lyr, x, spec)
     return logits(params, x[:, 0], spec), SlotCache(tuple(new_k), tuple(new_v))

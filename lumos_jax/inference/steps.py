@@ -47,9 +47,10 @@ def prefill_step(params, cache: SlotCache, slots, tokens, starts, valid, control
     return first, cache
 
 
-@partial(jax.jit, static_argnames=("spec", "steps", "cache_sharding"), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("spec", "steps", "cache_sharding", "attention"),
+         donate_argnames=("cache",))
 def decode_loop(params, cache: SlotCache, last, lengths, generated, active, controls: RowControls,
-                *, spec: ForwardSpec, steps: int, cache_sharding=None):
+                *, spec: ForwardSpec, steps: int, cache_sharding=None, attention: str = "dot"):
     """Up to `steps` decode steps for all slots. `last` (B,) is each row's newest token, not
     yet in the cache; it is written at index `lengths`. A row stops after sampling one of
     its stop ids, reaching its max_new tokens, or filling the cache."""
@@ -63,7 +64,7 @@ def decode_loop(params, cache: SlotCache, last, lengths, generated, active, cont
 
     def body(carry):
         i, tok, length, gen, act, out, c = carry
-        logits, c = decode_forward(params, c, spec, tok, length, act, cache_sharding)
+        logits, c = decode_forward(params, c, spec, tok, length, act, cache_sharding, attention)
         nxt = sample_tokens(logits, controls.temperature, controls.top_k, controls.top_p,
                             controls.keys, length + 1)
         out = jax.lax.dynamic_update_slice_in_dim(out, jnp.where(act, nxt, -1)[:, None], i, axis=1)
