@@ -132,11 +132,12 @@ def convert_problem(problem: dict, calculator: Callable[[str], Fraction] = sympy
         return Conversion(False, "unreadable_final_answer", None, False)
     earlier: list[tuple[str, Fraction]] = []  # (variable, mark value) for substitution
     literals = {parse_number(x) for x in re.findall(r"\d[\d,]*(?:\.\d+)?|\.\d+", question)}
-    blocks, actions_total, plain = [], 0, 0
+    blocks, actions_total, plain, last_line_marked = [], 0, 0, False
     for line in (ln.strip() for ln in rationale.strip().split("\n")):
         line, added = mark_plain_calculations(line, calculator)
         plain += added
         marks = list(MARK.finditer(line))
+        last_line_marked = bool(marks)
         if not marks:
             continue
         actions = []
@@ -172,7 +173,13 @@ def convert_problem(problem: dict, calculator: Callable[[str], Fraction] = sympy
         lines_out.append("")
     last = f"R{actions_total}"
     if executed and values.get(last) != gold:
-        executed, reason = False, "final_value_differs_from_answer"
+        executed = False
+        if gold in values.values():
+            reason = "answer_is_an_earlier_result"  # the rationale's last step is a lookup or unmarked
+        elif not last_line_marked:
+            reason = "final_step_unmarked"  # the last step is in words or in a form we don't parse
+        else:
+            reason = "final_value_differs_from_answer"  # rounding, units or an annotation error
     row = {"task": question, "natural_language_plan": " ".join(rationale.strip().split("\n")),
            "subgoal_plan": "\n".join(lines_out).strip().replace("\n\n\n", "\n\n"),
            "ans": final.strip(), "unmarked_calculations": plain}

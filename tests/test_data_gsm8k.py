@@ -25,6 +25,7 @@ def test_rates_on_all_training_problems(converted):
     failed = report.total - report.executed
     assert sum(report.failures.values()) == failed  # every failure has a reason
     assert set(report.failures) <= {"no_calculation_marks", "final_value_differs_from_answer",
+                                    "final_step_unmarked", "answer_is_an_earlier_result",
                                     "unparsable_mark", "missing_question_or_answer_line",
                                     "unreadable_final_answer"} | {k for k in report.failures if k.startswith("calculator_error")}
 
@@ -69,6 +70,10 @@ def test_unmarked_calculation_and_failure_reasons():
     r = convert_problem(problem)
     assert r.executed and "R2 = Calculator(R1+6) = 10" in r.row["subgoal_plan"]
     assert convert_problem({"question": "q", "answer": "no marks\n#### 3"}).reason == "no_calculation_marks"
+    assert convert_problem({"question": "q", "answer": "a <<2*3=6>>6\nthen it is seven\n#### 7"}
+                           ).reason == "final_step_unmarked"
+    assert convert_problem({"question": "q", "answer": "a <<2*3=6>>6\nb <<6+1=7>>7\nso 6\n#### 6"}
+                           ).reason == "answer_is_an_earlier_result"
     wrong = convert_problem({"question": "q", "answer": "a <<2*3=6>>6\n#### 7"})
     assert wrong.ok and not wrong.executed and wrong.reason == "final_value_differs_from_answer"
     assert convert_problem({"question": "q"}).reason == "missing_question_or_answer_line"
