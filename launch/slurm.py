@@ -96,7 +96,8 @@ def render_script(args, forwarded: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None):
+    """(launcher options, arguments for the training command)."""
     parser = cli_args.make_parser("python -m launch.slurm", __doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument("--gpus_per_node", type=int, default=8)
@@ -117,11 +118,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, forwarded = cli_args.parse(parser, argv)
     if args.nodes < 1 or args.gpus_per_node < 1:
         parser.error("--nodes and --gpus_per_node must be >= 1")
+    return args, forwarded
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, forwarded = parse_args(argv)
     shell = Shell(dry_run=args.dry_run)
     script = render_script(args, forwarded)
     path = Path(args.output_dir) / f"{args.job_name}.sbatch"
     shell.note(f"SLURM job {args.job_name!r}: {args.nodes} node(s) x {args.gpus_per_node} GPU(s), {args.mode}")
     if args.dry_run:
+        shell.show(f"cd {shlex.quote(args.workdir)}")
         shell.show(f"mkdir -p {shlex.quote(str(path.parent))}")
         shell.show(f"cat > {shlex.quote(str(path))} <<'SBATCH_EOF'\n{script}SBATCH_EOF")
     else:

@@ -73,9 +73,11 @@ def _run_script(tmp_path, entry, wait_then=None):
     (bin_dir / "scontrol").write_text(FAKE_SCONTROL)
     for f in bin_dir.iterdir():
         f.chmod(0o755)
-    ns = _namespace(out_dir, entry)
+    args, forwarded = slurm.parse_args(["--nodes=1", "--gpus_per_node=2", "--job_name=t", "--xla_flags=none",
+                                        f"--workdir={REPO}", f"--output_dir={out_dir}",
+                                        f"--python={sys.executable}", f"--entry={entry}"])
     script = tmp_path / "job.sbatch"
-    script.write_text(slurm.render_script(ns, []))
+    script.write_text(slurm.render_script(args, forwarded))
     job = _job_id()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_ID=str(job), SLURM_JOB_NAME="t",
@@ -88,15 +90,6 @@ def _run_script(tmp_path, entry, wait_then=None):
         wait_then(proc)
     output, _ = proc.communicate(timeout=180)
     return proc.returncode, output, out_dir, job
-
-
-def _namespace(out_dir, entry):
-    import argparse
-
-    return argparse.Namespace(mode="per_gpu", nodes=1, gpus_per_node=2, job_name="t", time="1:00:00",
-                              partition=None, account=None, qos=None, cpus_per_task=None,
-                              workdir=str(REPO), venv=None, output_dir=str(out_dir), xla_flags="none",
-                              python=sys.executable, entry=entry)
 
 
 def test_script_runs_a_two_task_jax_job(tmp_path):
