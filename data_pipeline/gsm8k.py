@@ -6,9 +6,12 @@ the line with the marks folded back into plain expressions ("She sold 48/2 clips
 and each mark becomes an action `R{n} = Calculator(expr)`, where a number equal to an
 earlier mark's value is replaced by that result's variable (most recent first) unless the
 question itself states that number. Every
-action is then executed in order (a `calculator` callable: sympy, exact rationals, by
-default) with the variables bound to the values computed so far; a problem counts as
-executed when the last result equals the `#### answer`. Failures are kept with a reason.
+action is then executed in order by an executor — by default the agent's own
+`Calculator` tool (`lumos_jax.agent.tools.maths`, sympy-based), so the results written into
+the plans read exactly as the execution module will report them at inference; a plain sympy
+executor is the fallback — with the variables bound to the results computed so far. A
+problem counts as executed when the last result equals the `#### answer`. Failures are kept
+with a reason.
 """
 
 from __future__ import annotations
@@ -122,7 +125,37 @@ def _substitute(expression: str, earlier: list[tuple[str, Fraction]], literals: 
     return NUMBER.sub(repl, expression.strip())
 
 
-def convert_problem(problem: dict, calculator: Callable[[str], Fraction] = sympy_calculator) -> Conversion:
+Executor = Callable[[str, dict], str]  # (expression with R variables, {R: result text}) → result text
+
+
+def sympy_executor(expression: str, variables: dict) -> str:
+    bound = VARIABLE.sub(lambda v: f"({variables[v.group(0)]})", expression)
+    return format_value(sympy_calculator(bound))
+
+
+def agent_executor() -> Executor:
+    """The agent's Calculator tool, called as the execution module calls it."""
+    from lumos_jax.agent.tools.base import ToolContext
+    from lumos_jax.agent.tools.maths import Calculator
+
+    calculator = Calculator()
+
+    def run(expression: str, variables: dict) -> str:
+        return str(calculator(expression, ToolContext(variables=dict(variables), domain="maths")))
+
+    run.__name__ = "lumos_jax.agent.tools.maths.Calculator"
+    return run
+
+
+def default_executor() -> Executor:
+    try:
+        return agent_executor()
+    except ImportError:
+        return sympy_executor
+
+
+def convert_problem(problem: dict, executor: Executor | None = None,
+                    calculator: Callable[[str], Fraction] = sympy_calculator) -> Conversion:
     question, answer = problem.get("question"), problem.get("answer")
     if not isinstance(question, str) or not isinstance(answer, str) or "####" not in answer:
         return Conversion(False, "missing_question_or_answer_line", None, False)
@@ -154,21 +187,22 @@ def convert_problem(problem: dict, calculator: Callable[[str], Fraction] = sympy
     if not blocks:
         return Conversion(False, "no_calculation_marks", None, False)
 
-    # Execute every action with the variables bound to computed (not annotated) values.
-    values: dict[str, Fraction] = {}
+    # Execute every action with the variables bound to computed (not annotated) results.
+    executor = executor or default_executor()
+    texts: dict[str, str] = {}
+    values: dict[str, Fraction | None] = {}
     executed, lines_out, reason = True, [], ""
     for k, (text, actions) in enumerate(blocks, 1):
         lines_out.append(f"Subgoal {k}: {text}")
         for j, (name, expression, shown) in enumerate(actions, 1):
             result_text = shown
             if executed:
-                bound = VARIABLE.sub(lambda v: f"({values[v.group(0)]})" if v.group(0) in values else v.group(0),
-                                     expression)
                 try:
-                    values[name] = calculator(bound)
-                    result_text = format_value(values[name])
-                except (ValueError, ZeroDivisionError, TypeError, KeyError, SyntaxError) as e:
+                    result_text = executor(expression, texts).strip()
+                    texts[name], values[name] = result_text, parse_number(result_text)
+                except Exception as e:  # any tool failure is a reason, never a crash
                     executed, reason = False, f"calculator_error: {type(e).__name__}"
+                    result_text = shown
             lines_out.append(f"Action {k}-{j}: {name} = Calculator({expression}) = {result_text}")
         lines_out.append("")
     last = f"R{actions_total}"
@@ -192,11 +226,12 @@ class GSM8KReport(NamedTuple):
     executed: int
     failures: dict  # reason → count (conversion failures and execution failures)
     examples: dict  # reason → first few line numbers
+    executor: str  # which calculator executed the actions
 
 
-def convert_file(path: str | Path, calculator: Callable[[str], Fraction] = sympy_calculator
-                 ) -> tuple[list[dict], GSM8KReport]:
+def convert_file(path: str | Path, executor: Executor | None = None) -> tuple[list[dict], GSM8KReport]:
     """Converted rows of every problem that converts, plus a report of rates and reasons."""
+    executor = executor or default_executor()
     rows, failures, examples = [], collections.Counter(), collections.defaultdict(list)
     total = executed = 0
     with open(path, "rb") as f:
@@ -208,7 +243,7 @@ def convert_file(path: str | Path, calculator: Callable[[str], Fraction] = sympy
                 problem = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError):
                 problem = {}
-            result = convert_problem(problem if isinstance(problem, dict) else {}, calculator)
+            result = convert_problem(problem if isinstance(problem, dict) else {}, executor)
             if result.row is not None:
                 rows.append(result.row)
             executed += result.executed
@@ -216,5 +251,6 @@ def convert_file(path: str | Path, calculator: Callable[[str], Fraction] = sympy
                 failures[result.reason] += 1
                 if len(examples[result.reason]) < 5:
                     examples[result.reason].append(n)
-    report = GSM8KReport(total, len(rows), executed, dict(failures), dict(examples))
+    report = GSM8KReport(total, len(rows), executed, dict(failures), dict(examples),
+                         getattr(executor, "__name__", str(executor)))
     return rows, report

@@ -6,7 +6,7 @@ from fractions import Fraction
 import pytest
 from conftest import DATA
 
-from data_pipeline.gsm8k import convert_file, convert_problem, sympy_calculator
+from data_pipeline.gsm8k import convert_file, convert_problem, parse_number, sympy_calculator, sympy_executor
 from data_pipeline.reference_conversion import convert_rows, parse_action_line, split_subgoal_plan
 
 TRAIN = DATA / "train" / "gsm8k_train.jsonl"
@@ -22,6 +22,7 @@ def test_rates_on_all_training_problems(converted):
     assert report.total == 7473
     assert report.converted / report.total >= 0.95
     assert report.executed / report.total >= 0.95
+    assert report.executor == "lumos_jax.agent.tools.maths.Calculator"  # the agent's own tool
     failed = report.total - report.executed
     assert sum(report.failures.values()) == failed  # every failure has a reason
     assert set(report.failures) <= {"no_calculation_marks", "final_value_differs_from_answer",
@@ -80,3 +81,15 @@ def test_unmarked_calculation_and_failure_reasons():
     assert sympy_calculator("1/3 + 1/6") == Fraction(1, 2)
     with pytest.raises(ValueError):
         sympy_calculator("__import__('os')")
+
+
+def test_agent_calculator_and_plain_sympy_agree():
+    def results(conversion):
+        return [parse_number(l.rsplit(" = ", 1)[1]) for l in conversion.row["subgoal_plan"].split("\n")
+                if l.startswith("Action")]
+    for line in open(TRAIN).readlines()[:150]:
+        problem = json.loads(line)
+        a, b = convert_problem(problem), convert_problem(problem, sympy_executor)
+        assert (a.reason, a.executed) == (b.reason, b.executed)
+        if a.row:
+            assert results(a) == results(b)
