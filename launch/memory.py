@@ -18,7 +18,6 @@ Assumptions (stated in docs/launch.md too):
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 from dataclasses import dataclass
 
@@ -41,17 +40,23 @@ class MemoryEstimate:
         return self.params + self.optimizer + self.gradients + self.activations + self.gathered_weights
 
 
-@functools.lru_cache(maxsize=8)
-def _param_shapes(config_key: str, config) -> tuple:
-    """((shape, logical_axes), ...) of every parameter; built once per model (slow-ish)."""
-    import jax
-    from flax import nnx
+_SHAPES_CACHE: dict[str, tuple] = {}
 
-    from lumos_jax.models import abstract_model
 
-    state = nnx.state(abstract_model(config), nnx.Param)
-    leaves = jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    return tuple((tuple(v.get_value().shape), v.get_metadata().get("logical_axes")) for v in leaves)
+def _param_shapes(config) -> tuple:
+    """((shape, logical_axes), ...) of every parameter; built once per model (~1 s each)."""
+    key = repr(config)  # LlamaConfig may hold a dict (rope_scaling), so it is not hashable
+    if key not in _SHAPES_CACHE:
+        import jax
+        from flax import nnx
+
+        from lumos_jax.models import abstract_model
+
+        state = nnx.state(abstract_model(config), nnx.Param)
+        leaves = jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+        _SHAPES_CACHE[key] = tuple((tuple(v.get_value().shape), v.get_metadata().get("logical_axes"))
+                                   for v in leaves)
+    return _SHAPES_CACHE[key]
 
 
 def sharded_param_elements(config, mesh: Mesh) -> tuple[int, int]:
@@ -62,7 +67,7 @@ def sharded_param_elements(config, mesh: Mesh) -> tuple[int, int]:
 
     abstract_mesh = AbstractMesh((mesh.data, mesh.fsdp, mesh.tensor), ("data", "fsdp", "tensor"))
     per_device = 0
-    for shape, names in _param_shapes(repr(config), config):
+    for shape, names in _param_shapes(config):
         spec = logical_to_spec(names, shape, abstract_mesh)
         local = list(shape)
         for i, axes in enumerate(spec):

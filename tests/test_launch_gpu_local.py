@@ -42,3 +42,20 @@ def test_h100_flags_are_known_to_xla():
     good = _jax_starts(" ".join(H100_XLA_FLAGS))
     assert good.returncode == 0, good.stderr[-1000:]
     assert good.stdout.strip() == "3.0"
+
+
+def test_per_gpu_processes_form_one_job(tmp_path):
+    # Same plumbing as on a GPU host (coordinator, ids, JAX_LOCAL_DEVICE_IDS), run on CPU.
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(repo))
+    r = subprocess.run([sys.executable, "-m", "launch.gpu_local", "--num_gpus=2", "--mode=per_gpu",
+                        "--xla_flags=none", f"--log_dir={tmp_path}", "--echo=none",
+                        "--entry=launch.selftest"], cwd=repo, env=env, capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for i in range(2):
+        assert f"selftest: process {i}/2 local_devices=1 devices=2 sum=1 expected=1 ok" in \
+            (tmp_path / f"process_{i}.log").read_text()
