@@ -52,3 +52,25 @@ def test_build_eval_set(tmp_path, capsys):
     rc = lumos_main(["data", "build", "lumos_eval/svamp", "--manual_dir", str(DATA / "eval"),
                      "--data_dir", str(tmp_path)])
     assert rc == 0 and "lumos_eval/svamp test: 1000 examples" in capsys.readouterr().out
+
+
+def test_gin_data_files_parse_and_the_sample_config_builds_batches(monkeypatch):
+    import gin
+
+    from conftest import REPO
+    from data_pipeline.loader import make_eval_iterator, make_train_iterator
+    from lumos_jax.config import parse_gin
+
+    monkeypatch.chdir(REPO)
+    files = sorted((REPO / "gin" / "data").glob("*.gin"))
+    assert len(files) >= 4
+    try:
+        for f in files:
+            parse_gin([str(f)])
+            assert gin.query_parameter("make_train_iterator.sources")
+        parse_gin([str(REPO / "gin" / "data" / "lumos_samples.gin")])
+        it = make_train_iterator(process_index=0, process_count=1)
+        assert next(it)["input_ids"].shape == (8, 1024)
+        assert make_eval_iterator(process_index=0, process_count=1).num_batches == 4
+    finally:
+        gin.clear_config()
