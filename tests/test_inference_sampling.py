@@ -39,6 +39,12 @@ def test_top_k_1_equals_greedy(engine):
     assert [r.tokens for r in top1] == [r.tokens for r in greedy]
 
 
+def test_row_keys_are_jax_threefry_keys():
+    seeds = [0, 7, 2**31 + 5]
+    want = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(s))) for s in seeds])
+    np.testing.assert_array_equal(row_keys(seeds), want)
+
+
 def _draw(logits, n, temperature=1.0, top_k=0, top_p=1.0, seed=0):
     """n draws from one row of logits, each with its own fold-in position."""
     v = logits.shape[0]

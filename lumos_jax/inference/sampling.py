@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,11 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def row_keys(seeds) -> jax.Array:
-    """Raw uint32 key data (B, 2) for integer seeds."""
-    return jax.vmap(lambda s: jax.random.key_data(jax.random.PRNGKey(s)))(jnp.asarray(seeds, jnp.uint32))
+def row_keys(seeds) -> np.ndarray:
+    """Raw uint32 key data (B, 2) for 32-bit seeds: `key_data(PRNGKey(seed))` of the
+    default threefry implementation, built on the host (no device round trip per call)."""
+    seeds = np.asarray(seeds, np.uint64) & 0xFFFFFFFF
+    return np.stack([np.zeros_like(seeds), seeds], axis=-1).astype(np.uint32)
 
 
 def filtered_logits(logits, temperature, top_k, top_p):
