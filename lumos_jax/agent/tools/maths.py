@@ -26,7 +26,7 @@ _FUNCTIONS = {"sqrt": sympy.sqrt, "sin": sympy.sin, "cos": sympy.cos, "tan": sym
               "max": sympy.Max, "Mod": sympy.Mod, "gcd": sympy.gcd, "lcm": sympy.lcm,
               "binomial": sympy.binomial}
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z_0-9]*")
-_PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s*%(?!\s*[\w(.])")
+_PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s*%(?!\s*[\d(.])")
 _THOUSANDS = re.compile(r"(?<![\d.])(\d{1,3}(?:,\d{3})+)(?![\d])")
 _NUMBER_IN_TEXT = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 MAX_TEXT = 2000
@@ -36,6 +36,7 @@ def _clean(text: str) -> str:
     s = text.strip().rstrip(".").strip()
     s = s.replace("$", "").replace("×", "*").replace("÷", "/").replace("−", "-").replace("≤", "<=")
     s = s.replace("≥", ">=").replace("≠", "!=")
+    s = re.sub(r"%\s*of\b", "% *", s)
     s = _THOUSANDS.sub(lambda m: m.group(1).replace(",", ""), s)
     s = _PERCENT.sub(r"(\1/100)", s)
     s = s.replace("%", " mod_op ")
@@ -61,10 +62,27 @@ def parse_math(text: str):
     return _expr(s)
 
 
+_POWER = re.compile(r"(?:\^|\*\*)\s*\(?\s*(\d+)")
+_TOWER = re.compile(r"(?:\^|\*\*)\s*[\d.]+\s*(?:\^|\*\*)|(?:\^|\*\*)\s*\([^)]*(?:\^|\*\*)")
+_FACTORIAL = re.compile(r"factorial\s*\(\s*(\d+)")
+MAX_EXPONENT = 10_000
+
+
+def _guard(s: str) -> None:
+    """Refuse formulas whose exact evaluation would not finish (huge powers, towers)."""
+    if any(int(m) > MAX_EXPONENT for m in _POWER.findall(s)) or _TOWER.search(s):
+        raise BadArguments(f"exponent too large in {s[:60]!r} (limit {MAX_EXPONENT})")
+    if any(int(m) > 2000 for m in _FACTORIAL.findall(s)):
+        raise BadArguments("factorial argument too large (limit 2000)")
+    if len(re.findall(r"\d", s)) > 400:
+        raise BadArguments("too many digits in the formula")
+
+
 def _expr(s: str):
     s = s.strip()
     if not s:
         raise BadArguments("empty side of an equation")
+    _guard(s)
     if "mod_op" in s:
         parts = s.split("mod_op")
         if len(parts) == 2:
@@ -270,8 +288,29 @@ class SolveInequality(Tool):
         syms = sorted(rel.free_symbols, key=lambda s: s.name)
         if len(syms) != 1:
             raise BadArguments(f"an inequality needs exactly one unknown, got {len(syms)}")
-        solved = sympy.solve_univariate_inequality(rel, syms[0], relational=True)
-        return _pretty(str(solved).replace("&", "and").replace("|", "or"))
+        solved = sympy.solve_univariate_inequality(rel, syms[0], relational=False)
+        return _format_set(solved, syms[0].name, _decimal_mode(text))
+
+
+def _format_set(s, x: str, decimal: bool) -> str:
+    """An interval set as WolframAlpha writes it: `x > 2`, `2 < x <= 5`, `... or ...`."""
+    if isinstance(s, sympy.Union):
+        return " or ".join(_format_set(a, x, decimal) for a in s.args)
+    if s == sympy.S.Reals:
+        return "all real x"
+    if s is sympy.S.EmptySet:
+        return "no solution"
+    if isinstance(s, sympy.FiniteSet):
+        return ", ".join(f"{x} = {format_value(v, decimal)}" for v in s)
+    if isinstance(s, sympy.Interval):
+        lo, hi = s.start, s.end
+        if lo == -sympy.oo:
+            return f"{x} {'<' if s.right_open else '<='} {format_value(hi, decimal)}"
+        if hi == sympy.oo:
+            return f"{x} {'>' if s.left_open else '>='} {format_value(lo, decimal)}"
+        return (f"{format_value(lo, decimal)} {'<' if s.left_open else '<='} {x} "
+                f"{'<' if s.right_open else '<='} {format_value(hi, decimal)}")
+    return _pretty(str(s))
 
 
 class Define(Tool):

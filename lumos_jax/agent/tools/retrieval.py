@@ -29,7 +29,8 @@ STOPWORDS = frozenset("a an and are as at be by did do does for from had has hav
 
 
 def tokenize(text: str) -> list[str]:
-    return [w for w in _WORD.findall(text.lower()) if w not in STOPWORDS] or _WORD.findall(text.lower())
+    words = _WORD.findall(text.lower())
+    return [w for w in words if w not in STOPWORDS and len(w) > 1] or words
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,111 @@
+"""`lumos-jax agent`: run Lumos-I / Lumos-O episodes and print a readable trace.
+
+    lumos-jax agent --gin_file=agent/maths.gin --gin_file=agent/iterative.gin \\
+        --task "Peter goes to the store ..."
+    lumos-jax agent --gin_file=agent/complex_qa.gin --tasks_file=questions.jsonl --trace_out=t.jsonl
+
+Models, style, loop and tools come from gin (`agent_episode.*`, `agent_models.*`,
+`agent_tools.*`; see docs/agent.md). The default backend replays the bundled annotations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+_COLOURS = {"plan": "\033[36m", "ground": "\033[35m", "ok": "\033[32m", "err": "\033[31m", "dim": "\033[2m",
+            "bold": "\033[1m", "end": "\033[0m"}
+
+
+def _paint(on: bool):
+    def paint(kind: str, text: str) -> str:
+        return f"{_COLOURS[kind]}{text}{_COLOURS['end']}" if on else text
+    return paint
+
+
+def render_trace(events: list[dict], colour: bool = True) -> str:
+    """A human-readable view of one episode's trace events."""
+    p = _paint(colour)
+    lines = []
+    for e in events:
+        kind = e["event"]
+        if kind == "start":
+            lines.append(p("bold", f"Task: {e['task']}") + p("dim", f"  [{e['domain']}, {e['formulation']}, "
+                                                                    f"{e['style']}]"))
+        elif kind == "generate":
+            mod = e["module"]
+            lines.append(p(mod, f"[{mod} {e['round']}] ") + e["raw_output"].strip() +
+                         p("dim", f"  ({e['seconds']:.2f}s, +{e['new_prompt_tokens']} prompt tokens)"))
+            if e.get("error"):
+                lines.append(p("err", f"    generation error: {e['error']}"))
+        elif kind == "action":
+            if e["error_kind"]:
+                lines.append("    " + e["raw"] + p("err", f"  -> {e['observation']}"))
+            else:
+                obs = e["observation"].replace("\n", " ")
+                lines.append("    " + e["raw"] + p("ok", f"  -> {obs[:200]}") + p("dim", f"  ({e['seconds']:.3f}s)"))
+        elif kind == "final_answer":
+            lines.append(p("ok", f"  final QA: {e['answer']}") + (p("err", f" ({e['error']})") if e.get("error") else ""))
+        elif kind == "end":
+            style = "ok" if e["reason"] in ("stopped", "done", "max_rounds") else "err"
+            lines.append(p(style, f"=> answer: {e['answer']}  ({e['reason']}, {e['rounds']} rounds)"))
+    return "\n".join(lines)
+
+
+def _read_tasks(path: str) -> list[str]:
+    tasks = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.endswith(".jsonl"):
+                try:
+                    row = json.loads(line)
+                    tasks.append(str(row.get("task") or row.get("question") or row["confirmed_task"]))
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                    raise ValueError(f"{path}:{n}: expected a JSON object with 'task' or 'question'") from None
+            else:
+                tasks.append(line.strip())
+    return tasks
+
+
+def main(argv: Sequence[str]) -> int:
+    from lumos_jax.agent.execution import Executor
+    from lumos_jax.agent.gin_configurables import agent_episode, agent_models
+    from lumos_jax.agent.runner import EpisodeRunner
+    from lumos_jax.agent.tools.qa import GeneratorQA
+    from lumos_jax.agent.tools.registry import build_registry
+    from lumos_jax.agent.trace import write_traces
+    from lumos_jax.config import parse_args
+
+    parser = argparse.ArgumentParser(prog="lumos-jax agent", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", action="append", default=[], help="a task (repeatable)")
+    parser.add_argument("--tasks_file", help="text file (one task a line) or JSONL with 'task'/'question'")
+    parser.add_argument("--trace_out", help="write every episode's trace here (JSONL)")
+    parser.add_argument("--no_color", action="store_true", help="plain text output")
+    parser.add_argument("--quiet", action="store_true", help="print answers only")
+    parser.add_argument("--max_concurrent", type=int, default=64)
+    args = parse_args(parser, argv)
+    tasks = list(args.task) + (_read_tasks(args.tasks_file) if args.tasks_file else [])
+    if not tasks:
+        parser.error("give --task or --tasks_file")
+    cfg = agent_episode()
+    gens = agent_models(cfg)
+    qa_backend = GeneratorQA(gens["qa"]) if "qa" in gens else None
+    registry = build_registry(cfg.domain, **({"qa_backend": qa_backend} if qa_backend else {}))
+    runner = EpisodeRunner(gens, lambda i: (Executor(registry), None), cfg, max_concurrent=args.max_concurrent)
+    results = runner.run(tasks)
+    colour = not args.no_color and sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
+    for r in results:
+        if args.quiet:
+            print(r.answer)
+        else:
+            print(render_trace(r.trace.events, colour) + "\n")
+    if args.trace_out:
+        write_traces(Path(args.trace_out), [r.trace for r in results])
+    return 0 if all(r.ok for r in results) else 1

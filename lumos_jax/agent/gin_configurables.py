@@ -1,0 +1,89 @@
+"""gin entry points of the agent: episode settings, models/generators, tools.
+
+Imported up front by `lumos_jax.config` so gin files may bind `agent_episode.*`,
+`agent_models.*` and `agent_tools.*` (the latter lives in `tools/registry.py`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gin
+
+from lumos_jax.agent.loops import EpisodeConfig
+from lumos_jax.agent.tools import registry as _registry  # noqa: F401 - registers agent_tools
+
+DEFAULT_MAX_ROUNDS = {"maths": 8, "complex_qa": 5, "web_agent": 15, "webshop": 5}
+SHARED_ANNOTATIONS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lumos" / "annotations"
+
+
+@gin.configurable
+def agent_episode(domain: str = "maths", formulation: str = "iterative", style: str = "train",
+                  max_rounds: int | None = None, final_answer_qa: bool = True) -> EpisodeConfig:
+    """Max rounds default to the reference's: GSM8K 8, StrategyQA/HotpotQA 5, WebShop 5, Mind2Web 15."""
+    from lumos_jax.agent.prompts import check
+
+    check(domain, style)
+    if formulation not in ("iterative", "onetime"):
+        raise ValueError(f"agent_episode.formulation={formulation!r}: expected 'iterative' or 'onetime'")
+    rounds = max_rounds if max_rounds is not None else DEFAULT_MAX_ROUNDS.get(domain, 8)
+    if rounds < 1:
+        raise ValueError(f"agent_episode.max_rounds={rounds}: must be >= 1")
+    return EpisodeConfig(domain=domain, formulation=formulation, style=style, max_rounds=rounds,
+                         final_answer_qa=final_answer_qa)
+
+
+@gin.configurable
+def agent_models(cfg: EpisodeConfig, backend: str = "scripted", plan_model: str | None = None,
+                 ground_model: str | None = None, qa_model: str | None = None, tokenizer: str | None = None,
+                 max_new_tokens: int = 512, scripted_dir: str | None = None, engine_slots: int = 64,
+                 engine_max_len: int = 4096, engine_steps_per_call: int = 16) -> dict:
+    """Generators per module ("plan", "ground", optionally "qa").
+
+    backend: 'scripted' (replay `lumos_{domain}_{plan,ground}_{formulation}.jsonl` from
+    `scripted_dir`), 'greedy' (lumos_jax.generation, recomputes prompts), or 'engine'
+    (lumos_jax.inference.Engine, cache extension). Model paths are HF dirs or our
+    checkpoints; one path may serve several modules (a unified model)."""
+    if backend == "scripted":
+        from lumos_jax.agent.generators import ScriptedGenerator
+
+        base = Path(scripted_dir) if scripted_dir else SHARED_ANNOTATIONS
+        name = f"lumos_{cfg.domain}_{{}}_{cfg.formulation}.jsonl"
+        plan, ground = base / name.format("plan"), base / name.format("ground")
+        for p in (plan, ground):
+            if not p.exists():
+                raise FileNotFoundError(f"agent_models.scripted_dir: {p} not found")
+        g = ScriptedGenerator.from_files(plan, ground)
+        return {"plan": g, "ground": g}
+    if backend not in ("greedy", "engine"):
+        raise ValueError(f"agent_models.backend={backend!r}: expected 'scripted', 'greedy' or 'engine'")
+    if not plan_model or not ground_model:
+        raise ValueError("agent_models: set plan_model and ground_model (HF dirs or lumos-jax checkpoints)")
+    from lumos_jax.agent.generators import ChatModelGenerator
+    from lumos_jax.checkpoints.native import load_model
+    from lumos_jax.tokenization import Tokenizer
+
+    tok = Tokenizer(tokenizer or plan_model)
+    loaded: dict[str, object] = {}
+    gens: dict[str, object] = {}
+    for module, path in (("plan", plan_model), ("ground", ground_model), ("qa", qa_model)):
+        if not path:
+            continue
+        if path not in loaded:
+            model = load_model(path)
+            loaded[path] = _backend(backend, model, engine_slots, engine_max_len, engine_steps_per_call)
+        gens[module] = ChatModelGenerator(loaded[path], tok, style=cfg.style if module != "qa" else "train",
+                                          max_new_tokens=max_new_tokens if module != "qa" else 100)
+    return gens
+
+
+def _backend(kind: str, model, slots: int, max_len: int, steps: int):
+    from lumos_jax.agent.backends import EngineBackend, GreedyBackend
+
+    if kind == "greedy":
+        return GreedyBackend(model)
+    try:
+        from lumos_jax.inference import Engine
+    except ImportError as e:
+        raise ValueError(f"agent_models.backend='engine': the inference engine is not available ({e})") from None
+    return EngineBackend(Engine(model, num_slots=slots, max_len=max_len, steps_per_call=steps))

@@ -1,0 +1,57 @@
+"""Code sandbox: escape attempts are contained with a clear error (few, quick processes)."""
+
+import os
+import uuid
+
+import pytest
+
+from lumos_jax.agent.tools.base import ToolContext, ToolError, ToolTimeout
+from lumos_jax.agent.tools.code import Code, run_sandboxed, translate_pseudo_code
+
+FAST = dict(cpu_seconds=1, wall_seconds=4)
+
+
+def _ask(code: str) -> dict:
+    return run_sandboxed(code, **FAST)
+
+
+def test_reference_pseudo_code_and_python_run():
+    assert translate_pseudo_code("If 141 % 1 == 0, 1, 0") == "(1) if (141 % 1 == 0) else (0)"
+    tool = Code(**FAST)
+    assert tool("If 141 % 1 == 0, 1, 0", ToolContext(variables={})) == "1"
+    assert tool("import math\nresult = math.comb(R1, 2)", ToolContext(variables={"R1": "10"})) == "45"
+
+
+def test_escape_attempts_are_contained():
+    outside = f"/tmp/lumos-sandbox-escape-{uuid.uuid4().hex}"
+    attempts = {
+        "write outside": f"open({outside!r}, 'w').write('x')",
+        "socket": "import socket; socket.create_connection(('93.184.216.34', 80), timeout=1)",
+        "raw socket module": "__import__('_socket').socket()",
+        "fork bomb": "import os\nwhile True: os.fork()",
+        "subprocess": "__import__('os').system('touch " + outside + "')",
+        "parent environment": "open('/proc/%d/environ' % __import__('os').getppid()).read()",
+        "10 GB allocation": "x = bytearray(10 * 1024 ** 3)",
+    }
+    for name, code in attempts.items():
+        answer = _ask(code)
+        assert not answer["ok"], name
+        assert answer["error"] and ("sandbox" in answer["error"] or "MemoryError" in answer["error"]), (name, answer)
+    assert not os.path.exists(outside)
+    # Its own environment is empty: nothing of ours leaks (no PATH, HOME, keys).
+    env = _ask("import os; sorted(os.environ)")
+    assert env["ok"] and "PATH" not in env["value"] and "HOME" not in env["value"]
+    # The scratch directory is writable.
+    assert _ask("open('f.txt', 'w').write('hi'); open('f.txt').read()")["value"] == "hi"
+
+
+def test_infinite_loop_and_flood_are_stopped():
+    with pytest.raises(ToolTimeout, match="CPU-time limit"):
+        _ask("while True: pass")
+    flood = _ask("print('x' * 10**7)")
+    assert not flood["ok"] and "output limit" in flood["error"]
+
+
+def test_code_tool_reports_errors_as_tool_errors():
+    with pytest.raises(ToolError, match="ZeroDivisionError"):
+        Code(**FAST)("1/0", ToolContext(variables={}))
