@@ -159,20 +159,31 @@ class TpuLauncher:
                                           str(out / f"worker_{w}.log")), f"--worker={w}", *self._where()],
                            check=False)
 
-    def restart(self) -> None:
+    def _next_attempt(self) -> None:
         self.attempt += 1
         if self.attempt > self.args.max_restarts:
-            raise LaunchError(f"preempted more than --max_restarts={self.args.max_restarts} times")
-        self.ensure_slice(dry_state="PREEMPTED")
-        self.copy_and_install()
-        self.start()
+            raise LaunchError(f"interrupted more than --max_restarts={self.args.max_restarts} times")
+
+    def bring_up(self, after_preemption: bool) -> None:
+        """Slice ready, code installed, training started; preemption midway starts over."""
+        while True:
+            if after_preemption:
+                self._next_attempt()
+            try:
+                self.ensure_slice(dry_state="PREEMPTED" if after_preemption else "")
+                self.copy_and_install()
+                self.start()
+                return
+            except LaunchError:
+                if self.shell.dry_run or self.state() in READY:
+                    raise  # a real failure, not the slice going away under us
+                self.shell.note(f"{self.args.name} went away while starting: trying again")
+                after_preemption = True
 
     # -- the run --------------------------------------------------------------------
     def run(self) -> int:
-        self.ensure_slice()
         self.package()
-        self.copy_and_install()
-        self.start()
+        self.bring_up(after_preemption=False)
         hosts = self.slice.hosts
         done_output = "".join(f"lumos-jax-status host=w{w} state=exited code=0\n" for w in range(hosts))
         self.shell.note(f"every {self.args.poll_seconds:g}s: check the slice, then every worker's status")
@@ -183,12 +194,12 @@ class TpuLauncher:
             if state not in READY:
                 if state in GONE:
                     self.shell.note(f"{self.args.name} is {state or 'gone'}: preempted, restarting")
-                    self.restart()
+                    self.bring_up(after_preemption=True)
                 continue  # REPAIRING, RESTARTING...: wait
             rc, workers = self.worker_status(done_output)
             if rc != 0 and self.state() not in READY:
                 self.shell.note(f"{self.args.name} went away: preempted, restarting")
-                self.restart()
+                self.bring_up(after_preemption=True)
                 continue
             if rc != 0 or len(workers) < hosts:
                 continue  # ssh hiccup: ask again next time
@@ -197,9 +208,7 @@ class TpuLauncher:
                 # A worker lost its job (VM restarted under us): start all again from the checkpoint.
                 self.shell.note("a worker lost its training process (maintenance restart?): starting again")
                 self.collect_logs()
-                self.attempt += 1
-                if self.attempt > self.args.max_restarts:
-                    raise LaunchError(f"restarted more than --max_restarts={self.args.max_restarts} times")
+                self._next_attempt()
                 self.start()
                 continue
             failed = [c for c in codes if c != 0]
@@ -214,7 +223,7 @@ class TpuLauncher:
                 if self.shell.dry_run:
                     self.shell.note("on preemption (the slice PREEMPTED / queued resource SUSPENDED), "
                                     "the launcher runs:")
-                    self.restart()
+                    self.bring_up(after_preemption=True)
                     return 0
                 print(f"launch.tpu_vm: training finished on all {hosts} worker(s); logs in "
                       f"{self.args.log_dir}", file=sys.stderr)

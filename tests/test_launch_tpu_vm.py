@@ -102,6 +102,10 @@ if verb == "scp":
     done()
 if verb == "ssh":
     command = flag("command")
+    if st.get("preempt_on") and st["preempt_on"][0] in command:
+        st["preempt_on"].pop(0)
+        st["state"] = "PREEMPTED"
+        done(255)
     if "tpu_worker.sh status" in command and st["events"]:
         if st["events"].pop(0) == "preempt":
             st["state"] = "PREEMPTED"
@@ -119,14 +123,16 @@ done(2)
 """
 
 
-def run_with_fake_gcloud(tmp_path, monkeypatch, events, entry="launch.selftest", accelerator="v4-16"):
+def run_with_fake_gcloud(tmp_path, monkeypatch, events, entry="launch.selftest", accelerator="v4-16",
+                         preempt_on=()):
     gcloud = tmp_path / "gcloud"
     gcloud.write_text(FAKE_GCLOUD.replace("{python}", sys.executable))
     gcloud.chmod(0o755)
     state = tmp_path / "state.json"
     hosts = parse_accelerator_type(accelerator).hosts
     state.write_text(json.dumps({"state": None, "creates": 0, "calls": [], "events": events,
-                                 "hosts": hosts, "root": str(tmp_path / "slices")}))
+                                 "hosts": hosts, "root": str(tmp_path / "slices"),
+                                 "preempt_on": list(preempt_on)}))
     monkeypatch.setenv("FAKE_GCLOUD_STATE", str(state))
     for var in ("XLA_FLAGS", "JAX_PLATFORMS"):
         monkeypatch.delenv(var, raising=False)
@@ -164,6 +170,14 @@ def test_preemption_recreates_the_slice_and_restarts(tmp_path, monkeypatch):
         assert "=== lumos-jax start" in text
         assert "selftest: process 0/1 local_devices=1 devices=1 sum=0 expected=0 ok" in text
         assert "--gin_file=models/tiny.gin" in text
+
+
+def test_preemption_while_starting_starts_over(tmp_path, monkeypatch):
+    code, st = run_with_fake_gcloud(tmp_path, monkeypatch, [], preempt_on=["tpu_worker.sh start"])
+    assert code == 0
+    assert st["creates"] == 2 and st["preempt_on"] == []
+    assert len(_starts(st["calls"])) == 2
+    assert (tmp_path / "logs" / "attempt_1" / "worker_0.log").exists()
 
 
 def test_default_entry_asks_jax_to_autodetect_the_slice():
