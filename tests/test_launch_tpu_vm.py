@@ -173,7 +173,9 @@ def test_preemption_recreates_the_slice_and_restarts(tmp_path, monkeypatch):
 
 
 def test_preemption_while_starting_starts_over(tmp_path, monkeypatch):
-    code, st = run_with_fake_gcloud(tmp_path, monkeypatch, [], preempt_on=["tpu_worker.sh start"])
+    # `python -m this` (prints the Zen of Python) stands in for a quick job
+    code, st = run_with_fake_gcloud(tmp_path, monkeypatch, [], entry="this",
+                                    preempt_on=["tpu_worker.sh start"])
     assert code == 0
     assert st["creates"] == 2 and st["preempt_on"] == []
     assert len(_starts(st["calls"])) == 2
@@ -196,7 +198,7 @@ def test_training_failure_is_reported_not_restarted(tmp_path, monkeypatch, capsy
 
 
 def test_ready_slice_is_reused(tmp_path, monkeypatch):
-    code, st = run_with_fake_gcloud(tmp_path, monkeypatch, [])
+    code, st = run_with_fake_gcloud(tmp_path, monkeypatch, [], entry="this")
     assert code == 0 and st["creates"] == 1
     state = tmp_path / "state.json"
     st["calls"] = []
@@ -204,7 +206,7 @@ def test_ready_slice_is_reused(tmp_path, monkeypatch):
     code = tpu_vm.main(["--name=lumos-v4", "--zone=us-central2-b", "--accelerator_type=v4-16",
                         f"--gcloud={tmp_path / 'gcloud'}", "--poll_seconds=0.5",
                         f"--log_dir={tmp_path / 'logs'}", f"--python={sys.executable}",
-                        "--entry=launch.selftest", *TRAIN])
+                        "--entry=this", *TRAIN])
     after = json.loads(state.read_text())
     assert code == 0 and after["creates"] == 1
     assert not [c for c in after["calls"] if c[3] == "create"]
