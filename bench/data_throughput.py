@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import sys
 import tempfile
 import time
@@ -93,6 +94,7 @@ def main() -> int:
     files = prepare(data_dir)
     tok = Tokenizer(args.tokenizer, add_pad_token=True)
     conversations = [r["messages"] for f in files for r in read_annotations(f)]
+    random.Random(0).shuffle(conversations)  # both encoders see the same representative mix
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or
               platform.machine(), "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(),
               "conversations": len(conversations), "seq_len": args.seq_len, "batch_size": args.batch_size}
