@@ -139,6 +139,17 @@ class Engine:
     def pending_requests(self) -> int:
         return len(self._queue)
 
+    @property
+    def busy(self) -> bool:
+        """True while anything is queued, waiting for prefill or generating."""
+        return bool(self._queue) or any(s.state != "idle" for s in self._slots.values())
+
+    def progress(self) -> dict:
+        """request_id -> tokens generated so far in the current turn, for every slot that is
+        generating (for streaming; tokens past a stop string are cut when the turn ends)."""
+        return {s.request_id: list(s.generated) for s in self._slots.values()
+                if s.state == "generating"}
+
     def start(self, prompt_ids: Sequence[int], sampling: SamplingParams | None = None,
               request_id: Any = None) -> int:
         """Claim a free slot for a new sequence; it is prefilled in the next `step`."""
