@@ -75,7 +75,6 @@ def _losses(workdir: Path) -> dict:
 
 
 def test_two_process_training_matches_one_process(tmp_path):
-    pytest.importorskip("lumos_jax.training.loop")
     gin_file = tmp_path / "tiny_train.gin"
     gin_file.write_text(TINY_TRAIN_GIN)
     env = _clean_env()
