@@ -105,9 +105,12 @@ def gin_text(exp: Experiment) -> str:
         f"lumos_agent.max_rounds = {rounds}",
         "lumos_agent.prompt_style = 'reference'",
         "lumos_agent.max_new_tokens = 512",
-        "lumos_agent.dtype = 'bfloat16'",
-        "",
     ]
+    if domain == "complex_qa":
+        lines += ["# The paper's QA tool was GPT-3.5/4: point this at an HF dir (our model answers), or set",
+                  "# agent_tools.qa_endpoint to an OpenAI-compatible URL.",
+                  "lumos_agent.qa_model_path = None"]
+    lines.append("")
     return "\n".join(lines)
 
 
