@@ -59,7 +59,7 @@ def render_script(args, forwarded: Sequence[str]) -> str:
     if env:
         lines.append("# Recommended XLA flags / env for H100 (launch/xla_flags.py).")
         lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
-    port = f"$((61440 + SLURM_JOB_ID % 4096))"
+    port = "$((61440 + SLURM_JOB_ID % 4096))"
     lines += [
         "# Multi-controller JAX (launch/env.py): process 0 on the first node coordinates.",
         'export JAX_COORDINATOR_ADDRESS="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1):'
