@@ -105,7 +105,7 @@ def attention_check() -> dict:
 
     ref_logits, ref_grads = run("xla")
     out = {}
-    for impl in ("cudnn", "cudnn_bias"):
+    for impl in ("cudnn",):
         try:
             logits, grads = run(impl)
             ldiff = float(np.abs(logits - ref_logits).max() / (np.abs(ref_logits).max() + 1e-6))
@@ -136,7 +136,7 @@ def jax_side(args) -> dict:
         if jax.default_backend() == "gpu":
             checks = attention_check()
             result["attention_check"] = checks
-            impl = next((i for i in ("cudnn", "cudnn_bias") if checks.get(i, {}).get("ok")), "xla")
+            impl = "cudnn" if checks.get("cudnn", {}).get("ok") else "xla"
     config = model_shape(args.preset).replace(
         param_dtype="float32", dtype=args.dtype, attention_impl=impl, remat_policy=args.remat,
         vocab_multiple=args.vocab_multiple)
@@ -238,7 +238,7 @@ def parse(argv):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--remat", default="none")
     p.add_argument("--vocab_multiple", type=int, default=1)
-    p.add_argument("--attention", default="auto", help="auto | xla | cudnn | cudnn_bias")
+    p.add_argument("--attention", default="auto", help="auto (cudnn if it passes the check) | xla | cudnn")
     p.add_argument("--sides", default="hf,jax", help="comma list of hf, jax")
     p.add_argument("--extra", action="append", default=[],
                    help="extra jax runs, e.g. 'batch=16,remat=dots' (repeatable)")

@@ -39,13 +39,10 @@ class LlamaConfig:
     dtype: str = "float32"
     # "none", "full" (recompute each layer) or "dots" (save matmul outputs only).
     remat_policy: str = "none"
-    # "xla" (einsum + mask, any backend), "cudnn" (fused flash attention on NVIDIA GPUs,
-    # packed segments as cuDNN segment offsets) or "cudnn_bias" (flash attention with the
-    # segment mask as an additive bias: slower, no segment limit). Without a KV cache
-    # only; decoding with a cache always uses "xla".
+    # "xla" (einsum + mask, any backend) or "cudnn" (cuDNN flash attention on NVIDIA
+    # GPUs, same segment/causal mask; bf16/fp16 only). Used without a KV cache (training,
+    # prefill-free scoring); decoding with a cache always takes the "xla" path.
     attention_impl: str = "xla"
-    # cudnn: the most segments (packed conversations) one row may hold.
-    max_segments_per_row: int = 64
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -62,9 +59,9 @@ class LlamaConfig:
         if self.remat_policy not in ("none", "full", "dots"):
             raise ValueError(f"LlamaConfig.remat_policy={self.remat_policy!r}; "
                              "expected 'none', 'full' or 'dots'")
-        if self.attention_impl not in ("xla", "cudnn", "cudnn_bias"):
+        if self.attention_impl not in ("xla", "cudnn"):
             raise ValueError(f"LlamaConfig.attention_impl={self.attention_impl!r}; "
-                             "expected 'xla', 'cudnn' or 'cudnn_bias'")
+                             "expected 'xla' or 'cudnn'")
         if self.attention_impl != "xla" and self.dtype == "float32":
             raise ValueError(f"LlamaConfig.attention_impl={self.attention_impl!r} needs "
                              "dtype 'bfloat16' or 'float16' (cuDNN flash attention has no fp32)")
