@@ -74,6 +74,9 @@ class BatchIterator:
                              "max_len": self.max_len, "process": [process_index, process_count],
                              "holdout": [holdout_fraction, holdout_side], "open_rows": open_rows}
         self._packer = Packer(seq_len, open_rows, packing)
+        if len(self._host_order(0)) == 0:
+            raise ValueError(f"data loader: {self.mixture.epoch_size} examples per epoch is fewer than "
+                             f"{process_count} hosts")
         self._reset_position()
 
     # -- order ------------------------------------------------------------------------

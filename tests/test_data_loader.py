@@ -89,7 +89,10 @@ def test_hosts_get_disjoint_equal_shards():
     evs = [make_eval_iterator(FILES, TOK, seq_len=1024, batch_size=4, process_index=h, process_count=3)
            for h in range(3)]
     assert [e.num_batches for e in evs] == [5, 5, 5]
-    assert sum(e.stats["examples"] for e in evs if list(e) is not None) == 52  # nothing lost in eval
+    assert [len(list(e)) for e in evs] == [5, 5, 5]  # equal batch counts: no host waits
+    assert sum(e.stats["examples"] for e in evs) == 52  # nothing lost in eval
+    with pytest.raises(ValueError, match="fewer than 64 hosts"):
+        _it(sources=FILES[:1], process_index=0, process_count=64)
 
 
 def test_mixture_weights_set_the_share_of_each_source():
