@@ -94,10 +94,14 @@ def main(argv: Sequence[str]) -> int:
     tasks = list(args.task) + (_read_tasks(args.tasks_file) if args.tasks_file else [])
     if not tasks:
         parser.error("give --task or --tasks_file")
-    cfg = agent_episode()
-    gens = agent_models(cfg)
-    qa_backend = GeneratorQA(gens["qa"]) if "qa" in gens else None
-    registry = build_registry(cfg.domain, **({"qa_backend": qa_backend} if qa_backend else {}))
+    try:
+        cfg = agent_episode()
+        gens = agent_models(cfg)
+        qa_backend = GeneratorQA(gens["qa"]) if "qa" in gens else None
+        registry = build_registry(cfg.domain, **({"qa_backend": qa_backend} if qa_backend else {}))
+    except (ValueError, FileNotFoundError) as e:  # gin appends "In call to configurable ..." lines
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise (FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError)(first) from None
     runner = EpisodeRunner(gens, lambda i: (Executor(registry), None), cfg, max_concurrent=args.max_concurrent)
     results = runner.run(tasks)
     colour = not args.no_color and sys.stdout.isatty() and os.environ.get("NO_COLOR") is None

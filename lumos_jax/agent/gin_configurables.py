@@ -19,8 +19,11 @@ SHARED_ANNOTATIONS = Path(__file__).resolve().parents[2].parent / "shared" / "da
 
 @gin.configurable
 def agent_episode(domain: str = "maths", formulation: str = "iterative", style: str = "train",
-                  max_rounds: int | None = None, final_answer_qa: bool = True) -> EpisodeConfig:
-    """Max rounds default to the reference's: GSM8K 8, StrategyQA/HotpotQA 5, WebShop 5, Mind2Web 15."""
+                  max_rounds: int | None = None, final_answer_qa: bool = True,
+                  webshop_exemplars: str | None = None) -> EpisodeConfig:
+    """Max rounds default to the reference's: GSM8K 8, StrategyQA/HotpotQA 5, WebShop 5, Mind2Web 15.
+    WebShop puts the reference's two exemplars (`webshop_exemplars`, default the shared
+    copy) before the task, as the reference's unseen-task prompt does."""
     from lumos_jax.agent.prompts import check
 
     check(domain, style)
@@ -29,8 +32,16 @@ def agent_episode(domain: str = "maths", formulation: str = "iterative", style: 
     rounds = max_rounds if max_rounds is not None else DEFAULT_MAX_ROUNDS.get(domain, 8)
     if rounds < 1:
         raise ValueError(f"agent_episode.max_rounds={rounds}: must be >= 1")
+    plan_prefix, ground_prefix = [], []
+    if domain == "webshop":
+        from lumos_jax.agent.prompts import load_webshop_exemplars, webshop_exemplar_conversations
+
+        path = webshop_exemplars or str(SHARED_ANNOTATIONS.parent / "webshop_incontext_exemplars.jsonl")
+        plans, grounds = webshop_exemplar_conversations(load_webshop_exemplars(path))
+        plan_prefix = [m for c in plans for m in c]
+        ground_prefix = [m for c in grounds for m in c]
     return EpisodeConfig(domain=domain, formulation=formulation, style=style, max_rounds=rounds,
-                         final_answer_qa=final_answer_qa)
+                         final_answer_qa=final_answer_qa, plan_prefix=plan_prefix, ground_prefix=ground_prefix)
 
 
 @gin.configurable

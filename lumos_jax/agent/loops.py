@@ -42,6 +42,9 @@ class EpisodeConfig:
     style: str = "train"
     max_rounds: int = 8
     final_answer_qa: bool = True       # complex_qa: the QA step over all answers
+    # In-context exemplar turns put before the task's own (WebShop, an unseen task).
+    plan_prefix: list = dataclasses.field(default_factory=list)
+    ground_prefix: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -82,7 +85,7 @@ def lumos_iterative(task: str, cfg: EpisodeConfig, executor: Executor, ctx: Tool
                     trace: Trace) -> PyGenerator[Any, Any, tuple[str, int]]:
     """Plan one subgoal, ground it, execute it, report back; until the planner stops."""
     d, style = cfg.domain, cfg.style
-    plan = [_user(prompts.plan_first(task))]
+    plan = list(cfg.plan_prefix) + [_user(prompts.plan_first(task))]
     ground: list[dict] = []
     earlier: list[tuple[str, str, bool]] = []
     for k in range(1, cfg.max_rounds + 1):
@@ -98,7 +101,7 @@ def lumos_iterative(task: str, cfg: EpisodeConfig, executor: Executor, ctx: Tool
         subgoal = step.subgoal.strip() if style == "reference" else step.subgoal
         ctx.subgoal = subgoal
         if k == 1:
-            ground = [_user(prompts.ground_first(d, task, subgoal))]
+            ground = list(cfg.ground_prefix) + [_user(prompts.ground_first(d, task, subgoal))]
         else:
             ground.append(_user(prompts.ground_next(d, style, subgoal, earlier)))
         gout = yield Generate("ground", ground)
