@@ -21,7 +21,7 @@ import json
 import re
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, NamedTuple
 
 MARK = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
 NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?|\.\d+)(?![\w.])")

@@ -15,7 +15,6 @@ iterative/one-time) so that its output is reproduced byte for byte, quirks inclu
 
 from __future__ import annotations
 
-import collections
 import json
 from pathlib import Path
 from typing import Iterable, NamedTuple

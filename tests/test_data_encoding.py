@@ -1,9 +1,7 @@
 """Chat encoding: the fast encoder equals the reference rule, and the mask is right."""
 
-import json
 import random
 
-import numpy as np
 import pytest
 from conftest import DATA, FIXTURES
 

@@ -102,7 +102,7 @@ def test_mixture_weights_set_the_share_of_each_source():
     assert (order[:, 0] == 0).sum() == 10 and (order[:, 0] == 1).sum() == 30
     assert set(order[order[:, 0] == 1, 1].tolist()) == {0, 1}
     it = _it(sources=[maths, web], weights=[1, 3], epoch_size=40, packing=False, batch_size=40, num_epochs=1)
-    batch = next(it)
+    assert next(it)["segment_ids"].shape == (40, 1024)
     assert it.stats["examples"] == 40
     with pytest.raises(ValueError, match="2 weights for 1 sources|weights"):
         _it(sources=[maths], weights=[1, 2])
