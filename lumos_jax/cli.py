@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         # (LUMOS_JAX_DEBUG=1 shows it).
         if os.environ.get("LUMOS_JAX_DEBUG"):
             raise
-        print(f"lumos-jax {name}: error: {e}", file=sys.stderr)
+        # gin appends "In call to configurable ..." context lines: keep the first line.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"lumos-jax {name}: error: {first}", file=sys.stderr)
         return 2
 
 
