@@ -8,7 +8,7 @@ from typing import Sequence
 
 
 def main(argv: Sequence[str]) -> int:
-    from lumos_jax.config import parse_args
+    from lumos_jax.config import ConfigError, parse_args
 
     parser = argparse.ArgumentParser(prog="lumos-jax train", description=__doc__)
     parser.add_argument("--workdir", help="checkpoints, logs and profile go here "
@@ -27,7 +27,11 @@ def main(argv: Sequence[str]) -> int:
         kwargs["profile"] = True
     if args.max_steps is not None:
         kwargs["max_steps"] = args.max_steps
-    result = train(**kwargs)
+    try:
+        result = train(**kwargs)
+    except (ValueError, FileNotFoundError) as e:
+        # gin appends "In call to configurable ..." lines; the first line is the message.
+        raise ConfigError(str(e).strip().splitlines()[0]) from None
     import jax
 
     if jax.process_index() == 0:

@@ -44,3 +44,9 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     else:
         jax.distributed.initialize()
     return jax.process_count() > 1
+
+
+@gin.configurable
+def single_device_list() -> list:
+    """[the first device]: for `make_mesh.devices` in gin/mesh/single_device.gin."""
+    return jax.devices()[:1]

@@ -76,7 +76,9 @@ def _run(workdir, seq_len, global_batch, grad_accum_steps, num_epochs, max_steps
         if init_from:
             from lumos_jax.checkpoints.native import load_model
 
-            params = state_lib.params_from_model(setup, load_model(init_from, mesh, **_dtype_overrides(config)))
+            loaded = load_model(init_from, mesh, **_dtype_overrides(config))
+            params = state_lib.params_from_model(setup, loaded, init_from)
+            del loaded
         else:
             params = state_lib.random_params(setup, seed)
         state = state_lib.init_state(setup, params, seed)

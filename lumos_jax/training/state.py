@@ -100,10 +100,50 @@ def random_params(setup: TrainSetup, seed: int) -> dict:
     return jax.jit(make, out_shardings=setup.shardings["params"])()
 
 
-def params_from_model(setup: TrainSetup, model) -> dict:
-    """Params of a loaded model (e.g. the HF importer's), resharded onto the train mesh."""
+def params_from_model(setup: TrainSetup, model, source: str = "init_from") -> dict:
+    """Params of a loaded model (e.g. the HF importer's), resharded onto the train mesh.
+    A base model with fewer vocabulary rows (Llama-2's 32,000 vs Lumos' 32,001 with
+    <pad>) gets the new rows set to the mean of the old ones, as HF's
+    `resize_token_embeddings` does."""
     params = nnx.to_pure_dict(nnx.state(model))
+    want = setup.config.padded_vocab_size
+    have = model.config.padded_vocab_size
+    if have < want:
+        params = grow_vocab(params, want)
+    got_shapes = jax.tree.map(lambda a: tuple(a.shape), params)
+    want_shapes = jax.tree.map(lambda a: tuple(a.shape), setup.abstract_state["params"])
+    if got_shapes != want_shapes:
+        bad = [f"{'.'.join(map(str, k))}: {a} vs {b}" for (k, a), (_, b) in
+               zip(_flat(got_shapes), _flat(want_shapes)) if a != b]
+        raise ValueError(f"{source}: weights do not fit the configured model "
+                         f"({'; '.join(bad[:3]) or 'different parameter names'})")
     return jax.device_put(params, setup.shardings["params"])
+
+
+def grow_vocab(params: dict, rows: int) -> dict:
+    params = jax.tree.map(lambda a: a, params)  # shallow copy of the nesting
+    emb = params["model"]["embed_tokens"]["weight"]
+    extra = rows - emb.shape[0]
+    params["model"]["embed_tokens"]["weight"] = jnp.concatenate(
+        [emb, jnp.broadcast_to(emb.mean(0, keepdims=True), (extra, emb.shape[1])).astype(emb.dtype)], 0)
+    if "lm_head" in params:
+        head = params["lm_head"]["kernel"]
+        params["lm_head"]["kernel"] = jnp.concatenate(
+            [head, jnp.broadcast_to(head.mean(1, keepdims=True), (head.shape[0], extra)).astype(head.dtype)], 1)
+    return params
+
+
+def _flat(tree):
+    out = []
+
+    def walk(prefix, node):
+        if isinstance(node, dict):
+            for k in sorted(node, key=str):
+                walk(prefix + (k,), node[k])
+        else:
+            out.append((prefix, node))
+    walk((), tree)
+    return out
 
 
 def init_state(setup: TrainSetup, params: dict, seed: int) -> dict:
