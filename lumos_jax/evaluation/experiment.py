@@ -53,11 +53,22 @@ def resolve_path(path: str | Path) -> Path:
 
 
 def load_dataset(name: str, data_path: str | Path | None = None, start: int = 0,
-                 limit: int | None = None, reader_kwargs: dict | None = None) -> list[Example]:
-    """Examples of a named dataset, from `data_path` or the default file in eval_data_dir()."""
+                 limit: int | None = None, reader_kwargs: dict | None = None, source: str = "files",
+                 tfds_data_dir: str | None = None) -> list[Example]:
+    """Examples of a named dataset, from `data_path` or the default file in eval_data_dir().
+
+    source='tfds' reads GSM8K/SVAMP/StrategyQA/HotpotQA through the data pipeline's tfds
+    builders (built once under `tfds_data_dir` from the files in eval_data_dir())."""
     if name not in ALL_DATASETS:
         raise ValueError(f"unknown eval dataset {name!r}; known: {', '.join(sorted(ALL_DATASETS))}")
-    if name in ds.READERS:
+    if source not in ("files", "tfds"):
+        raise ValueError(f"eval_experiment.source={source!r}: expected 'files' or 'tfds'")
+    if source == "tfds":
+        from lumos_jax.evaluation.tfds_source import read_tfds
+
+        manual = resolve_path(data_path).parent if data_path else eval_data_dir()
+        examples = read_tfds(name, tfds_data_dir or str(Path("runs") / "tfds"), manual)
+    elif name in ds.READERS:
         reader, filename = ds.READERS[name][0], ds.READERS[name][1]
         path = resolve_path(data_path) if data_path else eval_data_dir() / filename
         examples = reader(path)
@@ -83,6 +94,8 @@ class ExperimentConfig:
     paper_score: float | None
     paper_note: str
     reader_kwargs: dict
+    source: str = "files"
+    tfds_data_dir: str | None = None
 
     @property
     def domain(self) -> str:
@@ -102,12 +115,13 @@ def eval_experiment(name: str = gin.REQUIRED, dataset: str = gin.REQUIRED,
                     agent_factory: Callable[..., Any] = gin.REQUIRED, data_path: str | None = None,
                     start: int = 0, limit: int | None = None, output_dir: str | None = None,
                     batch_size: int = 8, paper_score: float | None = None, paper_note: str = "",
-                    reader_kwargs: dict | None = None) -> ExperimentConfig:
+                    reader_kwargs: dict | None = None, source: str = "files",
+                    tfds_data_dir: str | None = None) -> ExperimentConfig:
     if dataset not in ALL_DATASETS:
         raise ValueError(f"eval_experiment.dataset: unknown {dataset!r}; known: {', '.join(sorted(ALL_DATASETS))}")
     return ExperimentConfig(name, dataset, agent_factory, data_path, start, limit,
                             output_dir or f"runs/eval/{name}", batch_size, paper_score, paper_note,
-                            dict(reader_kwargs or {}))
+                            dict(reader_kwargs or {}), source, tfds_data_dir)
 
 
 @gin.configurable
@@ -124,7 +138,8 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str | None = None, limit: 
     from lumos_jax.evaluation.runner import evaluate
 
     lim = cfg.limit if limit is None else limit
-    examples = load_dataset(cfg.dataset, cfg.data_path, cfg.start, lim, cfg.reader_kwargs)
+    examples = load_dataset(cfg.dataset, cfg.data_path, cfg.start, lim, cfg.reader_kwargs,
+                            cfg.source, cfg.tfds_data_dir)
     agent = cfg.agent_factory(domain=cfg.domain, metric=cfg.metric, default_max_rounds=cfg.max_rounds,
                               examples=examples)
     info = {"experiment": cfg.name, "paper_score": cfg.paper_score, "paper_note": cfg.paper_note,

@@ -95,8 +95,9 @@ def classify(result: AgentResult, correct: bool, crashed: bool) -> str:
         return "correct"
     if result.error:
         return str(result.error)
-    if any(isinstance(s, dict) and s.get("error") for s in result.trace):
-        return "tool_error"
+    errors = [s for s in result.trace if isinstance(s, dict) and s.get("error")]
+    if errors:  # the last failure is what the episode ended on (e.g. parse_error, tool_timeout)
+        return str(errors[-1].get("error_kind") or "tool_error")
     if not result.stopped:
         return "max_rounds"
     if result.answer is None or (isinstance(result.answer, str) and not result.answer.strip()):
