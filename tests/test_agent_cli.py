@@ -15,13 +15,15 @@ TASK = ("Peter goes to the store to buy a soda. The soda costs $.25 an ounch. He
 def test_cli_runs_an_episode_and_writes_its_trace(tmp_path, capsys):
     out = tmp_path / "trace.jsonl"
     rc = lumos_main(["agent", "--gin_file=agent/maths.gin", "--gin_file=agent/onetime.gin",
-                     "--gin_file=agent/scripted.gin", "--no_color", f"--task={TASK}", f"--trace_out={out}"])
+                     "--gin_file=agent/scripted.gin", "--no_color", f"--task={TASK}", f"--trace_out={out}",
+                     f"--trace_dir={tmp_path / 'per_episode'}"])
     text = capsys.readouterr().out
     assert rc == 0
     assert "R2 = Calculator(R1 / 0.25)  -> 6" in text and "=> answer: 6  (done, 2 rounds)" in text
     events = [json.loads(x) for x in out.read_text().splitlines()]
     assert [e["event"] for e in events] == ["start", "generate", "generate", "action", "action", "end"]
     assert events[3]["tool"] == "Calculator" and events[3]["result"] == "1.5" and events[3]["seconds"] >= 0
+    assert (tmp_path / "per_episode" / "episode_0.jsonl").read_text() == out.read_text()
     assert "\033[" in render_trace(events, colour=True) and "\033[" not in render_trace(events, colour=False)
 
 

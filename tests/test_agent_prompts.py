@@ -127,6 +127,28 @@ def test_reference_style_strings(llama2_tokenizer):
     assert out.prompt_tokens == len(llama2_tokenizer.encode(_reference_text(msgs[:1])))  # no BOS
 
 
+def test_reference_style_incremental_tokens_equal_the_retokenized_prompt(llama2_tokenizer):
+    """Without re-tokenizing, turn 2's ids are still exactly the reference string's tokens
+    (when the model's answer tokens are the ones the tokenizer would produce)."""
+    from lumos_jax.agent.generators import _reference_text
+
+    tok = llama2_tokenizer
+    u1 = prompts.ground_first("maths", "Natalia sold 48 clips. How many?", "Subgoal 1: Half of 48.")
+    msgs = [{"role": "user", "content": u1}, {"role": "assistant", "content": "R1 = Calculator(48 / 2)"},
+            {"role": "user", "content": "Subgoal to be grounded: Subgoal 2: Add.\n"}]
+    ids1, ids2 = tok.encode(_reference_text(msgs[:1])), tok.encode(_reference_text(msgs))
+    assert ids2[: len(ids1)] == ids1
+    newline = tok.encode("\n")[-1]
+    answer = ids2[len(ids1): ids2.index(newline, len(ids1)) + 1]  # the answer and its stop newline
+    for retokenize in (True, False):
+        backend = _TeacherBackend([answer, [newline]])
+        gen = ChatModelGenerator(backend, tok, style="reference", retokenize=retokenize)
+        assert gen.generate([GenRequest("s", "ground", msgs[:1])])[0].text == "R1 = Calculator(48 / 2)"
+        out = gen.generate([GenRequest("s", "ground", msgs)])[0]
+        assert gen._sessions["s"].ids[: out.prompt_tokens] == ids2
+    assert gen.supplied_tokens == len(ids1) + len(ids2) - len(ids1) - len(answer)
+
+
 def test_webshop_exemplars_render_like_the_reference():
     ex = prompts.load_webshop_exemplars(DATA / "lumos" / "webshop_incontext_exemplars.jsonl")
     plans, grounds = prompts.webshop_exemplar_conversations(ex)

@@ -86,7 +86,8 @@ def main(argv: Sequence[str]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", action="append", default=[], help="a task (repeatable)")
     parser.add_argument("--tasks_file", help="text file (one task a line) or JSONL with 'task'/'question'")
-    parser.add_argument("--trace_out", help="write every episode's trace here (JSONL)")
+    parser.add_argument("--trace_out", help="write every episode's trace here (one JSONL file)")
+    parser.add_argument("--trace_dir", help="write one JSONL trace per episode here (episode_<i>.jsonl)")
     parser.add_argument("--no_color", action="store_true", help="plain text output")
     parser.add_argument("--quiet", action="store_true", help="print answers only")
     parser.add_argument("--max_concurrent", type=int, default=64)
@@ -112,4 +113,7 @@ def main(argv: Sequence[str]) -> int:
             print(render_trace(r.trace.events, colour) + "\n")
     if args.trace_out:
         write_traces(Path(args.trace_out), [r.trace for r in results])
+    if args.trace_dir:
+        for i, r in enumerate(results):
+            write_traces(Path(args.trace_dir) / f"episode_{i}.jsonl", [r.trace])
     return 0 if all(r.ok for r in results) else 1

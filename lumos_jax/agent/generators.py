@@ -131,10 +131,15 @@ class ChatModelGenerator:
       reuses the cached prefix that still matches).
     """
 
-    def __init__(self, backend: TokenBackend, tokenizer, style: str = "train", max_new_tokens: int = 512):
+    def __init__(self, backend: TokenBackend, tokenizer, style: str = "train", max_new_tokens: int = 512,
+                 retokenize: bool = True):
+        """`retokenize=False` (reference style only) builds later turns from the model's own
+        tokens plus the new turn's, like `train` does: the same text, no cache restarts, but
+        not the reference's exact tokenization."""
         if style not in ("train", "reference"):
             raise ValueError(f"prompt style {style!r}: expected 'train' or 'reference'")
         self.backend, self.tok, self.style, self.max_new_tokens = backend, tokenizer, style, max_new_tokens
+        self.incremental = style == "train" or not retokenize
         self._sessions: dict[str, _Session] = {}
         self.newline_id = tokenizer.encode("\n")[-1]
         self.stop_ids = [tokenizer.eos_id] if style == "train" else [self.newline_id]
@@ -151,8 +156,21 @@ class ChatModelGenerator:
             new = r.messages[s.n_messages:]
             text = "\n" + "".join(_turn(m, self.tok.eos_token) for m in new) + ROLE_TAGS["assistant"]
             return s.ids + self.tok.encode(text)
-        text = _reference_text(r.messages)
-        return self.tok.encode(text)
+        if s is None or not self.incremental:
+            return self.tok.encode(_reference_text(r.messages))
+        # The held tokens end with the newline stop: "\n" + "\n<|user|>..." is the "\n\n" join.
+        ids = list(s.ids)
+        if not ids or ids[-1] != self.newline_id:
+            ids.append(self.newline_id)
+        new = r.messages[s.n_messages:]
+        return ids + self._encode_continuation("\n" + _reference_text(new))
+
+    def _encode_continuation(self, text: str) -> list[int]:
+        """Tokens of text that continues a sequence: without SentencePiece's leading '▁'."""
+        ids = self.tok.encode(text)
+        if ids and self.tok.backend == "sentencepiece" and self.tok.id_to_piece(ids[0]) == "\u2581":
+            ids = ids[1:]
+        return ids
 
     def generate(self, requests: Sequence[GenRequest]) -> list[GenOutput]:
         if not requests:
@@ -163,7 +181,7 @@ class ChatModelGenerator:
         outs = []
         for r, prompt, (tokens, computed) in zip(requests, prompts, results):
             prev = self._sessions.get(r.session)
-            self.supplied_tokens += len(prompt) - (prev.held if prev and self.style == "train" else 0)
+            self.supplied_tokens += len(prompt) - (prev.held if prev and self.incremental else 0)
             finish = "stop" if tokens and tokens[-1] in self.stop_ids else "length"
             body = [t for t in tokens if t not in self.stop_ids]
             text = self.tok.decode(body)

@@ -48,13 +48,16 @@ def agent_episode(domain: str = "maths", formulation: str = "iterative", style: 
 def agent_models(cfg: EpisodeConfig, backend: str = "scripted", plan_model: str | None = None,
                  ground_model: str | None = None, qa_model: str | None = None, tokenizer: str | None = None,
                  max_new_tokens: int = 512, scripted_dir: str | None = None, engine_slots: int = 64,
-                 engine_max_len: int = 4096, engine_steps_per_call: int = 16) -> dict:
+                 engine_max_len: int = 4096, engine_steps_per_call: int = 16,
+                 reference_retokenize: bool = True) -> dict:
     """Generators per module ("plan", "ground", optionally "qa").
 
     backend: 'scripted' (replay `lumos_{domain}_{plan,ground}_{formulation}.jsonl` from
     `scripted_dir`), 'greedy' (lumos_jax.generation, recomputes prompts), or 'engine'
     (lumos_jax.inference.Engine, cache extension). Model paths are HF dirs or our
-    checkpoints; one path may serve several modules (a unified model)."""
+    checkpoints; one path may serve several modules (a unified model).
+    `reference_retokenize` (reference style): True re-tokenizes each whole prompt as the
+    reference does; False appends the new turn's tokens (no cache restarts)."""
     if backend == "scripted":
         from lumos_jax.agent.generators import ScriptedGenerator
 
@@ -84,7 +87,8 @@ def agent_models(cfg: EpisodeConfig, backend: str = "scripted", plan_model: str 
             model = load_model(path)
             loaded[path] = _backend(backend, model, engine_slots, engine_max_len, engine_steps_per_call)
         gens[module] = ChatModelGenerator(loaded[path], tok, style=cfg.style if module != "qa" else "train",
-                                          max_new_tokens=max_new_tokens if module != "qa" else 100)
+                                          max_new_tokens=max_new_tokens if module != "qa" else 100,
+                                          retokenize=reference_retokenize)
     return gens
 
 
