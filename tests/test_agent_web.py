@@ -63,3 +63,50 @@ def test_web_errors_are_observations():
     recs = Executor(reg).run(parse_actions("R1 = TYPE(Env, QUERY: name); R2 = CLICK(R7, QUERY: go)"),
                              ToolContext(variables={}))
     assert [r.error_kind for r in recs] == ["bad_arguments", "undefined_variable"]
+
+
+class _Shop:
+    """A two-item WebShop text environment stand-in (the real one is a web server)."""
+
+    def __init__(self):
+        self.log = []
+
+    def step(self, action):
+        self.log.append(action)
+        if action.startswith("search["):
+            return ("b01 - Red cotton shirt ** b02 - Blue wool sweater", 0.0, False)
+        if action == "click[buy now]":
+            return ("Thank you", 0.75, True)
+        return ("red [SEP] blue [SEP] large [SEP] small", 0.0, False)
+
+
+def test_webshop_tools_drive_a_text_environment():
+    from lumos_jax.agent.tools.web import webshop_tools
+
+    env = _Shop()
+    ctx = ToolContext(variables={}, env=env)
+    recs = Executor(ToolRegistry(webshop_tools())).run(parse_actions(
+        "R1 = Search(red shirt, large); R2 = Click(b01); R3 = FeatureRetrieve(R2, Query: red large shirt); "
+        "R4 = Pick(Item_names: R1, Item_features: [R3], Query: red large shirt); R5 = Click(buy now)"), ctx)
+    assert all(r.ok for r in recs), [r.observation for r in recs]
+    assert env.log == ["search[red shirt, large]", "click[b01]", "click[buy now]"]
+    assert ctx.variables["R3"].split(", ")[:2] == ["red", "large"]
+    assert ctx.variables["R4"] == "b01" and ctx.variables["R5"] == 0.75
+
+
+def test_vqa_is_an_interface_with_a_clear_error_until_a_backend_is_plugged_in():
+    from types import SimpleNamespace
+
+    from lumos_jax.agent.tools.vqa import VQA
+
+    recs = Executor(ToolRegistry([VQA()])).run(parse_actions("R1 = VQA([image], Question: what colour?)"),
+                                               ToolContext(variables={}))
+    assert recs[0].error_kind == "tool_error" and "no backend" in recs[0].error
+
+    class Backend:
+        def answer(self, image, question):
+            return f"{image}:{question}"
+
+    ctx = ToolContext(variables={}, env=SimpleNamespace(image="img.png"))
+    recs = Executor(ToolRegistry([VQA(Backend())])).run(parse_actions("R1 = VQA([image], Question: colour?)"), ctx)
+    assert ctx.variables["R1"] == "img.png:colour?"
