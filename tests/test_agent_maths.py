@@ -95,6 +95,8 @@ def test_several_unknowns_fill_several_variables_and_substitution():
     assert rec.ok and v["R3"] == "10"
     rec, v = _run("R3 = Calculator(R1 * 2)", {"R1": "a + 1 = b"})  # an equation scaled side by side
     assert rec.ok and v["R3"] == "2(a + 1) = 2b"
+    rec, v = _run("R4 = R1(R2)", {"R1": "2a + b", "R2": "a = 1, b = 3"})
+    assert rec.ok and v["R4"] == "5"
     rec, v = _run("Output = R9 = 40", {"R9": "40"})
     assert rec.ok and v["Output"] == "40"
 

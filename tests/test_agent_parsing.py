@@ -27,6 +27,8 @@ def test_actions_parse_like_the_reference():
     a = parse_action("Output = R9 = 40")  # plain assignment, as in the reference's one-time data
     assert (a.outputs, a.tool, a.args) == (("Output",), "", "R9")
     assert parse_action("R1 = Calculator(2 - 0.5) = 1.5").args == "2 - 0.5"  # converted-data suffix
+    a = parse_action("R4 = R1(R3)")  # "R1 with R3 substituted"
+    assert (a.tool, a.args, a.error) == ("", "R1(R3)", None)
     assert parse_action("R1 = Calculator(2 + (3").error == "unbalanced parentheses"
     assert parse_action("R1 = 2x = Calc(3)").error  # bad tool name
     assert parse_action("X1 = Calculator(1)").error  # bad variable

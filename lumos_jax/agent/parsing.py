@@ -146,10 +146,11 @@ def parse_action(text: str) -> Action:
             return Action(raw=raw, outputs=outputs, error="empty assignment")
         return Action(raw=raw, outputs=outputs, tool="", args=expr)
     tool = rhs[:paren].strip()
+    if re.fullmatch(r"R\d+", tool):
+        # `Output = R1(R2)`: R1 with R2 substituted, evaluated like a plain assignment.
+        expr = rhs.split(" = ")[0].strip() if _matching_paren(rhs, paren) >= 0 else rhs
+        return Action(raw=raw, outputs=outputs, tool="", args=expr)
     if not _TOOL_NAME.match(tool):
-        if outputs and re.fullmatch(r"R\d+\(.*\)", rhs, re.S):
-            # `Output = R1(R2)`: substitution, evaluated like a plain assignment.
-            return Action(raw=raw, outputs=outputs, tool="", args=rhs)
         return Action(raw=raw, outputs=outputs, error=f"bad tool name {tool[:40]!r}")
     close = _matching_paren(rhs, paren)
     if close < 0:
