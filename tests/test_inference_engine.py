@@ -27,7 +27,7 @@ def test_greedy_matches_hf_on_stories260k_mixed_lengths(stories, stories_engine)
     prompts = [[1], [1, 403, 407, 261, 378]] + random_prompts(rng, 4, 2, 40, 512)
     n = 24
     results = stories_engine.generate(prompts, SamplingParams(max_new_tokens=n))
-    reduce_engine = stories_engine.resized(num_slots=2, decode_attention="reduce")
+    reduce_engine = stories_engine.resized(decode_attention="reduce")
     reduced = reduce_engine.generate(prompts, SamplingParams(max_new_tokens=n))
     for p, r, r2 in zip(prompts, results, reduced):
         assert r.tokens == hf_greedy(hf, p, n), f"prompt of {len(p)} tokens"

@@ -16,7 +16,7 @@ PARAMS = SamplingParams(max_new_tokens=10)
 
 @pytest.fixture(scope="module")
 def single_device_tokens():
-    engine = Engine(load_hf_model(STORIES), num_slots=4, max_len=64, steps_per_call=8)
+    engine = Engine(load_hf_model(STORIES), num_slots=4, max_len=128, steps_per_call=8)
     return [r.tokens for r in engine.generate(PROMPTS, PARAMS)]
 
 
