@@ -102,7 +102,7 @@ def _run(workdir, seq_len, global_batch, grad_accum_steps, num_epochs, max_steps
             state, metrics = step_fn(state, batch)
             step += 1
             pending.append((step, metrics))
-            ckpt.save(step, state, data.get_state())
+            saved = ckpt.save(step, state, data.get_state())
             if profile and lead and step == start + profile_steps[1]:
                 jax.block_until_ready(metrics)
                 jax.profiler.stop_trace()
@@ -114,7 +114,8 @@ def _run(workdir, seq_len, global_batch, grad_accum_steps, num_epochs, max_steps
                 evals[step] = _evaluate(eval_fn, state["params"], eval_factory, bsh, global_batch)
                 writer.write(step, evals[step], prefix="eval")
             if _any_process(preempt.is_set()):
-                ckpt.save(step, state, data.get_state(), force=True)
+                if not saved:
+                    ckpt.save(step, state, data.get_state(), force=True)
                 ckpt.wait()
                 if lead:
                     print(f"lumos-jax train: SIGTERM; saved step {step}, exiting")
