@@ -20,11 +20,16 @@ def single_device_tokens():
     return [r.tokens for r in engine.generate(PROMPTS, PARAMS)]
 
 
-@pytest.mark.parametrize("data,tensor", [(1, 2), (2, 4)])
-def test_sharded_decode_matches_single_device(single_device_tokens, data, tensor):
+@pytest.mark.parametrize("data,tensor,source", [(1, 2, "orbax"), (2, 4, "hf")])
+def test_sharded_decode_matches_single_device(single_device_tokens, tmp_path, data, tensor, source):
     assert len(jax.devices()) >= 8, "conftest sets 8 fake CPU devices"
+    path = STORIES
+    if source == "orbax":
+        from lumos_jax.checkpoints.native import save_native
+
+        path = save_native(load_hf_model(STORIES), tmp_path / "native")
     mesh = make_mesh(data=data, fsdp=1, tensor=tensor, devices=jax.devices()[: data * tensor])
-    engine = Engine.from_path(STORIES, mesh=mesh, num_slots=4, max_len=64, steps_per_call=8)
+    engine = Engine.from_path(path, mesh=mesh, num_slots=4, max_len=64, steps_per_call=8)
     # weights and cache really are split: kv heads over `tensor`, slots over `data`
     assert engine.params["layers"][0]["wqkv"].sharding.spec[1] == "tensor"
     assert engine.params["lm_head"].sharding.spec[1] == "tensor"
