@@ -30,11 +30,12 @@ class _Flaky(Tool):
     def __call__(self, args, ctx):
         with self.lock:
             u = self.rng.random()
-        if u < 0.05:
-            self.counts["raise"] += 1
+            kind = "raise" if u < 0.05 else "hang" if u < 0.10 else None
+            if kind:
+                self.counts[kind] += 1
+        if kind == "raise":
             raise RuntimeError("injected failure")
-        if u < 0.10:
-            self.counts["hang"] += 1
+        if kind == "hang":
             time.sleep(0.3)
         return self.inner(args, ctx)
 
