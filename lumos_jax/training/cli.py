@@ -36,7 +36,8 @@ def main(argv: Sequence[str]) -> int:
 
     if jax.process_index() == 0:
         last = max(result["losses"]) if result["losses"] else None
-        print(json.dumps({"step": result["step"],
+        print(json.dumps({"step": result["step"], "processes": jax.process_count(),
+                          "devices": jax.device_count(),
                           "final_loss": result["losses"].get(last) if last else None,
                           "eval": result["eval"].get(max(result["eval"])) if result["eval"] else None}))
     return 0
