@@ -62,10 +62,11 @@ def parse_request(body, kind: str, default_max_tokens: int, eos_id: int | None) 
     if unknown:
         raise RequestError(f"unknown parameter(s): {', '.join(unknown)}", unknown[0])
     for key, neutral in NEUTRAL.items():
-        if key in body and body[key] is not None and body[key] != neutral and neutral is not None:
-            raise RequestError(f"'{key}'={body[key]!r} is not supported (only {neutral!r})", key)
-        if key in body and neutral is None and body[key] not in (None, False, [], {}):
-            raise RequestError(f"'{key}' is not supported by this server", key)
+        value = body.get(key)
+        if value is None or value == neutral or (neutral is None and value in (False, [], {})):
+            continue
+        shown = f" (only {neutral!r})" if neutral is not None else ""
+        raise RequestError(f"'{key}'={value!r} is not supported by this server{shown}", key)
     prompt_text, messages = None, None
     if kind == "completion":
         prompt = body.get("prompt")

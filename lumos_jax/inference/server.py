@@ -55,7 +55,7 @@ class EngineWorker(threading.Thread):
                 try:
                     engine.submit(job.ids, job.parsed.sampling, request_id=job)
                 except ValueError as e:
-                    job.events.put(("error", str(e)))
+                    job.events.put(("error", (400, str(e))))
                 try:
                     job = self.inbox.get_nowait()
                 except queue.Empty:
@@ -66,7 +66,7 @@ class EngineWorker(threading.Thread):
                 finished = engine.step()
             except Exception as e:  # report to every waiting request, keep serving
                 for rid in list(engine.progress()):
-                    rid.events.put(("error", f"engine failure: {e}"))
+                    rid.events.put(("error", (500, f"engine failure: {e}")))
                 raise
             for rid, tokens in engine.progress().items():
                 rid.events.put(("tokens", tokens))
@@ -163,13 +163,13 @@ class _Handler(BaseHTTPRequestHandler):
                 return job.events.get(timeout=1.0)
             except queue.Empty:
                 if not self.server.worker.is_alive():
-                    return ("error", "the engine thread stopped")
+                    return ("error", (500, "the engine thread stopped"))
 
     def _respond(self, job, rid, n_prompt):
         while True:
             event, payload = self._wait(job)
             if event == "error":
-                return self._error(400 if "engine" not in payload else 500, payload)
+                return self._error(*payload)
             if event == "done":
                 text, cut = cut_at_stop(payload.text or "", job.parsed.stops)
                 finish = "stop" if cut or payload.finish_reason == "stop" else payload.finish_reason
@@ -196,7 +196,7 @@ class _Handler(BaseHTTPRequestHandler):
             while True:
                 event, payload = self._wait(job)
                 if event == "error":
-                    send(error_body(payload, None, "server_error"))
+                    send(error_body(payload[1], None, "server_error"))
                     break
                 tokens = payload if event == "tokens" else payload.tokens
                 text, cut = cut_at_stop(tok.decode(tokens), job.parsed.stops)
