@@ -87,3 +87,71 @@ def test_step_success_edge_cases(tasks):
     assert not step_success(StepPrediction(None, "SELECT", "9 30 AM"), gold)
     assert not step_success(None, gold)
     assert not step_success(StepPrediction("7", None, ""), gold)
+
+
+class GoldWebModel:
+    """Scripted planner/grounder for Mind2Web: the planner writes the gold (synthesised)
+    subgoal of the step it is asked for; the grounder writes the gold operation and value with
+    the gold element's text as the query. `bad_op` makes the grounder use a wrong operation."""
+
+    def __init__(self, tasks, bad_op=False):
+        self.by_task = {t.question: t for t in tasks}
+        self.bad_op = bad_op
+
+    def generate(self, requests):
+        from lumos_jax.agent.generators import GenOutput
+        from lumos_jax.evaluation.mind2web_agent import synthetic_subgoal
+
+        outs = []
+        for r in requests:
+            first = r.messages[0]["content"]
+            question = first.split("Task: ", 1)[1].split("; Initial Environment")[0].split(" \nSubgoal")[0]
+            task = self.by_task[question.strip()]
+            i = sum(m["role"] == "assistant" for m in r.messages)
+            if r.module == "plan":
+                outs.append(GenOutput(text=f"Subgoal {i + 1}: {synthetic_subgoal(task.meta['action_reprs'][i])}"))
+                continue
+            left, _, right = task.meta["action_reprs"][i].partition(" -> ")
+            query = left[left.find("]") + 1:].strip()
+            op, _, value = right.partition(": ")
+            op = "CLICK" if op.strip() == "HOVER" else op.strip()
+            gold = {s["index"]: g for s, g in zip(task.meta["steps"], task.answer)}.get(i)
+            if gold is not None:
+                op, value = gold["op"], gold["value"]
+            if self.bad_op:
+                op = "SELECT" if op != "SELECT" else "CLICK"
+            args = f"Env, QUERY: {query}" + (f", TEXT: {value}" if op != "CLICK" else "")
+            outs.append(GenOutput(text=f"R{i + 1} = {op}({args})"))
+        return outs
+
+    def release(self, session):
+        pass
+
+
+def test_teacher_forced_agent_on_the_sample(tasks, tmp_path):
+    import re
+
+    from lumos_jax.evaluation.mind2web_agent import Mind2WebStepAgent
+    from lumos_jax.evaluation.runner import evaluate, load_records
+
+    model = GoldWebModel(tasks)
+    s = evaluate(tasks, Mind2WebStepAgent({"plan": model, "ground": model}), "mind2web_step_sr",
+                 tmp_path / "gold", "mind2web", batch_size=20)
+    recs = load_records(tmp_path / "gold" / "predictions.jsonl", "mind2web")
+    chosen_ok, steps, random_baseline = 0, 0, 0.0
+    for t in tasks:
+        acted = [e for e in recs[t.id]["trace"] if e["event"] == "action" and e["error_kind"] is None]
+        assert len(acted) == len(t.answer)  # one action on every page with candidates
+        for e, gold, step in zip(acted, t.answer, t.meta["steps"]):
+            assert e["result"]["op"] == gold["op"] and e["result"]["value"] == gold["value"]
+            bnid = re.search(r'bnid="([^"]*)"', e["result"]["element"]).group(1)
+            chosen_ok += bnid in gold["element_ids"]
+            steps += 1
+            random_baseline += len(gold["element_ids"]) / len(step["candidates"])
+    assert steps == 43
+    assert s["score"] == pytest.approx(100.0 * chosen_ok / steps)
+    assert s["score"] > 3 * 100.0 * random_baseline / steps  # the offline ranker beats chance
+    bad = GoldWebModel(tasks, bad_op=True)
+    s_bad = evaluate(tasks, Mind2WebStepAgent({"plan": bad, "ground": bad}), "mind2web_step_sr",
+                     tmp_path / "bad", "mind2web", batch_size=20)
+    assert s_bad["score"] == 0.0

@@ -81,7 +81,7 @@ def lumos_agent(domain: str, metric: str, default_max_rounds: int, examples: lis
                 prompt_style: str = "reference", max_new_tokens: int = 512, backend: str = "engine",
                 engine_slots: int = 64, engine_max_len: int = 4096, scripted_dir: str | None = None,
                 doc_store: str | None = None, use_example_documents: bool = True,
-                max_concurrent: int = 64) -> LumosEvalAgent:
+                max_concurrent: int = 64):
     """The Lumos agent of an eval experiment. `backend`: 'engine' (inference Engine with KV
     cache reuse), 'greedy' (plain generator) or 'scripted' (replays annotations from
     `scripted_dir`). `qa_model_path`: the model answering the QA tool (complex QA); the
@@ -99,6 +99,10 @@ def lumos_agent(domain: str, metric: str, default_max_rounds: int, examples: lis
         gens = agent_models(cfg, backend=backend, plan_model=planner_path, ground_model=grounder_path,
                             qa_model=qa_model_path, tokenizer=tokenizer_path, max_new_tokens=max_new_tokens,
                             engine_slots=engine_slots, engine_max_len=engine_max_len)
+    if metric == "mind2web_step_sr":  # the reference's teacher-forced step-level protocol
+        from lumos_jax.evaluation.mind2web_agent import Mind2WebStepAgent
+
+        return Mind2WebStepAgent(gens, style=prompt_style)
     qa = GeneratorQA(gens["qa"]) if "qa" in gens else None
     tool_kwargs = {"doc_store": doc_store} if doc_store else {}
     registry_for = make_registry_factory(domain, qa, use_example_documents, **tool_kwargs)
