@@ -45,17 +45,21 @@ def test_greedy_generate_wrapper_matches_llama2c_reference(stories):
     assert out == ref["generated_ids"][:40]
 
 
-@pytest.mark.parametrize("cfg", [
-    dict(num_attention_heads=4, num_key_value_heads=2),                       # GQA
-    dict(num_attention_heads=4, num_key_value_heads=1, head_dim=24,           # MQA, odd head_dim
-         tie_word_embeddings=True, rope_theta=500.0),
-], ids=["gqa", "mqa_tied"])
-def test_greedy_matches_hf_on_random_configs(tmp_path, cfg):
+@pytest.mark.parametrize("cfg,max_len", [
+    (dict(num_attention_heads=4, num_key_value_heads=2), 64),                 # GQA
+    # MQA, odd head_dim, tied embeddings; a long cache read through a 256-entry window
+    (dict(num_attention_heads=4, num_key_value_heads=1, head_dim=24, tie_word_embeddings=True,
+          rope_theta=500.0, max_position_embeddings=1024), 600),
+], ids=["gqa", "mqa_tied_windowed"])
+def test_greedy_matches_hf_on_random_configs(tmp_path, cfg, max_len):
     from transformers import LlamaForCausalLM
+
+    from lumos_jax.inference.engine import attention_window
 
     hf_dir = random_hf_dir(tmp_path, seed=len(cfg), **cfg)
     hf = LlamaForCausalLM.from_pretrained(hf_dir).eval()
-    engine = Engine(load_hf_model(hf_dir), num_slots=4, max_len=64, steps_per_call=5)
+    engine = Engine(load_hf_model(hf_dir), num_slots=4, max_len=max_len, steps_per_call=5)
+    assert max_len == 64 or attention_window(40, 5, max_len) == 256
     prompts = random_prompts(np.random.default_rng(1), 5, 1, 30, 300)
     results = engine.generate(prompts, SamplingParams(max_new_tokens=12))
     for p, r in zip(prompts, results):

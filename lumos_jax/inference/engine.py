@@ -57,6 +57,15 @@ class _Slot:
     state: str = "prefill"           # prefill | generating | idle
 
 
+# Decode attention reads a power-of-two window of the cache (at least this many entries)
+# covering every active row's length plus the steps of one call.
+WINDOW_MIN = 256
+
+
+def attention_window(longest: int, steps: int, max_len: int) -> int:
+    return min(max_len, max(WINDOW_MIN, _pow2_at_least(longest + steps)))
+
+
 def length_bucket(n: int, max_len: int, minimum: int = 16) -> int:
     """Power-of-two buckets (capped at max_len) so prefill compiles for few lengths."""
     return min(max_len, max(minimum, 1 << (max(n, 1) - 1).bit_length()))
@@ -341,7 +350,9 @@ class Engine:
         out, self.cache = decode_loop(self.params, self.cache, last, lengths, generated, active,
                                       self._controls(rows), spec=self.spec,
                                       steps=self.steps_per_call, cache_sharding=self.cache_sharding,
-                                      attention=self.decode_attention)
+                                      attention=self.decode_attention,
+                                      window=attention_window(int(lengths[active].max()),
+                                                              self.steps_per_call, self.max_len))
         out = jax.device_get(out)
         self.stats["decode_calls"] += 1
         for i in np.flatnonzero(active):

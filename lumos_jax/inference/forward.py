@@ -140,15 +140,18 @@ def prefill_forward(params, cache: SlotCache, spec: ForwardSpec, slots, tokens, 
 
 
 def decode_forward(params, cache: SlotCache, spec: ForwardSpec, tokens, lengths, active,
-                   cache_sharding=None, attention: str = "dot"):
+                   cache_sharding=None, attention: str = "dot", window: int | None = None):
     """One token per slot: `tokens` (B,) sit at position `lengths` (B,); inactive rows
-    write nothing. Returns (logits (B, V), cache)."""
+    write nothing. Attention reads only the first `window` cache entries (static; every
+    position must be < window), so short sequences in a long cache read little of it.
+    Returns (logits (B, V), cache)."""
     b = tokens.shape[0]
     dtype = jnp.dtype(spec.dtype)
     max_len = cache.k[0].shape[2]
+    window = min(window or max_len, max_len)
     positions = lengths[:, None]                                       # (B, 1)
     write_at = jnp.where(active, lengths, max_len)
-    mask = (jnp.arange(max_len)[None, :] <= lengths[:, None])[:, None, :]  # (B, 1, S)
+    mask = (jnp.arange(window)[None, :] <= lengths[:, None])[:, None, :]  # (B, 1, W)
     rows = jnp.arange(b)
     x = embed(params, tokens[:, None], dtype)
     new_k, new_v = [], []
@@ -160,6 +163,7 @@ def decode_forward(params, cache: SlotCache, spec: ForwardSpec, tokens, lengths,
         new_k.append(kc)
         new_v.append(vc)
         attend = DECODE_ATTENTION[attention]
-        x = _out(lyr, attend(q, kc.astype(dtype), vc.astype(dtype), mask, spec), x)
+        k_seen, v_seen = kc[:, :, :window].astype(dtype), vc[:, :, :window].astype(dtype)
+        x = _out(lyr, attend(q, k_seen, v_seen, mask, spec), x)
         x = x + _mlp(lyr, x, spec)
     return logits(params, x[:, 0], spec), SlotCache(tuple(new_k), tuple(new_v))

@@ -47,13 +47,15 @@ def prefill_step(params, cache: SlotCache, slots, tokens, starts, valid, control
     return first, cache
 
 
-@partial(jax.jit, static_argnames=("spec", "steps", "cache_sharding", "attention"),
+@partial(jax.jit, static_argnames=("spec", "steps", "cache_sharding", "attention", "window"),
          donate_argnames=("cache",))
 def decode_loop(params, cache: SlotCache, last, lengths, generated, active, controls: RowControls,
-                *, spec: ForwardSpec, steps: int, cache_sharding=None, attention: str = "dot"):
+                *, spec: ForwardSpec, steps: int, cache_sharding=None, attention: str = "dot",
+                window: int | None = None):
     """Up to `steps` decode steps for all slots. `last` (B,) is each row's newest token, not
     yet in the cache; it is written at index `lengths`. A row stops after sampling one of
-    its stop ids, reaching its max_new tokens, or filling the cache."""
+    its stop ids, reaching its max_new tokens, or filling the cache. `window` (static) bounds
+    the cache entries attention reads: max(lengths) + steps must not exceed it."""
     b = last.shape[0]
     max_len = cache.k[0].shape[2]
     out0 = jnp.full((b, steps), -1, jnp.int32)
@@ -64,7 +66,8 @@ def decode_loop(params, cache: SlotCache, last, lengths, generated, active, cont
 
     def body(carry):
         i, tok, length, gen, act, out, c = carry
-        logits, c = decode_forward(params, c, spec, tok, length, act, cache_sharding, attention)
+        logits, c = decode_forward(params, c, spec, tok, length, act, cache_sharding, attention,
+                                   window)
         nxt = sample_tokens(logits, controls.temperature, controls.top_k, controls.top_p,
                             controls.keys, length + 1)
         out = jax.lax.dynamic_update_slice_in_dim(out, jnp.where(act, nxt, -1)[:, None], i, axis=1)
