@@ -72,7 +72,7 @@ def run_ours(args) -> None:
     config = model_config(args)
     t0 = time.perf_counter()
     model = create_model(config, seed=0)
-    base = Engine(model, num_slots=1, max_len=args.prompt_len + args.new_tokens,
+    base = Engine(model, num_slots=1, max_len=args.max_len or args.prompt_len + args.new_tokens,
                   steps_per_call=args.steps_per_call, max_prefill_tokens=args.max_prefill_tokens)
     del model
     gc.collect()
@@ -98,6 +98,7 @@ def run_ours(args) -> None:
             total_s = timed(lambda: out.append(engine.generate(prompts, full)), args.repeats)
             assert all(len(r.tokens) == args.new_tokens for r in out[-1])
             emit(side="ours", batch=b, attention=attention, steps_per_call=args.steps_per_call,
+                 max_len=engine.max_len,
                  first_call_s=round(compile_s, 1), peak_bytes=mem(),
                  bytes_in_use=(dev.memory_stats() or {}).get("bytes_in_use"),
                  **figures(b, args.prompt_len, args.new_tokens, prefill_s, total_s))
@@ -194,6 +195,7 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--attention", default="dot", help="decode attention variants, e.g. dot,reduce")
     p.add_argument("--plan", help="ours only: attention:batch pairs in order, e.g. dot:1,dot:64,reduce:64")
+    p.add_argument("--max_len", type=int, help="ours: cache length per slot (default prompt + new)")
     p.add_argument("--steps_per_call", type=int, default=32)
     p.add_argument("--max_prefill_tokens", type=int, default=16384)
     p.add_argument("--repeats", type=int, default=2)
