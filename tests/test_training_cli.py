@@ -1,6 +1,6 @@
 """`lumos-jax train` from gin: bad gin fails in one line before compiling; every shipped
-experiment gin parses; a short CPU run writes metrics (JSONL, TensorBoard), a checkpoint
-and an HF export that transformers loads."""
+experiment gin parses; a short CPU run writes metrics (JSONL, TensorBoard), a profiler
+trace, a checkpoint and an HF export that transformers loads."""
 
 import glob
 import json
@@ -68,8 +68,9 @@ def test_cli_run_writes_metrics_checkpoint_and_hf_export(tmp_path):
                    f"--gin.train.export_hf_dir='{export}'", "--gin.train.progress_bar=False",
                    f"--gin.training_data.files={files}", "--gin.training_data.packing=False",
                    "--gin.training_data.holdout_fraction=0.2", "--gin.train.seq_len=256",
-                   "--gin.train.global_batch=8"])
+                   "--gin.train.global_batch=8", "--profile"])
     assert rc == 0
+    assert glob.glob(str(tmp_path / "run/profile/**/*.xplane.pb"), recursive=True)
     records = [json.loads(line) for line in (tmp_path / "run/logs/metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in records if r["split"] == "train"]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]

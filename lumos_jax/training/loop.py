@@ -92,20 +92,22 @@ def _run(workdir, seq_len, global_batch, grad_accum_steps, num_epochs, max_steps
     peak = peak_flops_per_device()
     flops_step = flops_per_token(config, seq_len) * global_batch * seq_len
     losses, evals = {}, {}
-    pending, t_last, step = [], time.perf_counter(), start
+    pending, t_last, step, tracing = [], time.perf_counter(), start, False
     try:
         while step < max_steps:
-            if profile and lead and step == start + profile_steps[0]:
+            if profile and lead and step == min(start + profile_steps[0], max_steps - 1):
                 jax.profiler.start_trace(str(workdir / "profile"))
+                tracing = True
             host = next(data)
             batch = global_batch_array(host, bsh, global_batch)
             state, metrics = step_fn(state, batch)
             step += 1
             pending.append((step, metrics))
             saved = ckpt.save(step, state, data.get_state())
-            if profile and lead and step == start + profile_steps[1]:
+            if tracing and (step == start + profile_steps[1] or step == max_steps):
                 jax.block_until_ready(metrics)
                 jax.profiler.stop_trace()
+                tracing = False
             if len(pending) >= log_every or step == max_steps:
                 t_last = _log(pending, losses, writer, progress, t_last, flops_step, peak,
                               global_batch * seq_len, mesh.size)
@@ -130,6 +132,8 @@ def _run(workdir, seq_len, global_batch, grad_accum_steps, num_epochs, max_steps
         if export_hf_dir:
             _export(setup, state["params"], export_hf_dir, tokenizer_dir_for_export or init_from)
     finally:
+        if tracing:
+            jax.profiler.stop_trace()
         preempt.uninstall()
         progress.close()
         writer.close()
