@@ -36,7 +36,7 @@ class _Flaky(Tool):
         if kind == "raise":
             raise RuntimeError("injected failure")
         if kind == "hang":
-            time.sleep(0.3)
+            time.sleep(2.0)  # far past the 0.1 s timeout, even on a loaded machine
         return self.inner(args, ctx)
 
 

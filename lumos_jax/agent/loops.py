@@ -149,7 +149,9 @@ def episode(task: str, cfg: EpisodeConfig, executor: Executor, ctx: ToolContext 
     reason, rounds = yield from loop(task, cfg, executor, ctx, trace)
     answer = None
     var = final_variable(ctx.variables)
-    if var is not None:
+    actions = [e for e in trace.events if e["event"] == "action"]
+    if var is not None and not (actions and actions[-1]["error_kind"]):
+        # As in the reference, a failed last action leaves no answer (not an older value).
         answer = value_text(ctx.variables[var])
     if cfg.domain == "complex_qa" and cfg.final_answer_qa and ctx.qa_pairs and "QA" in executor.registry:
         qa = executor.registry.get("QA")

@@ -103,7 +103,7 @@ class QA(Tool):
 
     def ask(self, question: str, context: str) -> str:
         if self.backend is None:
-            raise ToolError("QA: no backend configured (our model via agent_tools.qa_generator, or an endpoint)")
+            raise ToolError("QA: no backend configured (set agent_models.qa_model or agent_tools.qa_endpoint)")
         raw = self.backend.complete([QA_PROMPT.format(question=question, context=context.strip())])[0]
         return extract_answer(raw)
 
