@@ -8,6 +8,14 @@ from lumos_jax.agent.backends import EngineBackend
 from lumos_jax.agent.cli import render_trace
 from lumos_jax.cli import main as lumos_main
 
+@pytest.fixture(autouse=True)
+def _clear_gin():
+    yield
+    import gin
+
+    gin.clear_config()  # leave no agent bindings to later tests
+
+
 TASK = ("Peter goes to the store to buy a soda. The soda costs $.25 an ounch. He brought $2 with him and "
         "leaves with $.50. How many ounces of soda did he buy?")
 
@@ -37,14 +45,11 @@ def test_cli_bad_input_is_one_line(capsys):
 
 
 def test_webshop_episode_config_carries_the_reference_exemplars():
-    import gin
-
     from lumos_jax.agent.gin_configurables import agent_episode
     from lumos_jax.config import parse_gin
 
     parse_gin(["agent/webshop.gin"])
     cfg = agent_episode()
-    gin.clear_config()
     assert cfg.max_rounds == 5 and len(cfg.plan_prefix) == 24 and cfg.ground_prefix[0]["role"] == "user"
 
 
