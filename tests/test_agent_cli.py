@@ -110,3 +110,7 @@ def test_engine_backend_extends_matching_sessions_and_restarts_drifted_ones():
     b.generate_tokens([("c", [1])], 2, [2])  # the released slot is reused
     with pytest.raises(RuntimeError, match="no free slot"):
         b.generate_tokens([("d", [1])], 2, [2])
+    eng.start = lambda *a, **k: (_ for _ in ()).throw(ValueError("prompt needs 5000 cache entries"))
+    b.release("a")
+    out = b.generate_tokens([("c", [1, 7, 8, 3]), ("e", [9] * 5000)], 2, [2])
+    assert out[0] == ([7, 8], 0) and out[1] == ([], 0, "prompt needs 5000 cache entries")

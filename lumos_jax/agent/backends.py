@@ -57,12 +57,17 @@ class EngineBackend:
                 running: dict[int, int] = {}
                 waiting = []
                 for i in pending:
-                    slot = self._begin(batch[i][0], batch[i][1], params)
+                    try:
+                        slot = self._begin(batch[i][0], batch[i][1], params)
+                    except ValueError as e:  # e.g. the prompt no longer fits max_len: this one only
+                        self._drop(batch[i][0])
+                        results[i] = ([], 0, str(e))
+                        continue
                     if slot is None:
                         waiting.append(i)
                     else:
                         running[slot] = i
-                if not running:
+                if not running and waiting:
                     raise RuntimeError("engine: no free slot for a new session (release finished episodes "
                                        "or raise num_slots)")
                 while running:
@@ -89,8 +94,11 @@ class EngineBackend:
         self.slots[session] = slot
         return slot
 
+    def _drop(self, session: str) -> None:
+        slot = self.slots.pop(session, None)
+        if slot is not None:
+            self.engine.release(slot)
+
     def release(self, session: str) -> None:
         with self._lock:
-            slot = self.slots.pop(session, None)
-            if slot is not None:
-                self.engine.release(slot)
+            self._drop(session)

@@ -107,7 +107,8 @@ def _read_conversations(path: str | Path) -> list[list[dict]]:
 class TokenBackend(Protocol):
     def generate_tokens(self, batch: Sequence[tuple[str, list[int]]], max_new_tokens: int,
                         stop_ids: Sequence[int]) -> list[tuple[list[int], int]]:
-        """For each (session, full prompt ids): (new tokens, prompt tokens computed now)."""
+        """For each (session, full prompt ids): (new tokens, prompt tokens computed now), or
+        (tokens, computed, error message) when that request alone failed."""
 
     def release(self, session: str) -> None: ...
 
@@ -179,7 +180,12 @@ class ChatModelGenerator:
         results = self.backend.generate_tokens([(r.session, p) for r, p in zip(requests, prompts)],
                                                self.max_new_tokens, self.stop_ids)
         outs = []
-        for r, prompt, (tokens, computed) in zip(requests, prompts, results):
+        for r, prompt, result in zip(requests, prompts, results):
+            tokens, computed = result[0], result[1]
+            if len(result) > 2 and result[2]:  # the backend failed this request only
+                self._sessions.pop(r.session, None)
+                outs.append(GenOutput(text="", error=str(result[2]), finish_reason="error"))
+                continue
             prev = self._sessions.get(r.session)
             self.supplied_tokens += len(prompt) - (prev.held if prev and self.incremental else 0)
             finish = "stop" if tokens and tokens[-1] in self.stop_ids else "length"
