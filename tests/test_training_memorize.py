@@ -1,6 +1,7 @@
-"""End to end on the reference's own data format: a tiny model trained on Lumos
-annotation conversations (../shared/data/lumos/annotations, encoded by the chat encoder)
-reaches loss < 0.05 and then greedily reproduces the assistant turn from the prompt."""
+"""End to end on the reference's own data format: a tiny model trained, through the data
+pipeline (data_pipeline.loader), on Lumos annotation conversations
+(../shared/data/lumos/annotations) reaches loss < 0.05 and then greedily reproduces each
+assistant turn from its prompt (encoded by the reference-exact chat encoder)."""
 
 import json
 
@@ -22,7 +23,7 @@ def test_tiny_model_memorises_and_reproduces_assistant_turns(tmp_path, llama2_to
     parse_gin(["mesh/single_device.gin"], [
         "model_config.preset = 'tiny'",
         "model_config.overrides = {'vocab_size': 32001, 'pad_token_id': 32000}",
-        "training_data.source = 'memory'", f"training_data.files = ['{data}']",
+        "training_data.source = 'pipeline'", f"training_data.files = ['{data}']",
         "training_data.packing = False",
         "optimizer_settings.learning_rate = 1e-2", "optimizer_settings.schedule = 'constant'",
         "optimizer_settings.warmup_steps = 0"])

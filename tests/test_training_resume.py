@@ -17,9 +17,14 @@ from lumos_jax.training.checkpointing import Checkpointer
 from lumos_jax.training.loop import train
 
 STEPS = 24
-GIN = ["model_config.preset = 'tiny'", "make_mesh.fsdp = -1", "training_data.source = 'synthetic'",
-       "training_data.synthetic_vocab = 512", "training_data.packing = True",
-       "optimizer_settings.learning_rate = 1e-3", "train.seq_len = 32", "train.global_batch = 8",
+ANN = "../shared/data/lumos/annotations/lumos_{}_plan_{}.jsonl"
+FILES = [ANN.format(t, f) for t in ("maths", "complex_qa") for f in ("iterative", "onetime")]
+# The data engineer's pipeline (packed rows, per-epoch shuffle) on real annotation files:
+# its iterator state goes into every checkpoint.
+GIN = ["model_config.preset = 'tiny'", "model_config.overrides = {'vocab_size': 32001}",
+       "make_mesh.fsdp = -1", "training_data.source = 'pipeline'", f"training_data.files = {FILES}",
+       "training_data.max_seq_length = 48", "training_data.packing = True",
+       "optimizer_settings.learning_rate = 1e-3", "train.seq_len = 64", "train.global_batch = 8",
        f"train.max_steps = {STEPS}", "train.save_every = 3", "train.log_every = 1",
        "train.progress_bar = False"]
 
@@ -96,7 +101,10 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
 def test_half_written_checkpoint_is_never_loaded(tmp_path):
     """Orbax commits a step by renaming its temporary directory; a save killed midway
     leaves only the temporary one, which must be ignored (and resumed past)."""
-    parse_gin(["mesh/single_device.gin"], GIN[:-4] + ["train.log_every = 1", "train.progress_bar = False"])
+    synthetic = ["training_data.source = 'synthetic'", "training_data.synthetic_vocab = 512",
+                 "model_config.overrides = {}"]
+    parse_gin(["mesh/single_device.gin"], GIN[:-4] + synthetic + ["train.log_every = 1",
+                                                                  "train.progress_bar = False"])
     work = tmp_path / "run"
     train(workdir=str(work), max_steps=6, save_every=3)
     ckpts = work / "checkpoints"
