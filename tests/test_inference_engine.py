@@ -134,6 +134,19 @@ def test_bad_input_is_rejected_with_clear_errors(stories_engine):
     assert eng.free_slots == eng.num_slots
 
 
+def test_cancel_frees_queued_and_running_requests(stories_engine):
+    eng = stories_engine
+    params = SamplingParams(max_new_tokens=40)
+    ids = [eng.submit([1, 403 + i], params) for i in range(eng.num_slots + 2)]
+    eng.step()                                    # num_slots running, 2 queued
+    assert eng.cancel(ids[0]) and eng.cancel(ids[-1]) and not eng.cancel("nope")
+    done = []
+    while eng.busy:
+        done += eng.step()
+    assert sorted(r.request_id for r in done) == ids[1:-1]
+    assert all(len(r.tokens) == 40 for r in done) and eng.free_slots == eng.num_slots
+
+
 def _run_until_done(eng, limit=100):
     for _ in range(limit):
         done = eng.step()

@@ -194,6 +194,19 @@ class Engine:
         s.history.extend(ids)
         s.state = "prefill"
 
+    def cancel(self, request_id: Any) -> bool:
+        """Drop a submitted request: unqueue it, or free its slot mid-turn (nothing is
+        returned for it). False if no queued or running request has this id."""
+        for item in list(self._queue):
+            if item[2] is request_id:
+                self._queue.remove(item)
+                return True
+        for slot, s in list(self._slots.items()):
+            if s.request_id is request_id and s.auto_release:
+                del self._slots[slot]
+                return True
+        return False
+
     def release(self, slot: int) -> None:
         self._slot(slot)
         del self._slots[slot]

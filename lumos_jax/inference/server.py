@@ -27,6 +27,7 @@ class _Job:
     def __init__(self, ids, parsed):
         self.ids, self.parsed = ids, parsed
         self.events: queue.Queue = queue.Queue()
+        self.cancelled = False
 
 
 class EngineWorker(threading.Thread):
@@ -41,6 +42,11 @@ class EngineWorker(threading.Thread):
     def submit(self, job: _Job) -> None:
         self.inbox.put(job)
 
+    def cancel(self, job: _Job) -> None:
+        """Free the request's slot (the client went away); done on the engine thread."""
+        job.cancelled = True
+        self.inbox.put(job)
+
     def stop(self) -> None:
         self._stop.set()
 
@@ -53,7 +59,10 @@ class EngineWorker(threading.Thread):
                 job = None
             while job is not None:
                 try:
-                    engine.submit(job.ids, job.parsed.sampling, request_id=job)
+                    if job.cancelled:
+                        engine.cancel(job)
+                    else:
+                        engine.submit(job.ids, job.parsed.sampling, request_id=job)
                 except ValueError as e:
                     job.events.put(("error", (400, str(e))))
                 try:
@@ -215,7 +224,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the client left; its request finishes in the engine and is dropped
+            self.server.worker.cancel(job)  # the client left: free its slot
 
 
 def make_server(engine, tokenizer, host: str = "127.0.0.1", port: int = 8000,
