@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO
 from lumos_jax.cli import main as cli_main
-from lumos_jax.training import step as step_lib
+from lumos_jax.training import loop as loop_lib
 
 BASE = ["--gin_file=runs/cpu_debug.gin", "--gin_file=mesh/fsdp.gin",
         "--gin.training_data.source='synthetic'", "--gin.training_data.synthetic_vocab=512",
@@ -21,8 +21,8 @@ BASE = ["--gin_file=runs/cpu_debug.gin", "--gin_file=mesh/fsdp.gin",
 def no_compile(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("compiled a train step despite bad input")
-    monkeypatch.setattr(step_lib, "make_train_step", boom)
-    monkeypatch.setattr("lumos_jax.training.loop.make_train_step", boom)
+    monkeypatch.setattr(loop_lib, "make_train_step", boom)
+    monkeypatch.setattr(loop_lib.state_lib, "init_state", boom)
 
 
 @pytest.mark.parametrize("bad, needle", [
@@ -85,6 +85,11 @@ def test_cli_run_writes_metrics_checkpoint_and_hf_export(tmp_path):
 
     _, held_out = training_data(seq_len=256, global_batch=8, seed=0)
     hf = transformers.LlamaForCausalLM.from_pretrained(export).float().eval()
+    # `lumos-jax convert` of the run's final native checkpoint gives the same weights.
+    assert cli_main(["convert", str(tmp_path / "run/model"), str(tmp_path / "hf2"), "--to", "hf"]) == 0
+    hf2 = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf2").float().eval()
+    for (name, a), (_, b) in zip(hf.state_dict().items(), hf2.state_dict().items()):
+        assert torch.equal(a, b), name
     total, count = 0.0, 0.0
     with torch.no_grad():
         for b in held_out():

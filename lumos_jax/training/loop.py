@@ -39,12 +39,14 @@ def train(workdir: str = gin.REQUIRED, *, seq_len: int = 1024, global_batch: int
           grad_accum_steps: int = 1, num_epochs: float = 2, max_steps: int | None = None,
           init_from: str | None = None, seed: int = 0, save_every: int = 500,
           keep_checkpoints: int = 3, async_checkpoints: bool = True, log_every: int = 10,
-          eval_every: int = 0, export_hf_dir: str | None = None,
+          eval_every: int = 0, export_native: bool = True, export_hf_dir: str | None = None,
           tokenizer_dir_for_export: str | None = None, profile: bool = False,
           profile_steps: Sequence[int] = (3, 6), progress_bar: bool = True) -> dict:
     """Train one Lumos module; returns {"losses": {step: loss}, "eval": {...}, "step": n}.
 
-    workdir gets checkpoints/, logs/ (metrics.jsonl, tensorboard/) and profile/.
+    workdir gets checkpoints/ (resumable train state), model/ (the final weights as a
+    lumos-jax checkpoint: `lumos-jax convert WORKDIR/model HF_DIR`), logs/ (metrics.jsonl,
+    tensorboard/) and profile/.
     init_from: an HF directory or lumos-jax checkpoint (the importer shards it straight
     onto the mesh); None starts from random weights."""
     initialize_distributed()
@@ -57,7 +59,8 @@ def train(workdir: str = gin.REQUIRED, *, seq_len: int = 1024, global_batch: int
 
 
 def _run(workdir, seq_len, global_batch, grad_accum_steps, num_epochs, max_steps, init_from, seed,
-         save_every, keep_checkpoints, async_checkpoints, log_every, eval_every, export_hf_dir,
+         save_every, keep_checkpoints, async_checkpoints, log_every, eval_every, export_native,
+         export_hf_dir,
          tokenizer_dir_for_export, profile, profile_steps, progress_bar, lead, config, mesh):
     data, eval_factory = training_data(seq_len=seq_len, global_batch=global_batch, seed=seed)
     if max_steps is None:
@@ -129,6 +132,10 @@ def _run(workdir, seq_len, global_batch, grad_accum_steps, num_epochs, max_steps
         if step not in ckpt.manager.all_steps():
             ckpt.save(step, state, data.get_state(), force=True)
             ckpt.wait()
+        if export_native:
+            from lumos_jax.checkpoints.native import save_native
+
+            save_native(state_lib.model_from_params(setup, state["params"]), workdir / "model")
         if export_hf_dir:
             _export(setup, state["params"], export_hf_dir, tokenizer_dir_for_export or init_from)
     finally:
