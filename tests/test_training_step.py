@@ -129,3 +129,36 @@ def test_user_turn_targets_do_not_change_the_loss(llama2_tokenizer):
         assistant = batch["loss_mask"] == 1
         moved = dict(batch, targets=np.where(assistant, (batch["targets"] + 7) % 32000, batch["targets"]))
         assert abs(float(loss(params, moved)[0]) - float(base_sum)) > 1e-3
+
+
+def test_init_from_hf_grows_vocab_with_mean_rows(tmp_path):
+    """Llama-2 (32,000 rows) -> Lumos (32,001 with <pad>): HF's resize_token_embeddings
+    fills new rows with the mean of the old ones; other mismatches are one-line errors."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from lumos_jax.checkpoints.hf import load_hf_model
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=250, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1))
+    hf.save_pretrained(tmp_path)
+    hf.resize_token_embeddings(251)  # the reference's step after adding <pad>
+    mesh = make_mesh(1, 2, 1, devices=jax.devices()[:2])
+    loaded = load_hf_model(tmp_path, mesh)
+    with jax.set_mesh(mesh):
+        setup = state_lib.build_setup(loaded.config.replace(vocab_size=251), mesh, 1,
+                                      state_lib.optimizer_settings())
+        params = jax.device_get(state_lib.params_from_model(setup, loaded))
+    # HF draws the new row around the old rows' mean with 1e-9-scaled covariance: ~the mean.
+    emb, want = params["model"]["embed_tokens"]["weight"], hf.model.embed_tokens.weight.detach().numpy()
+    np.testing.assert_array_equal(emb[:250], want[:250])
+    np.testing.assert_allclose(emb[250], want[250], atol=1e-5)
+    head, want = params["lm_head"]["kernel"], hf.lm_head.weight.detach().numpy().T
+    np.testing.assert_array_equal(head[:, :250], want[:, :250])
+    np.testing.assert_allclose(head[:, 250], want[:, 250], atol=1e-5)
+    with jax.set_mesh(mesh):
+        wrong = state_lib.build_setup(loaded.config.replace(vocab_size=251, intermediate_size=32), mesh, 1,
+                                      state_lib.optimizer_settings())
+        with pytest.raises(ValueError, match="do not fit the configured model"):
+            state_lib.params_from_model(wrong, loaded)
