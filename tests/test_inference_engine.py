@@ -134,6 +134,27 @@ def test_bad_input_is_rejected_with_clear_errors(stories_engine):
     assert eng.free_slots == eng.num_slots
 
 
+def test_decode_returns_to_host_after_k_steps_or_at_a_stop(stories, stories_engine):
+    eng = stories_engine
+    prompt = [1, 403, 407, 261, 378]
+    calls = eng.stats["decode_calls"]
+    slot = eng.start(prompt, SamplingParams(max_new_tokens=30))
+    rounds = 0
+    while eng.is_generating(slot):
+        eng.step()
+        rounds += 1
+        # each call yields at most steps_per_call tokens (+1 sampled by the prefill)
+        assert len(eng.sequence(slot)) - len(prompt) <= 1 + rounds * eng.steps_per_call
+    assert eng.stats["decode_calls"] - calls == -(-29 // eng.steps_per_call)
+    full = eng.sequence(slot)[len(prompt):]
+    eng.release(slot)
+    stop = full[3]  # the 4th token: the loop must stop right there, not after 8 steps
+    slot = eng.start(prompt, SamplingParams(max_new_tokens=30, stop_ids=(stop,)))
+    (r,) = _run_until_done(eng)
+    assert r.tokens == full[: full.index(stop) + 1] and eng.sequence(slot) == prompt + r.tokens
+    eng.release(slot)
+
+
 def test_cancel_frees_queued_and_running_requests(stories_engine):
     eng = stories_engine
     params = SamplingParams(max_new_tokens=40)

@@ -25,6 +25,8 @@ def test_same_seed_same_output_whatever_the_batch(engine):
     batch = engine.generate(PROMPTS, p)
     alone = [engine.generate([q], p)[0] for q in PROMPTS]
     assert [r.tokens for r in batch] == [r.tokens for r in alone]
+    other_k = engine.resized(steps_per_call=4).generate(PROMPTS, p)
+    assert [r.tokens for r in other_k] == [r.tokens for r in batch]
     other = engine.generate(PROMPTS, SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=15,
                                                     seed=8))
     assert [r.tokens for r in other] != [r.tokens for r in batch]
