@@ -42,20 +42,30 @@ def synthetic_batches(n, rows=8, seq=32, packing=True):
     return [next(it) for _ in range(n)]
 
 
+def host_params(config):
+    from flax import nnx
+
+    from lumos_jax.models.llama import create_model
+
+    return jax.device_get(nnx.to_pure_dict(nnx.state(create_model(config, 0))))
+
+
 def test_losses_equal_across_mesh_shapes():
     batches = synthetic_batches(10)
     assert batches[0]["segment_ids"].max() > 1  # rows really are packed
-    ref, _ = run_steps(TINY, (1, 1, 1), batches)
+    params = host_params(TINY)
+    ref, _ = run_steps(TINY, (1, 1, 1), batches, params=params)
     assert ref[-1] < ref[0]  # it learns
     for shape in [(2, 2, 2), (1, 8, 1), (2, 1, 4)]:
-        got, _ = run_steps(TINY, shape, batches)
+        got, _ = run_steps(TINY, shape, batches, params=params)
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5, err_msg=f"mesh {shape}")
 
 
 def test_grad_accumulation_equals_one_big_batch():
     batches = synthetic_batches(3)
-    one, p_one = run_steps(TINY, (1, 1, 1), batches, grad_accum=1)
-    four, p_four = run_steps(TINY, (1, 1, 1), batches, grad_accum=4)
+    params = host_params(TINY)
+    one, p_one = run_steps(TINY, (1, 1, 1), batches, grad_accum=1, params=params)
+    four, p_four = run_steps(TINY, (1, 1, 1), batches, grad_accum=4, params=params)
     np.testing.assert_allclose(four, one, rtol=0, atol=1e-6)
     diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), p_one, p_four))
     assert max(diffs) <= 1e-6
