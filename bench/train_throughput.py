@@ -130,6 +130,8 @@ def jax_side(args) -> dict:
     from lumos_jax.training.data import global_batch_array
 
     result = {"side": "jax", "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+    t0 = time.perf_counter()
+    phase = lambda name: log(f"[phase] {name} at {time.perf_counter() - t0:.1f}s")  # noqa: E731
     impl = args.attention
     if impl == "auto":
         impl = "xla"
@@ -143,8 +145,11 @@ def jax_side(args) -> dict:
     result.update(attention_impl=impl, remat=args.remat, batch=args.batch, seq=args.seq)
     mesh = make_mesh(1, -1, 1)
     with jax.set_mesh(mesh):
+        phase("setup")
         setup = state_lib.build_setup(config, mesh, 1000, state_lib.optimizer_settings(learning_rate=1e-5))
         state = state_lib.init_state(setup, state_lib.random_params(setup, 0), 0)
+        jax.block_until_ready(state)
+        phase("state initialised")
         step = step_lib.make_train_step(setup, args.grad_accum)
         rng = np.random.default_rng(0)
         host = {"input_ids": rng.integers(0, config.vocab_size, (args.batch, args.seq)),
@@ -155,6 +160,7 @@ def jax_side(args) -> dict:
         t = time.perf_counter()
         compiled = step.lower(state, batch).compile()
         result["compile_s"] = round(time.perf_counter() - t, 1)
+        phase("compiled")
         holder = {"state": state}
 
         def one():
@@ -241,7 +247,7 @@ def parse(argv):
     p.add_argument("--attention", default="auto", help="auto (cudnn if it passes the check) | xla | cudnn")
     p.add_argument("--sides", default="hf,jax", help="comma list of hf, jax")
     p.add_argument("--extra", action="append", default=[],
-                   help="extra jax runs, e.g. 'batch=16,remat=dots' (repeatable)")
+                   help="extra runs, e.g. 'batch=16,remat=dots' or 'side=hf,batch=16' (repeatable)")
     p.add_argument("--peak_tflops", type=float, default=989.0)
     p.add_argument("--measured_peak_tflops", type=float, default=802.0)
     p.add_argument("--timeout", type=int, default=300, help="seconds per side")
@@ -274,7 +280,7 @@ def run_side(argv, side, extra_args, timeout, tag) -> dict:
     res = json.loads(rf.read_text()) if rf.exists() else {"side": side, "error": f"exit {proc.returncode}"}
     res["tag"], res["wall_s"] = tag, round(time.perf_counter() - t, 1)
     for line in proc.stdout.splitlines():
-        if line.startswith("[attention-check]"):
+        if line.startswith(("[attention-check]", "[phase]")):
             log(line)
     if "error" in res:
         res["output_tail"] = tail
@@ -293,9 +299,10 @@ def main(argv=None) -> int:
     base = [f"--{k}={v}" for k, v in vars(args).items()
             if k not in ("extra", "side", "result_file", "out") and v is not None]
     runs = [(s, [], s) for s in args.sides.split(",")]
-    for i, extra in enumerate(args.extra):
+    for extra in args.extra:
         kv = dict(x.split("=") for x in extra.split(","))
-        runs.append(("jax", [f"--{k}={v}" for k, v in kv.items()], f"jax_{extra}"))
+        side = kv.pop("side", "jax")
+        runs.append((side, [f"--{k}={v}" for k, v in kv.items()], f"{side}_{extra}"))
     for side, extra_args, tag in runs:
         res = run_side(base, side, extra_args, args.timeout, tag)
         report["results"].append(res)
