@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lumos_jax.models.config import LlamaConfig
-from lumos_jax.models.llama import abstract_model, create_model
+from lumos_jax.models.llama import LlamaForCausalLM, abstract_model
 from lumos_jax.sharding import state_shardings
 
 
@@ -95,9 +95,12 @@ def build_setup(config: LlamaConfig, mesh: Mesh, total_steps: int, settings: dic
 
 
 def random_params(setup: TrainSetup, seed: int) -> dict:
-    """Fresh weights, each created directly in its shard (never whole on one device)."""
-    make = lambda: nnx.to_pure_dict(nnx.state(create_model(setup.config, seed)))  # noqa: E731
-    return jax.jit(make, out_shardings=setup.shardings["params"])()
+    """Fresh weights, each created directly in its shard (never whole on one device).
+    The seed is a traced argument, so XLA cannot try to constant-fold the random init."""
+    def make(seed_array):
+        model = LlamaForCausalLM(setup.config, rngs=nnx.Rngs(jax.random.key(seed_array)))
+        return nnx.to_pure_dict(nnx.state(model))
+    return jax.jit(make, out_shardings=setup.shardings["params"])(jnp.uint32(seed))
 
 
 def params_from_model(setup: TrainSetup, model, source: str = "init_from") -> dict:
