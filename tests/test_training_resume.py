@@ -113,5 +113,6 @@ def test_half_written_checkpoint_is_never_loaded(tmp_path):
     shutil.copytree(ckpts / "6", partial)
     shutil.rmtree(partial / "state")
     assert Checkpointer(ckpts, 3).latest_step() == 6
-    result = train(workdir=str(work), max_steps=8, save_every=3)
+    result = train(workdir=str(work), max_steps=8, save_every=3, keep_checkpoints=2)
     assert sorted(result["losses"]) == [7, 8]
+    assert finished_steps(work) == [6, 8]  # keep_checkpoints=2: older steps deleted
