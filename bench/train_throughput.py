@@ -121,7 +121,6 @@ def attention_check() -> dict:
 
 def jax_side(args) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from lumos_jax.sharding import make_mesh

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 import jax
-import jax.numpy as jnp
 
 from conftest import DATA
 from lumos_jax.models import PRESETS
