@@ -1,0 +1,28 @@
+"""`lumos-jax demo` end to end with tiny settings (the full-size run is CI's own step)."""
+
+import json
+
+from lumos_jax.cli import main as lumos_main
+
+
+def test_demo_runs_every_stage(tmp_path, capsys):
+    rc = lumos_main(["demo", f"--workdir={tmp_path}", "--steps=2", "--batch=8", "--seq_len=512",
+                     "--train_examples=8", "--num_questions=2", "--max_new_tokens=6", "--no_color"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "data: GSM8K rationales converted 491/500" in out
+    assert "--- one episode's trace" in out and "Task: Janet" in out
+    assert "| demo_tiny_lumos_i | gsm8k | exact match (%) |" in out and "| 47.1 | 2 |" in out
+    for module in ("plan", "ground"):
+        assert (tmp_path / module / "checkpoints" / "2").is_dir()           # orbax, from the trainer
+        assert (tmp_path / f"{module}_model" / "config.json").exists()       # the model the agent loads
+    lines = (tmp_path / "data" / "gsm8k_ground_iterative.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and json.loads(lines[0])["messages"][1]["content"] == "R1 = Calculator(48/2)"
+    records = [json.loads(x) for x in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == ["gsm8k_0", "gsm8k_1"]
+    for r in records:
+        events = [e["event"] for e in r["trace"]]
+        modules = {e.get("module") for e in r["trace"] if e["event"] == "generate"}
+        assert events[0] == "start" and events[-1] == "end" and modules == {"plan", "ground"}
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["n"] == 2 and (tmp_path / "eval" / "plot.png").exists()
