@@ -3,6 +3,7 @@ experiment gin parses; a short CPU run writes metrics (JSONL, TensorBoard), a pr
 trace, a checkpoint and an HF export that transformers loads."""
 
 import glob
+import importlib.util
 import json
 
 import numpy as np
@@ -78,7 +79,8 @@ def test_cli_run_writes_metrics_checkpoint_and_hf_export(tmp_path):
         assert all(np.isfinite(r[key]) for r in train_rows), key
     evals = [r for r in records if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [2, 4]
-    assert glob.glob(str(tmp_path / "run/logs/tensorboard/events.out.tfevents.*"))
+    if importlib.util.find_spec("tensorboardX"):  # optional dependency
+        assert glob.glob(str(tmp_path / "run/logs/tensorboard/events.out.tfevents.*"))
     assert (tmp_path / "run/checkpoints/4").is_dir()
 
     from lumos_jax.training.data import training_data
