@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -58,11 +59,21 @@ def resolve_gin_file(name: str) -> str:
     raise ConfigError(f"gin file not found: {name} (looked in ., {GIN_DIR})")
 
 
+class _QuietGinSearch(logging.Filter):
+    """gin logs "Path not found" at ERROR for every search folder an `include` misses."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Path not found")
+
+
+logging.getLogger().addFilter(_QuietGinSearch())
+
+
 def parse_gin(gin_files: Sequence[str] = (), bindings: Sequence[str] = ()) -> None:
     """Parse files then bindings; any problem becomes one ConfigError line."""
     import_configurables()
     gin.clear_config()
-    for p in (str(Path.cwd()), str(GIN_DIR), str(REPO_ROOT)):
+    for p in (str(GIN_DIR), str(Path.cwd()), str(REPO_ROOT)):
         if p not in gin.config._LOCATION_PREFIXES:  # noqa: SLF001 - gin has no public getter
             gin.add_config_file_search_path(p)
     files = [resolve_gin_file(f) for f in gin_files]
