@@ -65,7 +65,9 @@ def _eval_rows(name: str, path: Path):
     for row in rows:
         if name == "svamp":
             question = f"{row['Body'].strip()} {row['Question'].strip()}"
-            yield question, f"{row['Answer']:g}", {k: row[k] for k in ("ID", "Equation", "Type") if k in row}
+            answer = float(row["Answer"])  # exact: '{:g}' would round 22090603 to 2.20906e+07
+            answer = str(int(answer)) if answer.is_integer() else repr(answer)
+            yield question, answer, {k: row[k] for k in ("ID", "Equation", "Type") if k in row}
         elif name == "strategyqa":
             yield row["question"], "yes" if row["answer"] else "no", {}
         else:
@@ -75,7 +77,8 @@ def _eval_rows(name: str, path: Path):
 class LumosEval(tfds.core.GeneratorBasedBuilder):
     """The reference's evaluation sets: GSM8K, SVAMP, StrategyQA, HotpotQA."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.0.1")
+    RELEASE_NOTES = {"1.0.1": "SVAMP answers written exactly (1.0.0 rounded them to 6 digits)."}
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=n) for n in EVAL_FILES]
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Point manual_dir at ../shared/data/eval (the reference's data/eval files)."
 

@@ -112,10 +112,7 @@ def tfds_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tfds")
 
 
-@pytest.mark.parametrize("name", ["gsm8k", "strategyqa", "hotpotqa",
-                                  pytest.param("svamp", marks=pytest.mark.xfail(strict=True, reason=(
-                                      "data_pipeline/tfds_builders.py formats SVAMP answers with '{:g}', "
-                                      "which rounds to 6 digits (chal-71: 22090603 -> 2.20906e+07)")))])
+@pytest.mark.parametrize("name", ["gsm8k", "strategyqa", "hotpotqa", "svamp"])
 def test_tfds_builders_agree_with_file_readers(name, tfds_dir):
     from lumos_jax.evaluation.experiment import load_dataset
 
