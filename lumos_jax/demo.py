@@ -127,7 +127,10 @@ def main(argv: Sequence[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="lumos-jax demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="lumos_demo", help="data, checkpoints and eval outputs go here")
-    parser.add_argument("--steps", type=int, default=160, help="training steps per module")
+    parser.add_argument("--plan_steps", type=int, default=120, help="planner training steps")
+    parser.add_argument("--ground_steps", type=int, default=200, help="grounder training steps (it "
+                        "must learn the action syntax, so it gets more)")
+    parser.add_argument("--steps", type=int, default=None, help="sets both --plan_steps and --ground_steps")
     parser.add_argument("--batch", type=int, default=4, help="training batch (conversations per step)")
     parser.add_argument("--seq_len", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=1e-2)
@@ -141,12 +144,17 @@ def main(argv: Sequence[str]) -> int:
     start = time.perf_counter()
     work = Path(args.workdir).absolute()
     files = prepare_data(work / "data", args.train_examples)
-    models = {m: train_module(m, files[m], work, args.steps, args.batch, args.seq_len, args.lr,
+    steps = {"plan": args.steps or args.plan_steps, "ground": args.steps or args.ground_steps}
+    models = {m: train_module(m, files[m], work, steps[m], args.batch, args.seq_len, args.lr,
                               args.gin_bindings) for m in ("plan", "ground")}
     summary = run_agent(models["plan"], models["ground"], work / "eval", args.num_questions,
                         args.max_new_tokens, batch=args.num_questions)
     records = [json.loads(x) for x in (work / "eval" / "predictions.jsonl").read_text().splitlines()]
-    shown = max(records, key=lambda r: (r["correct"], r["rounds"]))
+    def tool_calls_ok(r: dict) -> int:
+        return sum(e["event"] == "action" and e.get("error_kind") is None for e in r["trace"])
+
+    # show the most telling episode: a right answer, else one where tools really ran
+    shown = max(records, key=lambda r: (r["correct"], tool_calls_ok(r), -r["rounds"]))
     print("\n--- one episode's trace " + "-" * 50)
     print(render_trace(shown["trace"], colour=not args.no_color))
     print(f"gold: {shown['gold']}   correct: {shown['correct']}")
