@@ -102,3 +102,19 @@ def test_webshop_score():
     assert m.webshop_score([]) == 0.0
     with pytest.raises(ValueError):
         m.webshop_score([1.5])
+
+
+def test_choice_and_vqa_direct_scoring():
+    from lumos_jax.evaluation.datasets import Example
+    from lumos_jax.evaluation.scoring import score_choice, score_vqa_direct
+
+    ex = Example("q", "What is the man awaiting?", 3, "multimodal",
+                 {"choices": ["skateboarder", "train", "delivery", "cab"],
+                  "direct_answers": ["ride"] * 4 + ["cab"] * 2 + ["taxi"] * 4})
+    for pred, ok in [("cab", 1.0), ("Answer: The cab.", 1.0), ("D", 1.0), ("(D)", 1.0), ("3", 1.0),
+                     ("train", 0.0), ("B", 0.0), ("", 0.0), ("a cab driver", 0.0)]:
+        assert score_choice(ex, pred)["correct"] == ok, pred
+    # direct answers: min(1, matches / 3): 2 annotators said "cab", 4 said "taxi"
+    assert score_vqa_direct(ex, "cab")["correct"] == pytest.approx(2 / 3)
+    assert score_vqa_direct(ex, "Taxi")["correct"] == 1.0
+    assert score_vqa_direct(ex, "bus")["correct"] == 0.0

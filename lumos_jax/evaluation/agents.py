@@ -49,7 +49,9 @@ def as_result(obj: Any) -> AgentResult:
 
 def _oracle_answer(example: Example, metric: str) -> Any:
     if metric == "yes_no":
-        return "Answer: " + ("yes" if example.answer in (True, "True", "true", "yes") else "no")
+        from lumos_jax.evaluation.metrics import yes_no_gold
+
+        return "Answer: " + ("yes" if yes_no_gold(example.answer) else "no")
     if metric == "mind2web_step_sr":
         return oracle_predictions(example)
     if metric == "webshop_reward":

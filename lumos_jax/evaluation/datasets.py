@@ -35,7 +35,7 @@ class Example:
     meta: dict = field(default_factory=dict)
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -64,7 +64,7 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             yield lineno, record
 
 
-def _field(record: dict, key: str, where: str, kind: type | tuple = str) -> Any:
+def require_field(record: dict, key: str, where: str, kind: type | tuple = str) -> Any:
     if key not in record:
         raise DatasetError(f"{where}: missing field {key!r}")
     value = record[key]
@@ -73,8 +73,8 @@ def _field(record: dict, key: str, where: str, kind: type | tuple = str) -> Any:
     return value
 
 
-def _json_list(path: Path) -> list:
-    data = _read_json(path)
+def read_json_list(path: Path) -> list:
+    data = read_json(path)
     if not isinstance(data, list):
         raise DatasetError(f"{path}: expected a JSON list of examples")
     return data
@@ -86,8 +86,8 @@ def read_gsm8k(path: str | Path) -> list[Example]:
     out = []
     for i, (lineno, rec) in enumerate(iter_jsonl(path)):
         where = f"{path}:{lineno}"
-        question = _field(rec, "question", where)
-        rationale = _field(rec, "answer", where)
+        question = require_field(rec, "question", where)
+        rationale = require_field(rec, "answer", where)
         try:
             gold = metrics.gsm8k_gold(rationale)
         except ValueError as e:
@@ -102,13 +102,13 @@ def read_svamp(path: str | Path) -> list[Example]:
     """SVAMP JSON list; question = Body + ' ' + Question, gold = str(int(Answer)) (reference)."""
     path = Path(path)
     out = []
-    for i, rec in enumerate(_json_list(path)):
+    for i, rec in enumerate(read_json_list(path)):
         where = f"{path}[{i}]"
         if not isinstance(rec, dict):
             raise DatasetError(f"{where}: expected an object")
-        body = _field(rec, "Body", where)
-        question = _field(rec, "Question", where)
-        answer = _field(rec, "Answer", where, (int, float))
+        body = require_field(rec, "Body", where)
+        question = require_field(rec, "Question", where)
+        answer = require_field(rec, "Answer", where, (int, float))
         gold = str(int(answer)) if float(answer).is_integer() else str(answer)
         ex_id = str(rec.get("ID", f"svamp_{i}"))
         out.append(Example(ex_id, f"{body} {question}".strip(), gold, "maths",
@@ -120,12 +120,12 @@ def read_strategyqa(path: str | Path) -> list[Example]:
     """StrategyQA JSON list (`question`, `answer` bool)."""
     path = Path(path)
     out = []
-    for i, rec in enumerate(_json_list(path)):
+    for i, rec in enumerate(read_json_list(path)):
         where = f"{path}[{i}]"
         if not isinstance(rec, dict):
             raise DatasetError(f"{where}: expected an object")
-        question = _field(rec, "question", where)
-        answer = _field(rec, "answer", where, bool)
+        question = require_field(rec, "question", where)
+        answer = require_field(rec, "answer", where, bool)
         out.append(Example(f"strategyqa_{i}", question.strip(), answer, "complex_qa"))
     return out
 
@@ -134,12 +134,12 @@ def read_hotpotqa(path: str | Path) -> list[Example]:
     """HotpotQA dev question list (`question`, `answer`, `type`), open-domain setting."""
     path = Path(path)
     out = []
-    for i, rec in enumerate(_json_list(path)):
+    for i, rec in enumerate(read_json_list(path)):
         where = f"{path}[{i}]"
         if not isinstance(rec, dict):
             raise DatasetError(f"{where}: expected an object")
-        question = _field(rec, "question", where)
-        answer = _field(rec, "answer", where)
+        question = require_field(rec, "question", where)
+        answer = require_field(rec, "answer", where)
         out.append(Example(f"hotpotqa_{i}", question.strip(), answer, "complex_qa",
                            {"type": rec.get("type")}))
     return out
@@ -153,7 +153,7 @@ def read_hotpotqa_distractor(path: str | Path) -> list[Example]:
     """
     path = Path(path)
     if path.suffix == ".json":
-        rows = [(i, r) for i, r in enumerate(_json_list(path))]
+        rows = [(i, r) for i, r in enumerate(read_json_list(path))]
         where_of = lambda n: f"{path}[{n}]"  # noqa: E731
     else:
         rows = list(iter_jsonl(path))
@@ -164,9 +164,9 @@ def read_hotpotqa_distractor(path: str | Path) -> list[Example]:
         ex_id = rec.get("id", rec.get("_id"))
         if not isinstance(ex_id, str):
             raise DatasetError(f"{where}: missing field 'id' (or '_id')")
-        question = _field(rec, "question", where)
-        answer = _field(rec, "answer", where)
-        context = _field(rec, "context", where, list)
+        question = require_field(rec, "question", where)
+        answer = require_field(rec, "answer", where)
+        context = require_field(rec, "context", where, list)
         documents = []
         for j, para in enumerate(context):
             if (not isinstance(para, list) or len(para) != 2 or not isinstance(para[0], str)

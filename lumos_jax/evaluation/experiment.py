@@ -7,7 +7,6 @@ gin `max_rounds`, when bound, wins over the dataset's reference default) and run
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,8 +75,7 @@ def load_dataset(name: str, data_path: str | Path | None = None, start: int = 0,
         if not data_path:
             raise ValueError(f"dataset {name!r} is user-supplied: set eval_experiment.data_path "
                              "(see docs/evaluation.md for the expected format)")
-        module, func = USER_READERS.get(name, "lumos_jax.evaluation.user_datasets:?").split(":")
-        examples = getattr(importlib.import_module(module), func)(resolve_path(data_path), **(reader_kwargs or {}))
+        examples = USER_READERS[name](resolve_path(data_path), **(reader_kwargs or {}))
     return ds.select_subset(examples, start, limit)
 
 

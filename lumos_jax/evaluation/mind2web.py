@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lumos_jax.evaluation.datasets import DatasetError, Example, _read_json, iter_jsonl
+from lumos_jax.evaluation.datasets import DatasetError, Example, read_json, iter_jsonl
 
 OPERATIONS = ("CLICK", "TYPE", "SELECT")
 
@@ -151,7 +151,7 @@ def read_mind2web(path: str | Path) -> list[Example]:
         return out
     if path.suffix == ".jsonl":
         return [_task_to_example(rec, f"{path}:{n}") for n, rec in iter_jsonl(path)]
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, list):
         raise DatasetError(f"{path}: expected a JSON list of Mind2Web tasks")
     return [_task_to_example(t, f"{path}[{i}]") for i, t in enumerate(data)]

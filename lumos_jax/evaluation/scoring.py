@@ -50,22 +50,22 @@ def score_webshop(example: Example, prediction: Any) -> dict:
 
 
 def score_choice(example: Example, prediction: Any) -> dict:
-    """Multiple choice (A-OKVQA MC, ScienceQA): the choice text, its letter or its index."""
+    """Multiple choice (A-OKVQA MC, ScienceQA): the choice's text, its letter ("B", "(B)",
+    "B.") or its index ("1"), after `Answer: ` if present."""
     choices = example.meta.get("choices", [])
-    gold = int(example.answer)
-    pred = _as_text(metrics.answer_after_marker(_as_text(prediction))).strip()
+    pred = metrics.answer_after_marker(_as_text(prediction)).strip()
     picked = None
     norm = metrics.squad_normalize(pred)
-    for i, c in enumerate(choices):
-        if norm and norm == metrics.squad_normalize(c):
-            picked = i
-    if picked is None and len(pred.rstrip(").").strip("(")) == 1:
-        letter = pred.rstrip(").").strip("(").upper()
-        if "A" <= letter <= "Z":
-            picked = ord(letter) - ord("A")
-    if picked is None and pred.isdigit():
-        picked = int(pred)
-    return {"correct": float(picked == gold), "total": 1.0}
+    texts = [metrics.squad_normalize(c) for c in choices]
+    if norm and norm in texts:
+        picked = texts.index(norm)
+    else:
+        bare = pred.strip("().").strip()
+        if len(bare) == 1 and bare.isalpha():
+            picked = ord(bare.upper()) - ord("A")
+        elif bare.isdigit():
+            picked = int(bare)
+    return {"correct": float(picked is not None and picked == int(example.answer)), "total": 1.0}
 
 
 def score_vqa_direct(example: Example, prediction: Any) -> dict:

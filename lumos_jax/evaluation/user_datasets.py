@@ -18,12 +18,13 @@ import sqlite3
 from collections import Counter
 from pathlib import Path
 
-from lumos_jax.evaluation.datasets import DatasetError, Example, _field, _json_list, _read_json, iter_jsonl
+from lumos_jax.evaluation.mind2web import read_mind2web
+from lumos_jax.evaluation.datasets import DatasetError, Example, require_field, read_json_list, read_json, iter_jsonl
 
 
 def read_webshop(path: str | Path) -> list[Example]:
     path = Path(path)
-    rows = list(iter_jsonl(path)) if path.suffix == ".jsonl" else list(enumerate(_json_list(path)))
+    rows = list(iter_jsonl(path)) if path.suffix == ".jsonl" else list(enumerate(read_json_list(path)))
     out = []
     for n, rec in rows:
         where = f"{path}:{n}" if path.suffix == ".jsonl" else f"{path}[{n}]"
@@ -40,13 +41,13 @@ def read_webshop(path: str | Path) -> list[Example]:
 def read_aokvqa(path: str | Path, coco_dir: str | Path = "coco") -> list[Example]:
     path = Path(path)
     out = []
-    for i, rec in enumerate(_json_list(path)):
+    for i, rec in enumerate(read_json_list(path)):
         where = f"{path}[{i}]"
         if not isinstance(rec, dict):
             raise DatasetError(f"{where}: expected an object")
-        question = _field(rec, "question", where)
-        choices = _field(rec, "choices", where, list)
-        image_id = _field(rec, "image_id", where, int)
+        question = require_field(rec, "question", where)
+        choices = require_field(rec, "choices", where, list)
+        image_id = require_field(rec, "image_id", where, int)
         split = rec.get("split", "val")
         gold = rec.get("correct_choice_idx")  # absent in the test split
         out.append(Example(str(rec.get("question_id", f"aokvqa_{i}")), question.strip(), gold,
@@ -60,12 +61,12 @@ def read_aokvqa(path: str | Path, coco_dir: str | Path = "coco") -> list[Example
 
 def read_scienceqa(path: str | Path, split: str = "test", image_dir: str | Path | None = None) -> list[Example]:
     path = Path(path)
-    problems = _read_json(path)
+    problems = read_json(path)
     if not isinstance(problems, dict):
         raise DatasetError(f"{path}: expected a JSON object id -> problem")
     splits_file = path.parent / "pid_splits.json"
     if splits_file.exists():
-        wanted = _read_json(splits_file).get(split)
+        wanted = read_json(splits_file).get(split)
         if wanted is None:
             raise DatasetError(f"{splits_file}: no split {split!r}")
         ids = [str(p) for p in wanted]
@@ -77,9 +78,9 @@ def read_scienceqa(path: str | Path, split: str = "test", image_dir: str | Path 
         rec = problems.get(pid)
         if not isinstance(rec, dict):
             raise DatasetError(f"{where}: missing problem")
-        question = _field(rec, "question", where)
-        choices = _field(rec, "choices", where, list)
-        answer = _field(rec, "answer", where, int)
+        question = require_field(rec, "question", where)
+        choices = require_field(rec, "choices", where, list)
+        answer = require_field(rec, "answer", where, int)
         image = rec.get("image")
         if image and image_dir is not None:
             image = str(Path(image_dir) / split / pid / image)
@@ -91,15 +92,15 @@ def read_scienceqa(path: str | Path, split: str = "test", image_dir: str | Path 
 
 def read_intercode_sql(path: str | Path, db_dir: str | Path = "database") -> list[Example]:
     path = Path(path)
-    rows = list(iter_jsonl(path)) if path.suffix == ".jsonl" else list(enumerate(_json_list(path)))
+    rows = list(iter_jsonl(path)) if path.suffix == ".jsonl" else list(enumerate(read_json_list(path)))
     out = []
     for n, rec in rows:
         where = f"{path}:{n}" if path.suffix == ".jsonl" else f"{path}[{n}]"
         if not isinstance(rec, dict):
             raise DatasetError(f"{where}: expected an object")
-        db = _field(rec, "db", where)
-        question = _field(rec, "query", where)
-        gold = _field(rec, "gold", where)
+        db = require_field(rec, "db", where)
+        question = require_field(rec, "query", where)
+        gold = require_field(rec, "gold", where)
         out.append(Example(f"intercode_sql_{len(out)}", question.strip(), gold, "sql", {
             "db": db, "db_path": str(Path(db_dir) / db / f"{db}.sqlite"),
             "hardness": rec.get("hardness")}))
@@ -132,9 +133,9 @@ def sql_execution_match(prediction: str, example: Example) -> bool:
 
 
 USER_READERS = {
-    "mind2web": "lumos_jax.evaluation.mind2web:read_mind2web",
-    "webshop": "lumos_jax.evaluation.user_datasets:read_webshop",
-    "aokvqa": "lumos_jax.evaluation.user_datasets:read_aokvqa",
-    "scienceqa": "lumos_jax.evaluation.user_datasets:read_scienceqa",
-    "intercode_sql": "lumos_jax.evaluation.user_datasets:read_intercode_sql",
+    "mind2web": read_mind2web,
+    "webshop": read_webshop,
+    "aokvqa": read_aokvqa,
+    "scienceqa": read_scienceqa,
+    "intercode_sql": read_intercode_sql,
 }
