@@ -126,7 +126,7 @@ def main(argv: Sequence[str]) -> int:
     from lumos_jax.evaluation.report import detail_tables, markdown_table
 
     parser = argparse.ArgumentParser(prog="lumos-jax demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="lumos_demo", help="data, checkpoints and eval outputs go here")
+    parser.add_argument("--workdir", default="demo_out", help="data, checkpoints and eval outputs go here")
     parser.add_argument("--plan_steps", type=int, default=120, help="planner training steps")
     parser.add_argument("--ground_steps", type=int, default=200, help="grounder training steps (it "
                         "must learn the action syntax, so it gets more)")
