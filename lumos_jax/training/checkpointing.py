@@ -14,10 +14,12 @@ from pathlib import Path
 
 import orbax.checkpoint as ocp
 
+from lumos_jax.training.paths import resolve_dir
+
 
 class Checkpointer:
     def __init__(self, directory: str | Path, save_every: int, keep: int = 3, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+        self.directory = resolve_dir(directory)  # gs://... stays a URI (epath)
         options = ocp.CheckpointManagerOptions(save_interval_steps=max(1, save_every),
                                                max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)

@@ -60,13 +60,18 @@ def build_rows(examples: Sequence[dict], seq_len: int, packing: bool, pad_id: in
 
 class InMemoryBatches:
     """Deterministic batches from examples held in memory: a fresh permutation per epoch
-    (seed + epoch), rows built per epoch, the last partial batch dropped. Its position is
-    (epoch, batch index), so `set_state` is exact and cheap."""
+    (seed + epoch), rows built per epoch. Its position is (epoch, batch index), so
+    `set_state` is exact and cheap.
+
+    Every epoch gives `steps_per_epoch` full batches (counted on epoch 0): with packing a
+    later epoch's shuffle packs into a few more or fewer rows, so surplus rows are dropped
+    and a shortfall is topped up with empty rows (segment 0, loss_mask 0: no targets).
+    `token_vocab_size`: ids in input_ids/targets are below it (checked against the model)."""
 
     def __init__(self, examples: Sequence[dict], seq_len: int, global_batch: int, seed: int = 0,
                  packing: bool = False, shuffle: bool = True, num_epochs: int | None = None,
                  process_index: int | None = None, process_count: int | None = None,
-                 pad_id: int = 0):
+                 pad_id: int = 0, token_vocab_size: int | None = None):
         self.examples = [example_to_row(*e) if isinstance(e, tuple) else e for e in examples]
         if not self.examples:
             raise ValueError("training data: no examples")
@@ -77,6 +82,7 @@ class InMemoryBatches:
         if global_batch % self.process_count:
             raise ValueError(f"global batch {global_batch} not divisible by {self.process_count} processes")
         self.local_batch = global_batch // self.process_count
+        self.token_vocab_size = token_vocab_size
         self.epoch, self.index = 0, 0
         self._rows_epoch, self._rows = None, None
         self.steps_per_epoch = len(self._epoch_rows(0)) // global_batch
@@ -105,6 +111,7 @@ class InMemoryBatches:
         rows = self._epoch_rows(self.epoch)
         start = self.index * self.global_batch + self.process_index * self.local_batch
         mine = rows[start:start + self.local_batch]
+        mine += [_empty_row(self.seq_len)] * (self.local_batch - len(mine))
         self.index += 1
         return {k: np.stack([r[k] for r in mine]) for k in BATCH_KEYS}
 
@@ -113,6 +120,10 @@ class InMemoryBatches:
 
     def set_state(self, state: dict) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def _empty_row(seq_len: int) -> dict:
+    return {k: np.zeros(seq_len, np.int32) for k in BATCH_KEYS}
 
 
 def encode_files(paths: Sequence[str | Path], tokenizer, max_len: int) -> list[tuple]:
@@ -159,7 +170,8 @@ def training_data(seq_len: int = 1024, global_batch: int = 128, seed: int = 0,
 
     if source == "synthetic":
         ex = synthetic_examples(synthetic_examples_count, synthetic_vocab, seq_len // 4, seq_len + 1, seed)
-        return InMemoryBatches(ex, seq_len, global_batch, seed, packing=packing), None
+        return InMemoryBatches(ex, seq_len, global_batch, seed, packing=packing,
+                               token_vocab_size=synthetic_vocab), None
     paths = [Path(f) for f in files]
     if not paths:
         if not (task and module and formulation):
@@ -198,11 +210,14 @@ def training_data(seq_len: int = 1024, global_batch: int = 128, seed: int = 0,
         n_eval = max(1, int(round(holdout_fraction * len(examples))))
         held = [examples[i] for i in order[:n_eval]]
         examples = [examples[i] for i in order[n_eval:]]
-    it = InMemoryBatches(examples, seq_len, global_batch, seed, packing=packing, pad_id=tok.pad_id)
+    # Padding is masked (segment 0, loss_mask 0), so it uses id 0, valid in any vocab; the
+    # tokenizer's <pad> is one past its base vocab and may not exist in the model.
+    it = InMemoryBatches(examples, seq_len, global_batch, seed, packing=packing, pad_id=0,
+                         token_vocab_size=tok.vocab_size)
     ev = None
     if held:
         def ev():
-            rows = build_rows([example_to_row(*e) for e in held], seq_len, packing, tok.pad_id)
+            rows = build_rows([example_to_row(*e) for e in held], seq_len, packing, pad_id=0)
             local = global_batch // jax.process_count()
             return _fixed_batches(rows, global_batch, local)
     return it, ev
@@ -216,6 +231,28 @@ def _fixed_batches(rows: list[dict], global_batch: int, local: int) -> Iterator[
     for start in range(0, len(rows), global_batch):
         mine = rows[start + p * local: start + (p + 1) * local]
         yield {k: np.stack([r[k] for r in mine]) for k in BATCH_KEYS}
+
+
+def data_vocab_size(iterator) -> int | None:
+    """Ids the iterator can emit are below this (None when it can't tell): the memory and
+    synthetic iterators say so; the data pipeline's is its tokenizer's vocab, <pad> included
+    (it pads input_ids with the tokenizer's pad id)."""
+    size = getattr(iterator, "token_vocab_size", None)
+    if size is None and getattr(iterator, "tokenizer", None) is not None:
+        size = iterator.tokenizer.vocab_size
+    return None if size is None else int(size)
+
+
+def check_vocab(iterator, model_vocab_size: int) -> None:
+    """Fail before compiling when the data's ids don't fit the model's embedding; an id past
+    it gives NaN losses from step 1 (jnp.take fills out-of-range rows with NaN), no error."""
+    data_vocab = data_vocab_size(iterator)
+    if data_vocab is not None and data_vocab > model_vocab_size:
+        raise ValueError(
+            f"training data: the tokenizer produces ids up to {data_vocab - 1} (vocab_size {data_vocab},"
+            f" <pad> included) but the model's vocab_size is {model_vocab_size}; set"
+            f" model_config.overrides={{'vocab_size': {data_vocab}}} (or model_config.preset /"
+            f" model_config.hf_dir) or a matching training_data.tokenizer")
 
 
 def global_batch_array(host_batch: dict, sharding, global_rows: int) -> dict:

@@ -22,8 +22,9 @@ from lumos_jax.models.config import model_config
 from lumos_jax.sharding import make_mesh
 from lumos_jax.training import state as state_lib
 from lumos_jax.training.checkpointing import Checkpointer, PreemptionFlag
-from lumos_jax.training.data import global_batch_array, training_data
+from lumos_jax.training.data import check_vocab, global_batch_array, training_data
 from lumos_jax.training.distributed import initialize_distributed
+from lumos_jax.training.paths import resolve_dir
 from lumos_jax.training.metrics import (MetricsWriter, Progress, flops_per_token,
                                         peak_flops_per_device)
 from lumos_jax.training.step import (batch_sharding, check_batch, make_eval_step,
@@ -50,7 +51,7 @@ def train(workdir: str = gin.REQUIRED, *, seq_len: int = 1024, global_batch: int
     init_from: an HF directory or lumos-jax checkpoint (the importer shards it straight
     onto the mesh); None starts from random weights."""
     initialize_distributed()
-    workdir = Path(workdir).absolute()
+    workdir = resolve_dir(workdir)  # local -> absolute Path; gs://... -> epath.Path, kept as is
     lead = jax.process_index() == 0
     config = model_config()
     mesh = make_mesh()
@@ -63,6 +64,7 @@ def _run(workdir, seq_len, global_batch, grad_accum_steps, num_epochs, max_steps
          export_hf_dir,
          tokenizer_dir_for_export, profile, profile_steps, progress_bar, lead, config, mesh):
     data, eval_factory = training_data(seq_len=seq_len, global_batch=global_batch, seed=seed)
+    check_vocab(data, config.vocab_size)
     if max_steps is None:
         max_steps = int(math.ceil(num_epochs * data.steps_per_epoch))
     setup = state_lib.build_setup(config, mesh, max_steps, state_lib.optimizer_settings())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import gin
 import jax
 
 from lumos_jax.models.config import LlamaConfig
+from lumos_jax.training.paths import is_remote, resolve_dir
 
 # Dense bf16 peak FLOP/s per device from the vendors' data sheets.
 PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l4": 121e12, "a10": 125e12,
@@ -42,17 +44,42 @@ def peak_flops_per_device(override: float | None = None) -> float | None:
     return None
 
 
+def local_mirror_for(remote_dir) -> Path:
+    """Where a remote log dir (gs://b/run/logs) is written locally before being copied up:
+    $TMPDIR/lumos_jax_logs/gs/b/run/logs."""
+    scheme, rest = str(remote_dir).split("://", 1)
+    return Path(tempfile.gettempdir()) / "lumos_jax_logs" / scheme / rest.strip("/")
+
+
 class MetricsWriter:
     """Appends one JSON line per record, and TensorBoard scalars when tensorboardX is
-    installed; only the lead process writes."""
+    installed; only the lead process writes.
 
-    def __init__(self, log_dir: str | Path | None, enabled: bool = True):
+    Object stores can't append, so a remote log_dir (gs://...) is written to a local
+    mirror (`mirror_dir`, default `local_mirror_for(log_dir)`) and the mirror's files are
+    copied up through etils.epath every `sync_every_s` seconds and on close; a resumed run
+    first copies an existing remote metrics.jsonl down, so the history is kept."""
+
+    def __init__(self, log_dir, enabled: bool = True, mirror_dir: str | Path | None = None,
+                 sync_every_s: float = 300.0):
         self.enabled = enabled and log_dir is not None
         self._file = self._tb = None
+        self._remote = None
         if not self.enabled:
             return
+        if mirror_dir is None and is_remote(log_dir):
+            mirror_dir = local_mirror_for(log_dir)
+        if mirror_dir is not None:
+            self._remote = resolve_dir(log_dir)
+            self._sync_every, self._last_sync = sync_every_s, time.monotonic()
+            log_dir = Path(mirror_dir)
         log_dir = Path(log_dir)
+        self.local_dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
+        if self._remote is not None and not (log_dir / "metrics.jsonl").exists():
+            remote_file = self._remote / "metrics.jsonl"
+            if remote_file.exists():
+                (log_dir / "metrics.jsonl").write_bytes(remote_file.read_bytes())
         self._file = open(log_dir / "metrics.jsonl", "a", encoding="utf-8")
         try:
             from tensorboardX import SummaryWriter
@@ -71,12 +98,29 @@ class MetricsWriter:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(f"{prefix}/{k}", v, step)
+        if self._remote is not None and time.monotonic() - self._last_sync >= self._sync_every:
+            self.sync()
+
+    def sync(self) -> None:
+        """Copy the local mirror's files to the remote log dir (no-op for a local log dir)."""
+        if self._remote is None:
+            return
+        if self._tb is not None:
+            self._tb.flush()
+        for path in sorted(self.local_dir.rglob("*")):
+            if path.is_file():
+                target = self._remote / path.relative_to(self.local_dir).as_posix()
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(path.read_bytes())
+        self._last_sync = time.monotonic()
 
     def close(self) -> None:
         if self._file:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self.enabled:
+            self.sync()
 
 
 class Progress:

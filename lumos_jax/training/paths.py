@@ -1,0 +1,26 @@
+"""Workdir paths that may be local or remote (gs://, s3://, ...).
+
+`pathlib.Path("gs://b/run").absolute()` becomes `/cwd/gs:/b/run`, silently writing a
+"bucket" under the current directory. Remote URIs therefore stay `etils.epath.Path`
+(what orbax uses for gs://), and only local paths are made absolute.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def is_remote(path) -> bool:
+    """True for a URI with a scheme (gs://bucket/run), false for a local path."""
+    return "://" in str(path)
+
+
+def resolve_dir(path):
+    """A remote URI as an `epath.Path` (kept exactly), a local path as an absolute `Path`.
+
+    Both support `/`, `str()` and `os.fspath()`, which is all orbax and the loop need."""
+    if is_remote(path):
+        from etils import epath
+
+        return epath.Path(str(path))
+    return Path(path).absolute()

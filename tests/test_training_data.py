@@ -1,0 +1,81 @@
+"""Training batches: ids fit the model's vocab (the bundled 512-piece stories260k
+tokenizer's <pad> is id 512, past a 512-row embedding: NaN losses, no error), and packed
+epochs after the first keep the full batch shape."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import DATA, REPO
+from lumos_jax.config import parse_gin
+from lumos_jax.tokenization import Tokenizer, read_jsonl
+from lumos_jax.training import data as data_lib
+
+STORIES_TOKENIZER = REPO / "lumos_jax" / "assets" / "stories260k"
+
+
+@pytest.fixture(scope="module")
+def small_file(tmp_path_factory):
+    records = read_jsonl(DATA / "lumos/annotations/lumos_maths_plan_onetime.jsonl")
+    records = sorted(records, key=lambda r: len(json.dumps(r)))[:3]
+    path = tmp_path_factory.mktemp("data") / "three.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _memory_batches(small_file):
+    it, _ = data_lib.training_data(seq_len=512, global_batch=3, source="memory", packing=False,
+                                   files=[str(small_file)], tokenizer=str(STORIES_TOKENIZER))
+    return it
+
+
+def test_memory_rows_pad_with_an_id_inside_the_base_vocab(small_file):
+    tok = Tokenizer(STORIES_TOKENIZER, add_pad_token=True)
+    assert (tok.base_vocab_size, tok.pad_id) == (512, 512)  # the reported setup
+    batch = next(_memory_batches(small_file))
+    pad = batch["segment_ids"] == 0
+    assert pad.any(), "the test needs padded positions"
+    assert batch["input_ids"].max() < tok.base_vocab_size
+    assert (batch["input_ids"][pad] == 0).all() and (batch["loss_mask"][pad] == 0).all()
+
+
+def test_vocab_check_names_both_sizes_and_the_gin_key(small_file):
+    it = _memory_batches(small_file)
+    assert data_lib.data_vocab_size(it) == 513
+    with pytest.raises(ValueError, match=r"vocab_size 513.*vocab_size is 512.*model_config\.overrides"):
+        data_lib.check_vocab(it, 512)
+    data_lib.check_vocab(it, 513)
+
+
+def test_train_rejects_pipeline_data_past_the_model_vocab_before_compiling(small_file, tmp_path):
+    """The data pipeline pads input_ids with the tokenizer's <pad> (512 here): same check."""
+    from lumos_jax.training.loop import train
+
+    parse_gin(["mesh/single_device.gin"], [
+        "model_config.preset = 'tiny'", "training_data.source = 'pipeline'",
+        f"training_data.files = ['{small_file}']", f"training_data.tokenizer = '{STORIES_TOKENIZER}'"])
+    with pytest.raises(ValueError, match=r"ids up to 512 .*vocab_size is 512"):
+        train(workdir=str(tmp_path / "run"), seq_len=256, global_batch=2, max_steps=1)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_packed_epochs_all_give_full_batches():
+    """Each epoch's shuffle packs into a different number of rows; epochs short of epoch 0's
+    count are topped up with empty rows, never yielding a short batch."""
+    examples = data_lib.synthetic_examples(40, 512, 5, 60, seed=3)
+    seq_len, batch, epochs = 64, 13, 12  # epoch 0: 26 rows = 2 steps; some epochs 25
+    it = data_lib.InMemoryBatches(examples, seq_len, batch, seed=1, packing=True, num_epochs=epochs,
+                                  process_index=0, process_count=1)
+    rows = [len(it._epoch_rows(e)) for e in range(epochs)]
+    assert min(rows) < it.steps_per_epoch * batch, f"no short epoch in {rows}: test exercises nothing"
+    it._rows_epoch = None
+    batches = list(it)
+    assert len(batches) == epochs * it.steps_per_epoch
+    for n, b in enumerate(batches):
+        for k, v in b.items():
+            assert v.shape == (batch, seq_len), (n, k, v.shape)
+    # Rows added to a short epoch carry no targets, and there are exactly as many as missing.
+    empty = [(b, r) for b in batches for r in range(batch) if b["segment_ids"][r].max() == 0]
+    assert len(empty) == sum(max(0, it.steps_per_epoch * batch - n) for n in rows) > 0
+    assert all(b["loss_mask"][r].sum() == 0 and b["input_ids"][r].max() == 0 for b, r in empty)
