@@ -19,6 +19,8 @@ import json
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
+from lumos_jax.jsonl import iter_jsonl
+
 DOMAINS = ("maths", "complex_qa", "web_agent")
 MODULES = ("plan", "ground")
 FORMULATIONS = ("iterative", "onetime")
@@ -210,18 +212,11 @@ def read_converted(paths: Iterable[str | Path]) -> list[dict]:
     """Rows `{task, subgoal_plan, ...}` of converted files, in the given order."""
     rows = []
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("task"), str) \
-                        or not isinstance(row.get("subgoal_plan"), str):
-                    raise ValueError(f"{path}:{n}: a converted row needs string 'task' and 'subgoal_plan'")
-                rows.append(row)
+        for n, row in iter_jsonl(path):
+            if not isinstance(row, dict) or not isinstance(row.get("task"), str) \
+                    or not isinstance(row.get("subgoal_plan"), str):
+                raise ValueError(f"{path}:{n}: a converted row needs string 'task' and 'subgoal_plan'")
+            rows.append(row)
     return rows
 
 

@@ -21,6 +21,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
 
+from lumos_jax.jsonl import iter_jsonl
+
 SYSTEM = ("You are a helpful assist to convert natural language plans or structural action list"
           "into subgoal-based plans and their corresponding structured actions.")
 _HEADER = ("Please convert natural language plans into a series of subgoals and their corresponding actions"
@@ -163,14 +165,10 @@ def convert_with_teacher(items: list[dict], domain: str, out_path: str | Path, c
 def gsm8k_items(path: str | Path) -> list[dict]:
     """{task, natural_language_plan} from GSM8K-format rows (the rationale before `####`)."""
     items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                items.append({"task": row["question"],
-                              "natural_language_plan": " ".join(row["answer"].split("####")[0].strip().split("\n"))})
-            except (json.JSONDecodeError, KeyError, AttributeError):
-                raise ValueError(f"{path}:{n}: expected a GSM8K row with 'question' and 'answer'") from None
+    for n, row in iter_jsonl(path):
+        try:
+            items.append({"task": row["question"],
+                          "natural_language_plan": " ".join(row["answer"].split("####")[0].strip().split("\n"))})
+        except (KeyError, AttributeError, TypeError):
+            raise ValueError(f"{path}:{n}: expected a GSM8K row with 'question' and 'answer'") from None
     return items

@@ -14,13 +14,14 @@ them; callers ask for BOS explicitly.
 from __future__ import annotations
 
 import functools
-import json
 import re
 from pathlib import Path
 from typing import Sequence
 
 import gin
 import numpy as np
+
+from lumos_jax.jsonl import read_jsonl  # noqa: F401  (re-exported for callers reading annotations)
 
 IGNORE_INDEX = -100
 PAD_TOKEN = "<pad>"
@@ -177,13 +178,3 @@ def _prefix_len(messages, tokenizer, eos, suffix=""):
     return len(tokenizer.encode(concat_messages(messages, eos) + suffix, add_bos=True))
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-    return rows

@@ -8,10 +8,10 @@ conversation becomes tokens (BOS, joins, stops) is `chat.py`'s job.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lumos_jax.agent.parsing import subgoal_body
+from lumos_jax.jsonl import iter_jsonl
 
 STYLES = ("train", "reference")
 DOMAINS = ("maths", "complex_qa", "web_agent", "webshop")
@@ -105,16 +105,12 @@ def result_with_period(result: str) -> str:
 
 def load_webshop_exemplars(path: str | Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                rows.append({"instruction": row["instruction"], "subgoals": row["subgoals"],
-                             "actions": row["actions"]})
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{n}: expected a JSON object with instruction, subgoals, actions") from None
+    for n, row in iter_jsonl(path):
+        try:
+            rows.append({"instruction": row["instruction"], "subgoals": row["subgoals"],
+                         "actions": row["actions"]})
+        except (KeyError, TypeError):
+            raise ValueError(f"{path}:{n}: expected a JSON object with instruction, subgoals, actions") from None
     return rows
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from rank_bm25 import BM25Okapi
 
 from lumos_jax.agent.tools.base import BadArguments, Tool, ToolContext, ToolError, VARIABLE_RE
+from lumos_jax.jsonl import iter_jsonl
 
 _WORD = re.compile(r"[a-z0-9]+")
 STOPWORDS = frozenset("a an and are as at be by did do does for from had has have he her his how in is it "
@@ -57,15 +58,11 @@ class DocStore:
     @classmethod
     def from_jsonl(cls, path: str | Path) -> "DocStore":
         docs = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    docs.append((str(row["title"]), str(row["text"])))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{path}:{n}: expected a JSON object with 'title' and 'text'") from None
+        for n, row in iter_jsonl(path):
+            try:
+                docs.append((str(row["title"]), str(row["text"])))
+            except (KeyError, TypeError):
+                raise ValueError(f"{path}:{n}: expected a JSON object with 'title' and 'text'") from None
         if not docs:
             raise ValueError(f"{path}: the document store is empty")
         return cls(docs)

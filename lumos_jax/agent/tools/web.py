@@ -11,7 +11,6 @@ replay environment over `mind2web_sample.jsonl` steps through recorded pages.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from typing import Protocol, Sequence
 
@@ -20,6 +19,7 @@ from rank_bm25 import BM25Okapi
 
 from lumos_jax.agent.tools.base import BadArguments, Tool, ToolContext, ToolError
 from lumos_jax.agent.tools.retrieval import tokenize
+from lumos_jax.jsonl import read_jsonl
 
 _ATTR = re.compile(r'([\w-]+)=(?:"([^"]*)"|(\S+))')
 _TAG = re.compile(r"<\s*([\w-]+)")
@@ -224,12 +224,4 @@ def webshop_tools() -> list[Tool]:
 
 
 def load_mind2web(path: str) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise ValueError(f"{path}:{n}: invalid JSON") from None
-    return rows
+    return read_jsonl(path)
