@@ -30,6 +30,7 @@ def no_compile(monkeypatch):
     ("--gin.train.no_such_arg=1", "no_such_arg"),
     ("--gin.make_mesh.data=3", "does not divide"),
     ("--gin.train.global_batch=6", "not divisible"),
+    ("--gin.training_data.synthetic_vocab=600", "up to 599 (data vocab_size 600"),
 ])
 def test_bad_gin_is_one_clear_line_before_compile(tmp_path, capsys, no_compile, bad, needle):
     rc = cli_main(["train", f"--workdir={tmp_path}", *BASE, bad])

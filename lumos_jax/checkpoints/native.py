@@ -26,7 +26,12 @@ def is_native_checkpoint(directory: str | Path) -> bool:
 
 
 def save_native(model: LlamaForCausalLM, directory: str | Path) -> Path:
-    directory = Path(directory).absolute()
+    if "://" in str(directory):  # gs://... stays a URI (etils.epath, as orbax expects)
+        from etils import epath
+
+        directory = epath.Path(str(directory))
+    else:
+        directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
     state = nnx.state(model, nnx.Param)
     with ocp.StandardCheckpointer() as ckptr:

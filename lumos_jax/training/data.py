@@ -249,8 +249,8 @@ def check_vocab(iterator, model_vocab_size: int) -> None:
     data_vocab = data_vocab_size(iterator)
     if data_vocab is not None and data_vocab > model_vocab_size:
         raise ValueError(
-            f"training data: the tokenizer produces ids up to {data_vocab - 1} (vocab_size {data_vocab},"
-            f" <pad> included) but the model's vocab_size is {model_vocab_size}; set"
+            f"training data: ids go up to {data_vocab - 1} (data vocab_size {data_vocab}, the tokenizer's"
+            f" with <pad>) but the model's vocab_size is {model_vocab_size}; set"
             f" model_config.overrides={{'vocab_size': {data_vocab}}} (or model_config.preset /"
             f" model_config.hf_dir) or a matching training_data.tokenizer")
 

@@ -18,7 +18,7 @@ import gin
 import jax
 
 from lumos_jax.models.config import LlamaConfig
-from lumos_jax.training.paths import is_remote, resolve_dir
+from lumos_jax.training.paths import copy_tree, is_remote, resolve_dir
 
 # Dense bf16 peak FLOP/s per device from the vendors' data sheets.
 PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l4": 121e12, "a10": 125e12,
@@ -107,11 +107,7 @@ class MetricsWriter:
             return
         if self._tb is not None:
             self._tb.flush()
-        for path in sorted(self.local_dir.rglob("*")):
-            if path.is_file():
-                target = self._remote / path.relative_to(self.local_dir).as_posix()
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(path.read_bytes())
+        copy_tree(self.local_dir, self._remote)
         self._last_sync = time.monotonic()
 
     def close(self) -> None:

@@ -24,3 +24,14 @@ def resolve_dir(path):
 
         return epath.Path(str(path))
     return Path(path).absolute()
+
+
+def copy_tree(local_dir: Path, target) -> None:
+    """Copy every file under local_dir to the same relative path under target (an
+    epath.Path or local Path): how files written by local-only code reach a remote workdir."""
+    target = resolve_dir(target)
+    for path in sorted(Path(local_dir).rglob("*")):
+        if path.is_file():
+            dest = target / path.relative_to(local_dir).as_posix()
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(path.read_bytes())
