@@ -107,3 +107,17 @@ def test_cli_run_writes_metrics_checkpoint_and_hf_export(tmp_path):
     assert count == evals[-1]["target_tokens"] > 0
     assert abs(total / count - evals[-1]["loss"]) < 1e-4
     assert abs(evals[-1]["perplexity"] - np.exp(evals[-1]["loss"])) < 1e-3 * evals[-1]["perplexity"]
+
+
+def test_workdir_of_another_model_fails_in_one_line(tmp_path, capsys):
+    """Resuming from a checkpoint written for other shapes names the array and both shapes,
+    before orbax reads anything."""
+    run = [f"--workdir={tmp_path}", *BASE, "--gin.train.max_steps=1", "--gin.train.save_every=1",
+           "--gin.train.progress_bar=False"]
+    assert cli_main(["train", *run]) == 0
+    capsys.readouterr()
+    rc = cli_main(["train", *run, "--gin.train.max_steps=2",
+                   "--gin.model_config.overrides={'intermediate_size': 96}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "checkpoint array" in err[0] and "fresh workdir" in err[0] and "96" in err[0], err

@@ -12,6 +12,7 @@ import signal
 import threading
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
 
 from lumos_jax.training.paths import resolve_dir
@@ -23,8 +24,9 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(save_interval_steps=max(1, save_every),
                                                max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data"))
+                                             item_names=("state", "data"), item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -36,9 +38,24 @@ class Checkpointer:
 
     def restore(self, step: int, target: dict) -> tuple[dict, dict]:
         """(state placed on target's shardings, data iterator state)."""
+        self._check_shapes(step, target)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
         restored = self.manager.restore(step, args=args)
         return restored["state"], dict(restored["data"] or {})
+
+    def _check_shapes(self, step: int, target: dict) -> None:
+        """Compare stored array shapes with this run's before reading any data, so a workdir
+        left by another model fails with one clear line (and no half-started async reads)."""
+        stored = self.manager.item_metadata(step)["state"]
+        if stored is None:
+            return
+        have = {_path_key(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(stored)}
+        for path, leaf in jax.tree_util.tree_leaves_with_path(target):
+            key = _path_key(path)
+            if key in have and have[key] != tuple(leaf.shape):
+                raise ValueError(f"{self.directory}/{step}: checkpoint array {key} has shape "
+                                 f"{list(have[key])}, this run needs {list(leaf.shape)}; resume "
+                                 "with the gin that wrote it or use a fresh workdir")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -67,3 +84,12 @@ class PreemptionFlag:
 
     def is_set(self) -> bool:
         return self.event.is_set()
+
+
+def _path_key(path) -> str:
+    """'params.model.layers.0.mlp.up_proj.kernel' whether a level is a dict key or an index
+    (stored metadata and the live target spell list levels differently)."""
+    parts = []
+    for k in path:
+        parts.append(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))))
+    return ".".join(parts)

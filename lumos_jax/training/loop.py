@@ -72,7 +72,11 @@ def _run(workdir, seq_len, global_batch, grad_accum_steps, num_epochs, max_steps
     ckpt = Checkpointer(workdir / "checkpoints", save_every, keep_checkpoints, async_checkpoints)
     start = ckpt.latest_step()
     if start is not None:
-        state, data_state = ckpt.restore(start, state_lib.restore_target(setup))
+        try:
+            state, data_state = ckpt.restore(start, state_lib.restore_target(setup))
+        except Exception:
+            ckpt.close()  # stop orbax's threads before the error propagates
+            raise
         data.set_state(data_state)
         if lead:
             print(f"lumos-jax train: resumed from {ckpt.directory / str(start)}")
