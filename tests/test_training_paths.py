@@ -25,7 +25,7 @@ def test_checkpointer_and_train_hand_orbax_the_gs_uri(tmp_path, monkeypatch):
     seen = {}
 
     class FakeManager:
-        def __init__(self, directory, options=None, item_names=()):
+        def __init__(self, directory, options=None, item_names=(), item_handlers=None):
             seen["manager"] = os.fspath(directory)
 
     monkeypatch.setattr(checkpointing.ocp, "CheckpointManager", FakeManager)
