@@ -80,6 +80,19 @@ def read_json_list(path: Path) -> list:
     return data
 
 
+def records(path: Path) -> Iterator[tuple[int, str, dict]]:
+    """(index, where, record) for a JSON list (`file[i]`) or JSONL file (`file:line`);
+    every record must be an object."""
+    if path.suffix == ".jsonl":
+        rows = ((lineno, f"{path}:{lineno}", rec) for lineno, rec in iter_jsonl(path))
+    else:
+        rows = ((i, f"{path}[{i}]", rec) for i, rec in enumerate(read_json_list(path)))
+    for i, (_, where, rec) in enumerate(rows):
+        if not isinstance(rec, dict):
+            raise DatasetError(f"{where}: expected an object")
+        yield i, where, rec
+
+
 def read_gsm8k(path: str | Path) -> list[Example]:
     """GSM8K JSONL (`question`, `answer` ending in `#### N`); gold = N without commas."""
     path = Path(path)
@@ -102,10 +115,7 @@ def read_svamp(path: str | Path) -> list[Example]:
     """SVAMP JSON list; question = Body + ' ' + Question, gold = str(int(Answer)) (reference)."""
     path = Path(path)
     out = []
-    for i, rec in enumerate(read_json_list(path)):
-        where = f"{path}[{i}]"
-        if not isinstance(rec, dict):
-            raise DatasetError(f"{where}: expected an object")
+    for i, where, rec in records(path):
         body = require_field(rec, "Body", where)
         question = require_field(rec, "Question", where)
         answer = require_field(rec, "Answer", where, (int, float))
@@ -120,10 +130,7 @@ def read_strategyqa(path: str | Path) -> list[Example]:
     """StrategyQA JSON list (`question`, `answer` bool)."""
     path = Path(path)
     out = []
-    for i, rec in enumerate(read_json_list(path)):
-        where = f"{path}[{i}]"
-        if not isinstance(rec, dict):
-            raise DatasetError(f"{where}: expected an object")
+    for i, where, rec in records(path):
         question = require_field(rec, "question", where)
         answer = require_field(rec, "answer", where, bool)
         out.append(Example(f"strategyqa_{i}", question.strip(), answer, "complex_qa"))
@@ -134,10 +141,7 @@ def read_hotpotqa(path: str | Path) -> list[Example]:
     """HotpotQA dev question list (`question`, `answer`, `type`), open-domain setting."""
     path = Path(path)
     out = []
-    for i, rec in enumerate(read_json_list(path)):
-        where = f"{path}[{i}]"
-        if not isinstance(rec, dict):
-            raise DatasetError(f"{where}: expected an object")
+    for i, where, rec in records(path):
         question = require_field(rec, "question", where)
         answer = require_field(rec, "answer", where)
         out.append(Example(f"hotpotqa_{i}", question.strip(), answer, "complex_qa",
@@ -152,15 +156,8 @@ def read_hotpotqa_distractor(path: str | Path) -> list[Example]:
     per-question document store of the distractor setting.
     """
     path = Path(path)
-    if path.suffix == ".json":
-        rows = [(i, r) for i, r in enumerate(read_json_list(path))]
-        where_of = lambda n: f"{path}[{n}]"  # noqa: E731
-    else:
-        rows = list(iter_jsonl(path))
-        where_of = lambda n: f"{path}:{n}"  # noqa: E731
     out = []
-    for n, rec in rows:
-        where = where_of(n)
+    for _, where, rec in records(path):
         ex_id = rec.get("id", rec.get("_id"))
         if not isinstance(ex_id, str):
             raise DatasetError(f"{where}: missing field 'id' (or '_id')")

@@ -19,17 +19,13 @@ from collections import Counter
 from pathlib import Path
 
 from lumos_jax.evaluation.mind2web import read_mind2web
-from lumos_jax.evaluation.datasets import DatasetError, Example, require_field, read_json_list, read_json, iter_jsonl
+from lumos_jax.evaluation.datasets import DatasetError, Example, read_json, records, require_field
 
 
 def read_webshop(path: str | Path) -> list[Example]:
     path = Path(path)
-    rows = list(iter_jsonl(path)) if path.suffix == ".jsonl" else list(enumerate(read_json_list(path)))
     out = []
-    for n, rec in rows:
-        where = f"{path}:{n}" if path.suffix == ".jsonl" else f"{path}[{n}]"
-        if not isinstance(rec, dict):
-            raise DatasetError(f"{where}: expected an object")
+    for _, where, rec in records(path):
         text = rec.get("instruction_text", rec.get("instruction"))
         if not isinstance(text, str):
             raise DatasetError(f"{where}: missing field 'instruction_text' (or 'instruction')")
@@ -41,10 +37,7 @@ def read_webshop(path: str | Path) -> list[Example]:
 def read_aokvqa(path: str | Path, coco_dir: str | Path = "coco") -> list[Example]:
     path = Path(path)
     out = []
-    for i, rec in enumerate(read_json_list(path)):
-        where = f"{path}[{i}]"
-        if not isinstance(rec, dict):
-            raise DatasetError(f"{where}: expected an object")
+    for i, where, rec in records(path):
         question = require_field(rec, "question", where)
         choices = require_field(rec, "choices", where, list)
         image_id = require_field(rec, "image_id", where, int)
@@ -92,12 +85,8 @@ def read_scienceqa(path: str | Path, split: str = "test", image_dir: str | Path 
 
 def read_intercode_sql(path: str | Path, db_dir: str | Path = "database") -> list[Example]:
     path = Path(path)
-    rows = list(iter_jsonl(path)) if path.suffix == ".jsonl" else list(enumerate(read_json_list(path)))
     out = []
-    for n, rec in rows:
-        where = f"{path}:{n}" if path.suffix == ".jsonl" else f"{path}[{n}]"
-        if not isinstance(rec, dict):
-            raise DatasetError(f"{where}: expected an object")
+    for _, where, rec in records(path):
         db = require_field(rec, "db", where)
         question = require_field(rec, "query", where)
         gold = require_field(rec, "gold", where)
