@@ -66,8 +66,6 @@ class _QuietGinSearch(logging.Filter):
         return not record.getMessage().startswith("Path not found")
 
 
-logging.getLogger().addFilter(_QuietGinSearch())
-
 
 def parse_gin(gin_files: Sequence[str] = (), bindings: Sequence[str] = ()) -> None:
     """Parse files then bindings; any problem becomes one ConfigError line."""
@@ -77,11 +75,16 @@ def parse_gin(gin_files: Sequence[str] = (), bindings: Sequence[str] = ()) -> No
         if p not in gin.config._LOCATION_PREFIXES:  # noqa: SLF001 - gin has no public getter
             gin.add_config_file_search_path(p)
     files = [resolve_gin_file(f) for f in gin_files]
-    for f in files:
-        try:
-            gin.parse_config_file(f)
-        except Exception as e:  # gin raises several types; report them as one line
-            raise ConfigError(f"{f}: {_one_line(e)}") from None
+    quiet = _QuietGinSearch()
+    logging.getLogger().addFilter(quiet)  # only while gin searches; not on import
+    try:
+        for f in files:
+            try:
+                gin.parse_config_file(f)
+            except Exception as e:  # gin raises several types; report them as one line
+                raise ConfigError(f"{f}: {_one_line(e)}") from None
+    finally:
+        logging.getLogger().removeFilter(quiet)
     for b in bindings:
         try:
             gin.parse_config(b)

@@ -127,15 +127,22 @@ def load_tokenizer(path: str = gin.REQUIRED, add_pad_token: bool = True,
 ROLE_TAGS = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
 
 
+def _role_and_content(i: int, m) -> tuple[str, str]:
+    role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
+    if not isinstance(m, dict):
+        raise ValueError(f"message {i}: expected an object with 'role' and 'content'")
+    if role not in ROLE_TAGS:
+        raise ValueError(f"message {i}: unknown role {role!r} (expected system/user/assistant)")
+    if not isinstance(content, str):
+        raise ValueError(f"message {i}: content must be a string, got {type(content).__name__}")
+    return role, content
+
+
 def concat_messages(messages: Sequence[dict], eos_token: str) -> str:
-    """Role-tagged text of a conversation, exactly as the reference builds it."""
+    """Role-tagged text of a conversation, exactly as the reference's training code builds it."""
     out = []
     for i, m in enumerate(messages):
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLE_TAGS:
-            raise ValueError(f"message {i}: unknown role {role!r} (expected system/user/assistant)")
-        if not isinstance(content, str):
-            raise ValueError(f"message {i}: content must be a string, got {type(content).__name__}")
+        role, content = _role_and_content(i, m)
         if role == "system":
             out.append(ROLE_TAGS[role] + content + "\n")
         elif role == "user":
@@ -143,6 +150,20 @@ def concat_messages(messages: Sequence[dict], eos_token: str) -> str:
         else:
             out.append(ROLE_TAGS[role] + content.strip() + eos_token + "\n")
     return "".join(out)
+
+
+def reference_prompt_text(messages: Sequence[dict]) -> str:
+    """The reference's *inference* prompt (LUMOS_SPEC §4), ending with the assistant header:
+    no BOS, no EOS, each earlier answer followed by a blank line
+    (`<|user|>\\n{u}\\n<|assistant|>\\n{answer}\\n\\n<|user|>\\n...`)."""
+    out = []
+    for i, m in enumerate(messages):
+        role, content = _role_and_content(i, m)
+        if role == "assistant":
+            out.append(ROLE_TAGS[role] + content.strip() + "\n\n")
+        else:
+            out.append(ROLE_TAGS[role] + (content if role == "system" else content.strip()) + "\n")
+    return "".join(out) + ROLE_TAGS["assistant"]
 
 
 def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer,

@@ -105,7 +105,7 @@ def test_reference_style_strings(llama2_tokenizer):
     first = prompts.plan_first(task)
     assert first == ("Please provide a reasonable subgoal-based plan to solve the given task.\n"
                      "Task: Natalia sold clips?; Initial Environment Description: None.")
-    from lumos_jax.agent.generators import _reference_text
+    from lumos_jax.tokenization import reference_prompt_text as _reference_text
 
     msgs = [{"role": "user", "content": first}, {"role": "assistant", "content": "Subgoal 1: Add. "},
             {"role": "user", "content": prompts.plan_feedback("maths", "reference", 1, "Subgoal 1: Add.", "72")}]
@@ -130,7 +130,7 @@ def test_reference_style_strings(llama2_tokenizer):
 def test_reference_style_incremental_tokens_equal_the_retokenized_prompt(llama2_tokenizer):
     """Without re-tokenizing, turn 2's ids are still exactly the reference string's tokens
     (when the model's answer tokens are the ones the tokenizer would produce)."""
-    from lumos_jax.agent.generators import _reference_text
+    from lumos_jax.tokenization import reference_prompt_text as _reference_text
 
     tok = llama2_tokenizer
     u1 = prompts.ground_first("maths", "Natalia sold 48 clips. How many?", "Subgoal 1: Half of 48.")

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
-from lumos_jax.tokenization import ROLE_TAGS
+from lumos_jax.tokenization import ROLE_TAGS, concat_messages, reference_prompt_text
 
 
 @dataclasses.dataclass
@@ -152,19 +152,19 @@ class ChatModelGenerator:
         s = self._sessions.get(r.session)
         if self.style == "train":
             if s is None:
-                text = "".join(_turn(m, self.tok.eos_token) for m in r.messages) + ROLE_TAGS["assistant"]
+                text = concat_messages(r.messages, self.tok.eos_token) + ROLE_TAGS["assistant"]
                 return self.tok.encode(text, add_bos=True)
             new = r.messages[s.n_messages:]
-            text = "\n" + "".join(_turn(m, self.tok.eos_token) for m in new) + ROLE_TAGS["assistant"]
+            text = "\n" + concat_messages(new, self.tok.eos_token) + ROLE_TAGS["assistant"]
             return s.ids + self.tok.encode(text)
         if s is None or not self.incremental:
-            return self.tok.encode(_reference_text(r.messages))
+            return self.tok.encode(reference_prompt_text(r.messages))
         # The held tokens end with the newline stop: "\n" + "\n<|user|>..." is the "\n\n" join.
         ids = list(s.ids)
         if not ids or ids[-1] != self.newline_id:
             ids.append(self.newline_id)
         new = r.messages[s.n_messages:]
-        return ids + self._encode_continuation("\n" + _reference_text(new))
+        return ids + self._encode_continuation("\n" + reference_prompt_text(new))
 
     def _encode_continuation(self, text: str) -> list[int]:
         """Tokens of text that continues a sequence: without SentencePiece's leading '▁'."""
@@ -207,18 +207,3 @@ class ChatModelGenerator:
             self.closed.append((s.held, s.generated))
         self.backend.release(session)
 
-
-def _turn(m: dict, eos: str) -> str:
-    if m["role"] == "assistant":
-        return ROLE_TAGS["assistant"] + m["content"].strip() + eos + "\n"
-    return ROLE_TAGS.get(m["role"], ROLE_TAGS["user"]) + m["content"].strip() + "\n"
-
-
-def _reference_text(messages: list[dict]) -> str:
-    text = ""
-    for m in messages:
-        if m["role"] == "assistant":
-            text += m["content"].strip() + "\n\n"
-        else:
-            text += ROLE_TAGS["user"] + m["content"].strip() + "\n" + ROLE_TAGS["assistant"]
-    return text

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import gin
 
-from lumos_jax.tokenization import ROLE_TAGS, concat_messages
+from lumos_jax.tokenization import ROLE_TAGS, concat_messages, reference_prompt_text
 
 FORMATS = ("training", "reference")
 
@@ -28,25 +28,11 @@ def chat_prompt_text(messages: Sequence[dict], eos_token: str, fmt: str = "train
     """The prompt text for the next assistant turn (without BOS)."""
     if not messages:
         raise ValueError("messages: at least one message is required")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise ValueError(f"messages[{i}]: expected an object with 'role' and 'content'")
     if fmt == "training":
         return concat_messages(messages, eos_token) + ROLE_TAGS["assistant"]
     if fmt != "reference":
         raise ValueError(f"chat format {fmt!r}; expected one of {FORMATS}")
-    out = []
-    for i, m in enumerate(messages):
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLE_TAGS:
-            raise ValueError(f"messages[{i}]: unknown role {role!r} (expected system/user/assistant)")
-        if not isinstance(content, str):
-            raise ValueError(f"messages[{i}]: content must be a string")
-        if role == "assistant":
-            out.append(ROLE_TAGS[role] + content + "\n\n")
-        else:
-            out.append(ROLE_TAGS[role] + content + "\n")
-    return "".join(out) + ROLE_TAGS["assistant"]
+    return reference_prompt_text(messages)
 
 
 def chat_prompt_ids(messages: Sequence[dict], tokenizer, fmt: str = "training") -> list[int]:

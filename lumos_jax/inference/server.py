@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import queue
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Sequence
@@ -37,7 +38,7 @@ class EngineWorker(threading.Thread):
         super().__init__(daemon=True, name="engine-worker")
         self.engine = engine
         self.inbox: queue.Queue = queue.Queue()
-        self._stop = threading.Event()
+        self._stop_event = threading.Event()
 
     def submit(self, job: _Job) -> None:
         self.inbox.put(job)
@@ -48,11 +49,11 @@ class EngineWorker(threading.Thread):
         self.inbox.put(job)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stop_event.set()
 
     def run(self) -> None:
         engine = self.engine
-        while not self._stop.is_set():
+        while not self._stop_event.is_set():
             try:
                 job = self.inbox.get(timeout=_POLL_S) if not engine.busy else self.inbox.get_nowait()
             except queue.Empty:
@@ -84,7 +85,10 @@ class EngineWorker(threading.Thread):
 
 
 class OpenAIServer(ThreadingHTTPServer):
-    daemon_threads = True
+    # Handler threads are joined on shutdown, never left as daemons: a daemon thread woken
+    # during interpreter exit aborts the process ("FATAL: exception not rethrown").
+    daemon_threads = False
+    block_on_close = True
 
     def __init__(self, address, engine, tokenizer, model_name: str, chat_format: str,
                  default_max_tokens: int = 256):
@@ -94,10 +98,32 @@ class OpenAIServer(ThreadingHTTPServer):
         self.default_max_tokens = default_max_tokens
         self.worker = EngineWorker(engine)
         self.worker.start()
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+
+    def process_request(self, request, client_address):
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
 
     def shutdown(self) -> None:
-        self.worker.stop()
+        """Stop accepting, end kept-alive connections, then join every thread we started."""
         super().shutdown()
+        with self._connections_lock:
+            open_connections = list(self._connections)
+        for conn in open_connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.server_close()  # joins the handler threads (block_on_close)
+        self.worker.stop()
+        self.worker.join()
 
 
 class _Handler(BaseHTTPRequestHandler):
