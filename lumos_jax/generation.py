@@ -19,15 +19,12 @@ import gin
 from lumos_jax.models.llama import LlamaForCausalLM
 
 
-def _pow2(n: int) -> int:
-    return 1 << (max(n, 1) - 1).bit_length()
-
-
 def greedy_generate(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     stop_ids: Sequence[int] = ()) -> list[list[int]]:
     """Greedy continuations of token-id prompts (each row stops at its first stop id,
     which is included in its output)."""
     from lumos_jax.inference import Engine, SamplingParams
+    from lumos_jax.inference.engine import pow2_at_least as _pow2
 
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("greedy_generate: every prompt needs at least one token")

@@ -63,15 +63,15 @@ WINDOW_MIN = 256
 
 
 def attention_window(longest: int, steps: int, max_len: int) -> int:
-    return min(max_len, max(WINDOW_MIN, _pow2_at_least(longest + steps)))
+    return min(max_len, max(WINDOW_MIN, pow2_at_least(longest + steps)))
 
 
 def length_bucket(n: int, max_len: int, minimum: int = 16) -> int:
     """Power-of-two buckets (capped at max_len) so prefill compiles for few lengths."""
-    return min(max_len, max(minimum, 1 << (max(n, 1) - 1).bit_length()))
+    return min(max_len, max(minimum, pow2_at_least(n)))
 
 
-def _pow2_at_least(n: int) -> int:
+def pow2_at_least(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
 
 
@@ -292,7 +292,7 @@ class Engine:
 
     # -- device calls -----------------------------------------------------------------------
     def _controls(self, rows: Sequence[_Slot | None]) -> RowControls:
-        n_stop = _pow2_at_least(max([len(s.params.stop_ids) for s in rows if s] + [4]))
+        n_stop = pow2_at_least(max([len(s.params.stop_ids) for s in rows if s] + [4]))
         stop = np.full((len(rows), n_stop), -1, np.int32)
         temp = np.zeros(len(rows), np.float32)
         top_k = np.zeros(len(rows), np.int32)
@@ -321,7 +321,7 @@ class Engine:
                 self._prefill_rows(slots[lo: lo + per_call], t, finished)
 
     def _prefill_rows(self, slots: list[int], t: int, finished: list[TurnResult]) -> None:
-        n = min(_pow2_at_least(len(slots)), _pow2_at_least(self.num_slots))
+        n = min(pow2_at_least(len(slots)), pow2_at_least(self.num_slots))
         ids = np.zeros((n, t), np.int32)
         starts = np.zeros(n, np.int32)
         valid = np.ones(n, np.int32)
