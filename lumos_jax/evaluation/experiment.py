@@ -7,6 +7,7 @@ gin `max_rounds`, when bound, wins over the dataset's reference default) and run
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import gin
 from lumos_jax.evaluation import datasets as ds
 from lumos_jax.evaluation.catalogue import DATASETS
 from lumos_jax.evaluation.datasets import Example
+from lumos_jax.evaluation.scoring import check_protocol
 from lumos_jax.evaluation.user_datasets import USER_READERS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -94,6 +96,7 @@ class ExperimentConfig:
     reader_kwargs: dict
     source: str = "files"
     tfds_data_dir: str | None = None
+    protocol: str = "robust"
 
     @property
     def domain(self) -> str:
@@ -114,17 +117,21 @@ def eval_experiment(name: str = gin.REQUIRED, dataset: str = gin.REQUIRED,
                     start: int = 0, limit: int | None = None, output_dir: str | None = None,
                     batch_size: int = 8, paper_score: float | None = None, paper_note: str = "",
                     reader_kwargs: dict | None = None, source: str = "files",
-                    tfds_data_dir: str | None = None) -> ExperimentConfig:
+                    tfds_data_dir: str | None = None, protocol: str = "robust") -> ExperimentConfig:
+    """`protocol`: 'reference' reproduces the reference's inference and scoring (numbers
+    comparable with the paper); 'robust' is ours (errors as observations, numeric comparison,
+    every tool run). docs/evaluation.md lists every difference."""
+    check_protocol(protocol, "eval_experiment.protocol")
     if dataset not in ALL_DATASETS:
         raise ValueError(f"eval_experiment.dataset: unknown {dataset!r}; known: {', '.join(sorted(ALL_DATASETS))}")
     return ExperimentConfig(name, dataset, agent_factory, data_path, start, limit,
                             output_dir or f"runs/eval/{name}", batch_size, paper_score, paper_note,
-                            dict(reader_kwargs or {}), source, tfds_data_dir)
+                            dict(reader_kwargs or {}), source, tfds_data_dir, protocol)
 
 
 @gin.configurable
 def scripted_agent(domain: str, metric: str, default_max_rounds: int, examples: list[Example],
-                   kind: str = "oracle") -> Any:
+                   kind: str = "oracle", protocol: str = "robust") -> Any:
     """Gold (`oracle`) or always-wrong answers without a model: for tests and smoke runs."""
     from lumos_jax.evaluation.agents import ScriptedAgent
 
@@ -138,8 +145,9 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str | None = None, limit: 
     lim = cfg.limit if limit is None else limit
     examples = load_dataset(cfg.dataset, cfg.data_path, cfg.start, lim, cfg.reader_kwargs,
                             cfg.source, cfg.tfds_data_dir)
+    extra = {"protocol": cfg.protocol} if _accepts(cfg.agent_factory, "protocol") else {}
     agent = cfg.agent_factory(domain=cfg.domain, metric=cfg.metric, default_max_rounds=cfg.max_rounds,
-                              examples=examples)
+                              examples=examples, **extra)
     info = {"experiment": cfg.name, "paper_score": cfg.paper_score, "paper_note": cfg.paper_note,
             "subset": {"start": cfg.start, "limit": lim}}
 
@@ -148,4 +156,13 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str | None = None, limit: 
             print(f"\r{cfg.name}: {done}/{total}", end="\n" if done == total else "", flush=True)
 
     return evaluate(examples, agent, cfg.metric, output_dir or cfg.output_dir, cfg.dataset,
-                    batch_size=cfg.batch_size, info=info, on_batch=show)
+                    batch_size=cfg.batch_size, info=info, on_batch=show, protocol=cfg.protocol)
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    """Whether a (gin-wrapped) agent factory takes `name`: user factories may predate it."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

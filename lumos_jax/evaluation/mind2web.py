@@ -6,6 +6,9 @@ TYPE/SELECT the typed/selected text equals `operation.value` case-insensitively 
 `eval/mind2web/run_eval.py`). Step SR = successful steps / evaluated steps, over all tasks.
 Only steps with candidate elements are evaluated. Candidates are shuffled with a fixed seed per
 step, because in the files the positive elements come first.
+
+The reference protocol (`score_actions_reference`) instead counts every grounded action of
+steps 0-14 against the reference's page: the first 50 of positives + negatives, unshuffled.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Any
 from lumos_jax.evaluation.datasets import DatasetError, Example, read_json, iter_jsonl
 
 OPERATIONS = ("CLICK", "TYPE", "SELECT")
+REFERENCE_MAX_STEPS = 15      # mind2web:122 `for i in range(15)`
+REFERENCE_POOL = 50           # mind2web:67-68,212 `env[:50]` of pos + neg candidates
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,44 @@ def score_steps(predictions: Any, gold_steps: list[dict]) -> dict:
         predictions = {}
     correct = sum(step_success(predictions.get(g["action_uid"]), g) for g in gold_steps)
     return {"correct": float(correct), "total": float(len(gold_steps))}
+
+
+def score_actions_reference(predictions: Any, example: Example) -> dict:
+    """The reference's step SR numerator and denominator for one task (mind2web:55-61): each
+    grounded action of a step below 15 counts once; it succeeds when its element's text equals
+    that of the page's first element (the first positive), the operation is the gold one and,
+    for TYPE/SELECT, the text equals the gold value ignoring case.
+
+    `predictions` maps action_uid -> a list of StepPrediction/dicts (one per action)."""
+    if not isinstance(predictions, dict):
+        return {"correct": 0.0, "total": 0.0}
+    steps = {s["action_uid"]: s for s in example.meta.get("steps", [])}
+    correct = total = 0
+    for gold in example.answer:
+        step = steps.get(gold["action_uid"], {})
+        if step.get("index", 0) >= REFERENCE_MAX_STEPS:
+            continue
+        preds = predictions.get(gold["action_uid"]) or []
+        html = {c["id"]: c["html"] for c in step.get("candidates", [])}
+        first = html.get(gold["element_ids"][0]) if gold["element_ids"] else None
+        for p in preds if isinstance(preds, list) else [preds]:
+            if isinstance(p, dict):
+                p = StepPrediction(p.get("element_id"), p.get("op"), p.get("value") or "")
+            total += 1
+            if p is None or p.element_id is None or first is None:
+                continue
+            same = html.get(str(p.element_id), "").replace("\n", " ") == first.replace("\n", " ")
+            if same and p.op == gold["op"] and (p.op == "CLICK" or (p.value or "").lower() == gold["value"].lower()):
+                correct += 1
+    return {"correct": float(correct), "total": float(total)}
+
+
+def reference_pool(cands: list[dict], pos: list[str]) -> list[str]:
+    """Ids of the reference's page: positives first, then the rest in file order, first 50."""
+    pos_set = set(pos)
+    by_id = {c["id"]: c for c in cands}
+    ordered = [i for i in pos if i in by_id] + [c["id"] for c in cands if c["id"] not in pos_set]
+    return ordered[:REFERENCE_POOL]
 
 
 def _shuffled(candidates: list[dict], seed_text: str) -> list[dict]:
@@ -126,6 +169,7 @@ def _task_to_example(task: dict, where: str) -> Example:
             "action_uid": uid, "index": i,
             "previous_actions": reprs[max(i - 3, 0):i],  # the reference shows the last 3
             "candidates": _shuffled(built["cands"], uid),
+            "reference_pool": reference_pool(built["cands"], built["pos"]),
         })
         gold.append({"action_uid": uid, "element_ids": built["pos"], "op": gold_op,
                      "value": str(op.get("value", "") or "")})

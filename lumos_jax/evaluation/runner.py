@@ -128,8 +128,8 @@ def _run_batch(agent: Any, batch: Sequence[Example]) -> list[tuple[AgentResult, 
 
 
 def make_record(example: Example, dataset: str, metric: str, result: AgentResult,
-                crash: str | None, seconds: float) -> dict:
-    scores = get_scorer(metric)(example, result.answer) if crash is None else {"correct": 0.0, "total": float(
+                crash: str | None, seconds: float, protocol: str = "robust") -> dict:
+    scores = get_scorer(metric, protocol)(example, result.answer) if crash is None else {"correct": 0.0, "total": float(
         len(example.answer) if metric == "mind2web_step_sr" else 1)}
     correct = scores["correct"] >= scores["total"] > 0
     return {
@@ -168,13 +168,14 @@ def summarize(records: list[dict], metric: str, info: dict) -> dict:
 
 def evaluate(examples: Sequence[Example], agent: Any, metric: str, output_dir: str | Path,
              dataset: str, batch_size: int = 8, info: dict | None = None,
-             on_batch: Callable[[int, int], None] | None = None) -> dict:
-    """Run (or resume) an evaluation and write all outputs; returns the summary."""
+             on_batch: Callable[[int, int], None] | None = None, protocol: str = "robust") -> dict:
+    """Run (or resume) an evaluation and write all outputs; returns the summary. `protocol`
+    picks the scorers ('reference' or 'robust', see scoring.py) and is kept in the summary."""
     from lumos_jax.evaluation.report import write_reports
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    get_scorer(metric)
+    get_scorer(metric, protocol)
     ids = [ex.id for ex in examples]
     if len(set(ids)) != len(ids):
         dup = next(i for i, c in Counter(ids).items() if c > 1)
@@ -192,7 +193,7 @@ def evaluate(examples: Sequence[Example], agent: Any, metric: str, output_dir: s
         per_example = (time.perf_counter() - t0) / len(batch)
         lines = []
         for ex, (result, crash) in zip(batch, results):
-            rec = make_record(ex, dataset, metric, result, crash, per_example)
+            rec = make_record(ex, dataset, metric, result, crash, per_example, protocol)
             done[ex.id] = rec
             lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
         with open(pred_path, "a", encoding="utf-8") as f:
@@ -202,7 +203,7 @@ def evaluate(examples: Sequence[Example], agent: Any, metric: str, output_dir: s
         if on_batch is not None:
             on_batch(len(done), len(examples))
     records = [done[i] for i in ids if i in done]
-    summary = summarize(records, metric, {"dataset": dataset, **(info or {})})
+    summary = summarize(records, metric, {"dataset": dataset, "protocol": protocol, **(info or {})})
     summary["timing"] = {"this_run_seconds": round(time.perf_counter() - start, 3),
                          "examples_this_run": len(todo),
                          "agent_seconds_total": round(sum(r["seconds"] for r in records), 3)}
