@@ -1,7 +1,9 @@
-"""`lumos-jax convert SRC DST`: HF directory <-> lumos-jax checkpoint.
+"""`lumos-jax convert SRC DST`: HF directory <-> lumos-jax checkpoint, or a GGUF file -> either.
 
 The direction follows SRC: an HF directory becomes a lumos-jax (orbax) checkpoint,
-a lumos-jax checkpoint becomes an HF directory (`--to` forces either).
+a lumos-jax checkpoint becomes an HF directory (`--to` forces either). A llama.cpp
+`.gguf` file becomes an HF directory by default (weights dequantized to float32 unless
+`--dtype`), with the tokenizer rebuilt from its vocabulary written beside the weights.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from typing import Sequence
 
 
 def main(argv: Sequence[str]) -> int:
+    from lumos_jax.checkpoints.gguf import is_gguf, write_hf_sidecar
     from lumos_jax.checkpoints.hf import save_hf_model
     from lumos_jax.checkpoints.native import is_native_checkpoint, load_model, save_native
     from lumos_jax.config import parse_args
 
     parser = argparse.ArgumentParser(prog="lumos-jax convert", description=__doc__)
-    parser.add_argument("src", help="HF directory or lumos-jax checkpoint")
+    parser.add_argument("src", help="HF directory, lumos-jax checkpoint or .gguf file")
     parser.add_argument("dst", help="output directory")
     parser.add_argument("--to", choices=["native", "hf"], help="output format (default: the other one)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -27,12 +30,18 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--vocab_multiple", type=int, help="pad the embedding rows to this multiple")
     parser.add_argument("--tokenizer", help="copy tokenizer files from this directory (HF export)")
     args = parse_args(parser, argv)
-    to = args.to or ("hf" if is_native_checkpoint(args.src) else "native")
+    from_gguf = is_gguf(args.src)
+    to = args.to or ("hf" if is_native_checkpoint(args.src) or from_gguf else "native")
     overrides = {k: v for k, v in dict(param_dtype=args.param_dtype,
                                        vocab_multiple=args.vocab_multiple).items() if v is not None}
     model = load_model(args.src, **overrides)
     if to == "native":
         out = save_native(model, args.dst)
+        if from_gguf:
+            write_hf_sidecar(args.src, out)
+    elif from_gguf and not args.tokenizer:
+        out = save_hf_model(model, args.dst, dtype=args.dtype)
+        write_hf_sidecar(args.src, out)
     else:
         tokenizer = args.tokenizer or (args.src if (Path(args.src) / "tokenizer_config.json").exists() else None)
         out = save_hf_model(model, args.dst, dtype=args.dtype, tokenizer_dir=tokenizer)

@@ -88,7 +88,13 @@ def load_hf_model(directory: str | Path, mesh: Mesh | None = None, rules=None,
     """Import an HF Llama directory as a model whose params sit on `mesh`'s shardings."""
     directory = Path(directory)
     config = LlamaConfig.from_hf_dir(directory, **config_overrides)
-    ckpt = HFCheckpoint(directory)
+    return load_tensors(HFCheckpoint(directory), config, mesh, rules, directory)
+
+
+def load_tensors(ckpt, config: LlamaConfig, mesh: Mesh | None = None, rules=None,
+                 directory: str | Path = "") -> LlamaForCausalLM:
+    """A model from any HF-named tensor source: `ckpt.get(name) -> np.ndarray` and
+    `ckpt.location[name].path` (an HF directory, or a dequantizing GGUF reader)."""
     graphdef, abstract_state = nnx.split(abstract_model(config))
     if mesh is None:
         mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))

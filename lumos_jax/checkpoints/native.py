@@ -67,9 +67,12 @@ def load_native(directory: str | Path, mesh: Mesh | None = None, rules=None,
 
 
 def load_model(path: str | Path, mesh: Mesh | None = None, rules=None, **overrides) -> LlamaForCausalLM:
-    """An HF directory or a lumos-jax checkpoint, whichever `path` holds."""
+    """An HF directory, a lumos-jax checkpoint or a llama.cpp `.gguf` file, whichever `path` holds."""
+    from lumos_jax.checkpoints.gguf import is_gguf, load_gguf_model
     from lumos_jax.checkpoints.hf import load_hf_model
 
     if is_native_checkpoint(path):
         return load_native(path, mesh, rules, **overrides)
+    if is_gguf(path):
+        return load_gguf_model(path, mesh, rules, **overrides)
     return load_hf_model(path, mesh, rules, **overrides)
