@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import gin
+
+from lumos_jax.assets import expand as expand_bundled
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GIN_DIR = REPO_ROOT / "gin"
@@ -82,19 +85,44 @@ def parse_gin(gin_files: Sequence[str] = (), bindings: Sequence[str] = ()) -> No
             try:
                 gin.parse_config_file(f)
             except Exception as e:  # gin raises several types; report them as one line
-                raise ConfigError(f"{f}: {_one_line(e)}") from None
+                raise ConfigError(_gin_error(e, f)) from None
     finally:
         logging.getLogger().removeFilter(quiet)
     for b in bindings:
         try:
             gin.parse_config(b)
         except Exception as e:
-            raise ConfigError(f"--gin.{b}: {_one_line(e)}") from None
+            key = b.partition(" = ")[0]
+            raise ConfigError(_gin_error(e, f"--gin.{key}", binding=b)) from None
+    _expand_bundled_paths()
+
+
+def _expand_bundled_paths() -> None:
+    """`'bundled:X'` gin strings -> the installed package's assets/X (gin has no path type)."""
+    for key, params in gin.config._CONFIG.items():  # noqa: SLF001 - gin has no public setter
+        for name, value in params.items():
+            params[name] = expand_bundled(value)
+
+
+_UNQUOTED = re.compile(r"Failed to parse token '([^']*)'")
+
+
+def _gin_error(e: Exception, where: str, binding: str | None = None) -> str:
+    """gin's message, as one line; an unquoted string (gin shows `<ast.Name ...>`) named as such."""
+    m = _UNQUOTED.search(str(e))
+    if m and "<ast." in str(e):
+        word = m.group(1)
+        if binding is not None:  # a --gin.K=V flag: the shell eats one level of quotes
+            return f"gin: unquoted string {word} in {where}; quote it: {where}=\"'{word}'\""
+        loc = e.args[1] if len(e.args) > 1 else None
+        line = getattr(loc, "line_num", None) or getattr(e, "lineno", None)
+        return f"gin: unquoted string {word} in {where}:{line}; quote it: '{word}'"
+    return f"{binding and '--gin.' + binding or where}: {_one_line(e)}"
 
 
 def _one_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
-    return " ".join(t.strip() for t in text if t.strip())[:500] or type(e).__name__
+    return " ".join(t.strip() for t in text if t.strip()) or type(e).__name__
 
 
 def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:

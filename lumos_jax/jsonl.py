@@ -16,7 +16,7 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield n, json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
 
 
 def read_jsonl(path: str | Path) -> list:

@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
+
+import gin
 
 _COLOURS = {"plan": "\033[36m", "ground": "\033[35m", "ok": "\033[32m", "err": "\033[31m", "dim": "\033[2m",
             "bold": "\033[1m", "end": "\033[0m"}
@@ -70,12 +73,38 @@ def _read_tasks(path: str) -> list[str]:
                     raise ValueError(f"{path}:{n}: expected a JSON object with 'task' or 'question'") from None
             else:
                 tasks.append(line.strip())
+    if not tasks:
+        raise ValueError(f"--tasks_file {path}: no tasks in it (one task a line, or JSONL with 'task')")
     return tasks
+
+
+def scripted_tasks(plan_file: Path) -> list[str]:
+    """The task texts the scripted backend knows: the tasks of the plan annotation file."""
+    from lumos_jax.agent.prompts import plan_first
+    from lumos_jax.jsonl import read_jsonl
+
+    tasks = []
+    for row in read_jsonl(plan_file):
+        first = row["messages"][0]["content"]
+        m = _TASK.search(first)
+        if m and plan_first(m.group(1)) == first:
+            tasks.append(m.group(1))
+    return tasks
+
+
+_TASK = re.compile(r"Task: (.*); Initial Environment Description: None\.$", re.S)
+
+
+def _gin(name: str, default):
+    try:
+        return gin.query_parameter(name)
+    except ValueError:  # not bound
+        return default
 
 
 def main(argv: Sequence[str]) -> int:
     from lumos_jax.agent.execution import Executor
-    from lumos_jax.agent.gin_configurables import agent_episode, agent_models
+    from lumos_jax.agent.gin_configurables import agent_episode, agent_models, scripted_files
     from lumos_jax.agent.runner import EpisodeRunner
     from lumos_jax.agent.tools.qa import GeneratorQA
     from lumos_jax.agent.tools.registry import build_registry
@@ -86,23 +115,40 @@ def main(argv: Sequence[str]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", action="append", default=[], help="a task (repeatable)")
     parser.add_argument("--tasks_file", help="text file (one task a line) or JSONL with 'task'/'question'")
+    parser.add_argument("--list_scripted_tasks", action="store_true",
+                        help="print the tasks the scripted backend can replay (domain and loop from gin)")
     parser.add_argument("--trace_out", help="write every episode's trace here (one JSONL file)")
     parser.add_argument("--trace_dir", help="write one JSONL trace per episode here (episode_<i>.jsonl)")
     parser.add_argument("--no_color", action="store_true", help="plain text output")
     parser.add_argument("--quiet", action="store_true", help="print answers only")
     parser.add_argument("--max_concurrent", type=int, default=64)
     args = parse_args(parser, argv)
-    tasks = list(args.task) + (_read_tasks(args.tasks_file) if args.tasks_file else [])
-    if not tasks:
-        parser.error("give --task or --tasks_file")
+    scripted = _gin("agent_models.backend", "scripted") == "scripted"
     try:
         cfg = agent_episode()
+        if args.list_scripted_tasks:
+            if not scripted:
+                raise ValueError("--list_scripted_tasks: the backend is not 'scripted' (add --gin_file=agent/scripted.gin)")
+            print("\n".join(scripted_tasks(scripted_files(cfg, _gin("agent_models.scripted_dir", None))[0])))
+            return 0
+        tasks = list(args.task) + (_read_tasks(args.tasks_file) if args.tasks_file else [])
+        if not tasks:
+            parser.error("give --task or --tasks_file (or --list_scripted_tasks)")
+        if scripted:
+            plan_file = scripted_files(cfg, _gin("agent_models.scripted_dir", None))[0]
+            known = scripted_tasks(plan_file)
+            for t in tasks:
+                if t.strip() not in known:
+                    raise ValueError(f"task {t[:60]!r} is not in the scripted set: the scripted backend replays "
+                                     f"only the {len(known)} annotated tasks of {plan_file.name} "
+                                     "(`--list_scripted_tasks` prints them); real models: --gin_file=agent/engine.gin")
         gens = agent_models(cfg)
         qa_backend = GeneratorQA(gens["qa"]) if "qa" in gens else None
         registry = build_registry(cfg.domain, **({"qa_backend": qa_backend} if qa_backend else {}))
-    except (ValueError, FileNotFoundError) as e:  # gin appends "In call to configurable ..." lines
+    except ValueError as e:  # gin appends "In call to configurable ..." lines
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise (FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError)(first) from None
+        raise ValueError(first) from None
+    no_qa = "QA" in registry and registry.get("QA").backend is None
     runner = EpisodeRunner(gens, lambda i: (Executor(registry), None), cfg, max_concurrent=args.max_concurrent)
     results = runner.run(tasks)
     colour = not args.no_color and sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
@@ -116,4 +162,8 @@ def main(argv: Sequence[str]) -> int:
     if args.trace_dir:
         for i, r in enumerate(results):
             write_traces(Path(args.trace_dir) / f"episode_{i}.jsonl", [r.trace])
+    if no_qa and any(r.answer is None for r in results):
+        print("lumos-jax agent: no QA backend (set agent_models.qa_model or agent_tools.qa_endpoint), so every "
+              "QA action failed and the answer is None", file=sys.stderr)
+        return 1
     return 0 if all(r.ok for r in results) else 1

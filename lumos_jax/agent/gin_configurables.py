@@ -11,10 +11,12 @@ from pathlib import Path
 import gin
 
 from lumos_jax.agent.loops import EpisodeConfig
+from lumos_jax.assets import bundled
 from lumos_jax.agent.tools import registry as _registry  # noqa: F401 - registers agent_tools
 
 DEFAULT_MAX_ROUNDS = {"maths": 8, "complex_qa": 5, "web_agent": 15, "webshop": 5}
-SHARED_ANNOTATIONS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lumos" / "annotations"
+BUNDLED_ANNOTATIONS = bundled("demo_data/annotations")  # the 12 sample annotation files
+BUNDLED_WEBSHOP_EXEMPLARS = bundled("demo_data/webshop_incontext_exemplars.jsonl")
 
 
 @gin.configurable
@@ -22,7 +24,7 @@ def agent_episode(domain: str = "maths", formulation: str = "iterative", style: 
                   max_rounds: int | None = None, final_answer_qa: bool = True,
                   webshop_exemplars: str | None = None) -> EpisodeConfig:
     """Max rounds default to the reference's: GSM8K 8, StrategyQA/HotpotQA 5, WebShop 5, Mind2Web 15.
-    WebShop puts the reference's two exemplars (`webshop_exemplars`, default the shared
+    WebShop puts the reference's two exemplars (`webshop_exemplars`, default the bundled
     copy) before the task, as the reference's unseen-task prompt does."""
     from lumos_jax.agent.prompts import check
 
@@ -36,7 +38,7 @@ def agent_episode(domain: str = "maths", formulation: str = "iterative", style: 
     if domain == "webshop":
         from lumos_jax.agent.prompts import load_webshop_exemplars, webshop_exemplar_conversations
 
-        path = webshop_exemplars or str(SHARED_ANNOTATIONS.parent / "webshop_incontext_exemplars.jsonl")
+        path = webshop_exemplars or str(BUNDLED_WEBSHOP_EXEMPLARS)
         plans, grounds = webshop_exemplar_conversations(load_webshop_exemplars(path))
         plan_prefix = [m for c in plans for m in c]
         ground_prefix = [m for c in grounds for m in c]
@@ -61,13 +63,7 @@ def agent_models(cfg: EpisodeConfig, backend: str = "scripted", plan_model: str 
     if backend == "scripted":
         from lumos_jax.agent.generators import ScriptedGenerator
 
-        base = Path(scripted_dir) if scripted_dir else SHARED_ANNOTATIONS
-        name = f"lumos_{cfg.domain}_{{}}_{cfg.formulation}.jsonl"
-        plan, ground = base / name.format("plan"), base / name.format("ground")
-        for p in (plan, ground):
-            if not p.exists():
-                raise FileNotFoundError(f"agent_models.scripted_dir: {p} not found")
-        g = ScriptedGenerator.from_files(plan, ground)
+        g = ScriptedGenerator.from_files(*scripted_files(cfg, scripted_dir))
         return {"plan": g, "ground": g}
     if backend not in ("greedy", "engine"):
         raise ValueError(f"agent_models.backend={backend!r}: expected 'scripted', 'greedy' or 'engine'")
@@ -90,6 +86,17 @@ def agent_models(cfg: EpisodeConfig, backend: str = "scripted", plan_model: str 
                                           max_new_tokens=max_new_tokens if module != "qa" else 100,
                                           retokenize=reference_retokenize)
     return gens
+
+
+def scripted_files(cfg: EpisodeConfig, scripted_dir: str | None = None) -> tuple[Path, Path]:
+    """The plan and ground annotation files the scripted backend replays (default: bundled)."""
+    base = Path(scripted_dir) if scripted_dir else BUNDLED_ANNOTATIONS
+    name = f"lumos_{cfg.domain}_{{}}_{cfg.formulation}.jsonl"
+    plan, ground = base / name.format("plan"), base / name.format("ground")
+    for p in (plan, ground):
+        if not p.exists():
+            raise FileNotFoundError(f"agent_models.scripted_dir: {p} not found")
+    return plan, ground
 
 
 def _backend(kind: str, model, slots: int, max_len: int, steps: int):

@@ -58,7 +58,8 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             try:
                 record = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                why = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
+                raise DatasetError(f"{path}:{lineno}: not valid JSON ({why})") from None
             if not isinstance(record, dict):
                 raise DatasetError(f"{path}:{lineno}: expected a JSON object")
             yield lineno, record

@@ -66,21 +66,38 @@ class Checkpointer:
 
 
 class PreemptionFlag:
-    """Set by SIGTERM (TPU/GPU-cluster preemption); the loop saves and exits cleanly."""
+    """Set by SIGTERM (TPU/GPU-cluster preemption) or ctrl-C (SIGINT); the loop finishes the
+    step, saves and exits cleanly (143 / 130). A second ctrl-C interrupts at once."""
 
     def __init__(self):
         self.event = threading.Event()
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
 
     def install(self) -> "PreemptionFlag":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.event.is_set():
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.event.set()
+
+    @property
+    def exit_status(self) -> int:
+        return 130 if self.signum == signal.SIGINT else 143
+
+    @property
+    def reason(self) -> str:
+        return "interrupted (ctrl-C)" if self.signum == signal.SIGINT else "SIGTERM"
+
     def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
     def is_set(self) -> bool:
         return self.event.is_set()

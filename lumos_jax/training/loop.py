@@ -32,7 +32,7 @@ from lumos_jax.training.step import (batch_sharding, check_batch, make_eval_step
 
 
 class Preempted(SystemExit):
-    """Raised after the SIGTERM checkpoint is written (exit status 143)."""
+    """Raised after the SIGTERM / ctrl-C checkpoint is written (exit status 143 / 130)."""
 
 
 @gin.configurable
@@ -95,7 +95,7 @@ def _run(workdir, seq_len, global_batch, grad_accum_steps, num_epochs, max_steps
     step_fn = make_train_step(setup, grad_accum_steps)
     eval_fn = make_eval_step(setup) if (eval_every and eval_factory) else None
     bsh = batch_sharding(setup)
-    writer = MetricsWriter(workdir / "logs", enabled=lead)
+    writer = MetricsWriter(workdir / "logs", enabled=lead, resume_step=start)
     progress = Progress(max_steps, start, enabled=lead and progress_bar)
     preempt = PreemptionFlag().install()
     peak = peak_flops_per_device()
@@ -129,8 +129,9 @@ def _run(workdir, seq_len, global_batch, grad_accum_steps, num_epochs, max_steps
                     ckpt.save(step, state, data.get_state(), force=True)
                 ckpt.wait()
                 if lead:
-                    print(f"lumos-jax train: SIGTERM; saved step {step}, exiting")
-                raise Preempted(143)
+                    print(f"lumos-jax train: {preempt.reason}; saved step {step} in {ckpt.directory}; "
+                          "run the same command again to resume", flush=True)
+                raise Preempted(preempt.exit_status)
         if pending:
             _log(pending, losses, writer, progress, t_last, flops_step, peak,
                  global_batch * seq_len, mesh.size)

@@ -61,7 +61,7 @@ class MetricsWriter:
     first copies an existing remote metrics.jsonl down, so the history is kept."""
 
     def __init__(self, log_dir, enabled: bool = True, mirror_dir: str | Path | None = None,
-                 sync_every_s: float = 300.0):
+                 sync_every_s: float = 300.0, resume_step: int | None = None):
         self.enabled = enabled and log_dir is not None
         self._file = self._tb = None
         self._remote = None
@@ -80,6 +80,8 @@ class MetricsWriter:
             remote_file = self._remote / "metrics.jsonl"
             if remote_file.exists():
                 (log_dir / "metrics.jsonl").write_bytes(remote_file.read_bytes())
+        if resume_step is not None:
+            drop_rows_after(log_dir / "metrics.jsonl", resume_step)
         self._file = open(log_dir / "metrics.jsonl", "a", encoding="utf-8")
         try:
             from tensorboardX import SummaryWriter
@@ -117,6 +119,25 @@ class MetricsWriter:
             self._tb.close()
         if self.enabled:
             self.sync()
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """A resumed run redoes the steps after its checkpoint: drop their old rows (no duplicates)."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if _row_step(line) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def _row_step(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return float("inf")  # a torn last line (the run was killed mid-write)
 
 
 class Progress:
