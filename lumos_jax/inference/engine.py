@@ -1,11 +1,15 @@
-"""The inference engine: slots over a shared KV cache, driven from the host.
+"""The inference engine: slots over one paged KV cache, driven from the host.
 
-Each slot holds one live sequence. `start` / `extend` queue tokens for prefill, `step`
+Each slot holds one live sequence; its K/V live in fixed-size blocks of a pool shared by
+every slot (`paged.py`, `blocks.py`). `start` / `extend` queue tokens for prefill, `step`
 prefills them (grouped by length bucket) and then runs the jitted decode loop for every
-generating slot. Finished turns keep their cache so an agent can `extend` them; requests
+generating slot. Finished turns keep their blocks so an agent can `extend` them; requests
 from `submit` are queued and their slots are refilled as soon as they finish (continuous
-batching). The host owns the bookkeeping (lengths, pending tokens, stop strings); the
-device owns the cache. See docs/inference.md for the API contract.
+batching). Identical full-block prefixes are stored once and not recomputed. When the pool
+is full, idle slots are evicted (tokens kept on the host, recomputed on their next turn) and,
+if that is not enough, the youngest running slot is preempted: a request never fails
+because others hold memory. The host owns the bookkeeping (lengths, block tables, stop
+strings); the device owns the pages. See docs/inference.md for the API contract.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from lumos_jax.inference.forward import DECODE_ATTENTION, SlotCache
+from lumos_jax.inference.forward import DECODE_ATTENTION, PagedCache
+from lumos_jax.inference.paged import PagedMemory, pool_blocks
 from lumos_jax.inference.params import decode_params
 from lumos_jax.inference.sampling import SamplingParams, row_keys
 from lumos_jax.inference.steps import RowControls, decode_loop, prefill_step
@@ -48,17 +54,21 @@ class _Slot:
     request_id: Any
     auto_release: bool
     history: list[int] = field(default_factory=list)   # every token of the sequence
-    to_prefill: list[int] = field(default_factory=list)
-    cache_len: int = 0
-    pending: int | None = None       # newest generated token, not yet in the cache
+    cache_len: int = 0               # leading history tokens whose K/V are in `blocks`
+    blocks: list[int] = field(default_factory=list)    # block table
+    keys: list[bytes] = field(default_factory=list)    # prefix keys of history's full blocks
+    registered: int = 0              # leading full blocks offered to the prefix table
     generated: list[int] = field(default_factory=list)
-    turn_prompt: int = 0
+    turn_prompt: int = 0             # tokens the caller supplied for this turn
+    new_turn: bool = True            # the turn's first prefill has not run yet
     prefilled: int = 0
     state: str = "prefill"           # prefill | generating | idle
+    order: int = 0                   # admission order: older slots get memory first
+    last_used: int = 0               # idle slots are evicted least recently used first
 
 
-# Decode attention reads a power-of-two window of the cache (at least this many entries)
-# covering every active row's length plus the steps of one call.
+# Decode attention reads a power-of-two window of positions (at least this many) covering
+# every active row's length plus the steps of one call, i.e. that many blocks per row.
 WINDOW_MIN = 256
 
 
@@ -75,59 +85,83 @@ def pow2_at_least(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
 
 
+CACHE_DTYPES = ("float32", "bfloat16", "float16")
+STAT_KEYS = ("prefilled_tokens", "generated_tokens", "decode_calls", "prefill_calls",
+             "prompt_tokens", "prefill_tokens", "prefix_saved_tokens", "evictions",
+             "preemptions")
+
+
 class Engine:
     """See docs/inference.md. `model` is a `LlamaForCausalLM`; `mesh` shards it
-    tensor-parallel (kv heads / mlp / vocab over `tensor`, slots over `data`)."""
+    tensor-parallel (kv heads / mlp / vocab over `tensor`; the pages by kv heads)."""
 
-    def __init__(self, model, *, num_slots: int = 8, max_len: int = 2048, steps_per_call: int = 16,
-                 mesh: Mesh | None = None, tokenizer=None, max_prefill_tokens: int = 16384,
-                 rules=None, decode_attention: str = "dot"):
+    def __init__(self, model, *, mesh: Mesh | None = None, rules=None, **settings):
         params, spec = decode_params(model, mesh, rules)
-        self._setup(model.config, params, spec, mesh, rules, num_slots, max_len, steps_per_call,
-                    tokenizer, max_prefill_tokens, decode_attention)
+        self._setup(model.config, params, spec, mesh, rules, **settings)
 
-    def _setup(self, config, params, spec, mesh, rules, num_slots, max_len, steps_per_call,
-               tokenizer, max_prefill_tokens, decode_attention):
+    @classmethod
+    def from_params(cls, config, params, spec, *, mesh: Mesh | None = None, rules=None,
+                    **settings) -> "Engine":
+        """An engine over decode params already built by `decode_params` (the loader)."""
+        new = object.__new__(cls)
+        new._setup(config, params, spec, mesh, rules, **settings)
+        return new
+
+    def _setup(self, config, params, spec, mesh, rules, *, num_slots: int = 8, max_len: int = 2048,
+               steps_per_call: int = 16, tokenizer=None, max_prefill_tokens: int = 16384,
+               decode_attention: str = "dot", block_size: int = 16, num_blocks: int | None = None,
+               kv_memory_gb: float | None = None, kv_memory_fraction: float | None = None,
+               cache_dtype: str | None = None):
         if num_slots < 1 or max_len < 2 or steps_per_call < 1:
             raise ValueError(f"Engine: num_slots={num_slots}, max_len={max_len}, "
                              f"steps_per_call={steps_per_call} must be positive (max_len >= 2)")
         if decode_attention not in DECODE_ATTENTION:
             raise ValueError(f"Engine: decode_attention={decode_attention!r}; expected one of "
                              f"{sorted(DECODE_ATTENTION)}")
+        if cache_dtype not in (None, *CACHE_DTYPES):
+            raise ValueError(f"Engine: cache_dtype={cache_dtype!r}; expected one of {CACHE_DTYPES}")
         self.config, self.params, self.spec, self.mesh, self._rules = config, params, spec, mesh, rules
         self.num_slots, self.max_len, self.steps_per_call = num_slots, max_len, steps_per_call
         self.tokenizer = tokenizer
         self.max_prefill_tokens = max_prefill_tokens
         self.decode_attention = decode_attention
         self.vocab_size = config.vocab_size
+        self.cache_dtype = cache_dtype or config.dtype
+        self._budget = dict(block_size=block_size, num_blocks=num_blocks, kv_memory_gb=kv_memory_gb,
+                            kv_memory_fraction=kv_memory_fraction, cache_dtype=cache_dtype)
+        blocks = pool_blocks(spec, block_size, jnp.dtype(self.cache_dtype), num_slots=num_slots,
+                             max_len=max_len, mesh=mesh, num_blocks=num_blocks,
+                             kv_memory_gb=kv_memory_gb, kv_memory_fraction=kv_memory_fraction)
+        self.memory = PagedMemory(blocks, block_size, max_len)
+        self.block_size = block_size
         self.cache_sharding = None
-        shape = (num_slots, spec.num_kv_heads, max_len, spec.head_dim)
+        shape = (spec.num_kv_heads, blocks, block_size, spec.head_dim)
         if mesh is not None:
             self.cache_sharding = NamedSharding(
-                mesh, logical_to_spec(SlotCache.logical_axes(), shape, mesh, rules))
-        self.cache = SlotCache.init(spec, num_slots, max_len, config.jnp_dtype, self.cache_sharding)
+                mesh, logical_to_spec(PagedCache.logical_axes(), shape, mesh, rules))
+        self.cache = PagedCache.init(spec, blocks, block_size, jnp.dtype(self.cache_dtype),
+                                     self.cache_sharding)
         self._slots: dict[int, _Slot] = {}
         self._queue: deque = deque()
         self._ids = itertools.count()
-        self.stats = {"prefilled_tokens": 0, "generated_tokens": 0, "decode_calls": 0,
-                      "prefill_calls": 0}
+        self._clock = itertools.count(1)
+        self.stats = {k: 0 for k in STAT_KEYS}
+        self._refresh_stats()
 
     def resized(self, **changes) -> "Engine":
         """A fresh engine sharing these weights, with other sizes (num_slots, max_len,
-        steps_per_call, max_prefill_tokens, decode_attention, tokenizer). Drop this engine
-        first if its cache should be freed."""
+        steps_per_call, max_prefill_tokens, decode_attention, tokenizer, block_size,
+        num_blocks, kv_memory_gb, kv_memory_fraction, cache_dtype). Drop this engine first
+        if its cache should be freed."""
         kw = dict(num_slots=self.num_slots, max_len=self.max_len, steps_per_call=self.steps_per_call,
                   tokenizer=self.tokenizer, max_prefill_tokens=self.max_prefill_tokens,
-                  decode_attention=self.decode_attention)
+                  decode_attention=self.decode_attention, **self._budget)
         bad = set(changes) - set(kw)
         if bad:
             raise ValueError(f"Engine.resized: unknown setting(s) {sorted(bad)}")
         kw.update(changes)
-        new = object.__new__(Engine)
-        new._setup(self.config, self.params, self.spec, self.mesh, self._rules, kw["num_slots"],
-                   kw["max_len"], kw["steps_per_call"], kw["tokenizer"], kw["max_prefill_tokens"],
-                   kw["decode_attention"])
-        return new
+        return Engine.from_params(self.config, self.params, self.spec, mesh=self.mesh,
+                                  rules=self._rules, **kw)
 
     @classmethod
     def from_path(cls, path, *, mesh: Mesh | None = None, tokenizer=None, rules=None,
@@ -147,6 +181,10 @@ class Engine:
     @property
     def pending_requests(self) -> int:
         return len(self._queue)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.memory.pool.num_blocks
 
     @property
     def busy(self) -> bool:
@@ -183,16 +221,17 @@ class Engine:
             raise ValueError(f"extend(slot={slot}): the slot is still {s.state}; wait for its "
                              "TurnResult from step()")
         ids = self._check_ids(new_ids, "extend")
-        need = s.cache_len + (s.pending is not None) + len(ids)
+        need = len(s.history) + len(ids)
         if need > self.max_len:
             raise ValueError(f"extend(slot={slot}): {len(ids)} new tokens need {need} cache "
                              f"entries but max_len is {self.max_len}")
+        self._check_fits(need, f"extend(slot={slot})")
         if sampling is not None:
             self._check_sampling(sampling)
             s.params = sampling
-        s.to_prefill = ids
         s.history.extend(ids)
-        s.state = "prefill"
+        s.turn_prompt, s.new_turn, s.state = len(ids), True, "prefill"
+        self.stats["prompt_tokens"] += len(s.history)
 
     def cancel(self, request_id: Any) -> bool:
         """Drop a submitted request: unqueue it, or free its slot mid-turn (nothing is
@@ -203,13 +242,13 @@ class Engine:
                 return True
         for slot, s in list(self._slots.items()):
             if s.request_id is request_id and s.auto_release:
-                del self._slots[slot]
+                self._free(slot)
                 return True
         return False
 
     def release(self, slot: int) -> None:
         self._slot(slot)
-        del self._slots[slot]
+        self._free(slot)
 
     def prefilled_tokens(self, slot: int) -> int:
         return self._slot(slot).prefilled
@@ -222,17 +261,23 @@ class Engine:
 
     def step(self) -> list[TurnResult]:
         """Admit queued requests, prefill new tokens, decode up to steps_per_call tokens;
-        return the turns that finished."""
+        return the turns that finished. When memory stops every slot, the youngest running
+        slot is preempted (recomputed later) until one can move."""
         while self._queue and self.free_slots:
             ids, sampling, rid = self._queue.popleft()
             self._claim(ids, sampling, rid, auto_release=True, checked=True)
         finished: list[TurnResult] = []
-        self._prefill(finished)
-        if any(s.state == "generating" for s in self._slots.values()):
-            self._decode(finished)
+        for _ in range(2 * self.num_slots + 1):
+            moved = self._prefill(finished)
+            if any(s.state == "generating" for s in self._slots.values()):
+                moved = self._decode(finished) or moved
+            if moved or not any(s.state != "idle" for s in self._slots.values()):
+                break
+            self._preempt(finished)
         for r in finished:
             if self._slots[r.slot].auto_release:
-                del self._slots[r.slot]
+                self._free(r.slot)
+        self._refresh_stats()
         return finished
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | None = None
@@ -272,6 +317,10 @@ class Engine:
     def _check_fits(self, n: int, what: str) -> None:
         if n > self.max_len:
             raise ValueError(f"{what}: {n} tokens do not fit the engine's max_len={self.max_len}")
+        if n > self.memory.capacity_tokens:
+            raise ValueError(f"{what}: {n} tokens do not fit the whole KV pool "
+                             f"({self.num_blocks} blocks of {self.block_size}); raise "
+                             "engine_settings.kv_memory_gb or kv_memory_fraction")
 
     def _check_sampling(self, sampling: SamplingParams) -> None:
         if sampling.stop_strings and self.tokenizer is None:
@@ -287,8 +336,52 @@ class Engine:
             raise NoFreeSlotError(f"all {self.num_slots} slots are in use; release one first")
         slot = free[0]
         self._slots[slot] = _Slot(sampling, request_id, auto_release, history=list(ids),
-                                  to_prefill=list(ids))
+                                  turn_prompt=len(ids), order=next(self._clock))
+        self.stats["prompt_tokens"] += len(ids)
         return slot
+
+    # -- memory -----------------------------------------------------------------------------
+    def _free(self, slot: int) -> None:
+        self.memory.drop(self._slots.pop(slot))
+
+    def _evict_idle(self, keep: _Slot) -> bool:
+        """Free the blocks of the least recently used idle slot (its tokens stay on the
+        host and are recomputed, or found in the prefix table, on its next turn)."""
+        idle = [s for s in self._slots.values() if s.state == "idle" and s.blocks and s is not keep]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda s: s.last_used)
+        self.memory.drop(victim)
+        self.stats["evictions"] += 1
+        return True
+
+    def _grow(self, s: _Slot, tokens: int) -> bool:
+        return self.memory.grow(s, tokens, lambda: self._evict_idle(s))
+
+    def _preempt(self, finished: list[TurnResult]) -> None:
+        """Nothing could move: free the youngest running slot that holds blocks (it is
+        recomputed later), or, if the oldest slot alone fills the pool, end its turn."""
+        running = sorted((s for s in self._slots.values() if s.state != "idle"),
+                         key=lambda s: s.order)
+        holders = [s for s in running[1:] if s.blocks]
+        if holders:
+            victim = holders[-1]
+            self.memory.drop(victim)
+            if victim.state == "generating":
+                victim.state = "prefill"
+            self.stats["preemptions"] += 1
+            return
+        s = running[0]
+        slot = next(i for i, v in self._slots.items() if v is s)
+        if s.state != "generating":
+            raise RuntimeError(f"slot {slot}: {len(s.history)} tokens cannot be placed in a "
+                               f"pool of {self.memory.capacity_tokens} tokens")
+        self._finish(slot, s, "length", None, finished)
+
+    def _refresh_stats(self) -> None:
+        pool = self.memory.pool
+        self.stats.update(blocks_total=pool.num_blocks, blocks_used=pool.used,
+                          blocks_cached=pool.cached, blocks_free=pool.available - pool.cached)
 
     # -- device calls -----------------------------------------------------------------------
     def _controls(self, rows: Sequence[_Slot | None]) -> RowControls:
@@ -308,31 +401,46 @@ class Engine:
             max_new[i], seeds[i] = p.max_new_tokens, p.seed & 0xFFFFFFFF
         return RowControls(temp, top_k, top_p, row_keys(seeds), stop, max_new)
 
-    def _prefill(self, finished: list[TurnResult]) -> None:
-        todo = [i for i, s in self._slots.items() if s.state == "prefill"]
+    def _row_count(self, n: int) -> int:
+        return min(pow2_at_least(n), pow2_at_least(self.num_slots))
+
+    def _table_width(self, tokens: int) -> int:
+        """Blocks per row a call reads: a power of two covering `tokens` (max_blocks cap)."""
+        return min(self.memory.max_blocks, pow2_at_least(-(-tokens // self.block_size)))
+
+    def _prefill(self, finished: list[TurnResult]) -> bool:
+        """Prefill every waiting slot that gets its blocks (oldest first); False if none."""
+        ready = []
+        for i, s in sorted(self._slots.items(), key=lambda kv: kv[1].order):
+            if s.state != "prefill":
+                continue
+            self.stats["prefix_saved_tokens"] += self.memory.match(s)
+            if self._grow(s, len(s.history)):
+                ready.append(i)
         groups: dict[int, list[int]] = {}
-        for i in todo:
+        for i in ready:
             s = self._slots[i]
-            n = len(s.to_prefill) + (s.pending is not None)
-            groups.setdefault(length_bucket(n, self.max_len), []).append(i)
+            groups.setdefault(length_bucket(len(s.history) - s.cache_len, self.max_len), []).append(i)
         for t, slots in sorted(groups.items()):
             per_call = max(1, min(self.num_slots, self.max_prefill_tokens // t))
             for lo in range(0, len(slots), per_call):
                 self._prefill_rows(slots[lo: lo + per_call], t, finished)
+        return bool(ready)
 
     def _prefill_rows(self, slots: list[int], t: int, finished: list[TurnResult]) -> None:
-        n = min(pow2_at_least(len(slots)), pow2_at_least(self.num_slots))
+        n = self._row_count(len(slots))
         ids = np.zeros((n, t), np.int32)
         starts = np.zeros(n, np.int32)
-        valid = np.ones(n, np.int32)
-        slot_ids = np.full(n, self.num_slots, np.int32)   # padding rows write nothing
+        valid = np.zeros(n, np.int32)                      # padding rows write nothing
         rows: list[_Slot | None] = [None] * n
         for r, i in enumerate(slots):
             s = self._slots[i]
-            toks = ([s.pending] if s.pending is not None else []) + s.to_prefill
+            toks = s.history[s.cache_len:]
             ids[r, : len(toks)] = toks
-            starts[r], valid[r], slot_ids[r], rows[r] = s.cache_len, len(toks), i, s
-        first, self.cache = prefill_step(self.params, self.cache, slot_ids, ids, starts, valid,
+            starts[r], valid[r], rows[r] = s.cache_len, len(toks), s
+        width = self._table_width(max(len(self._slots[i].history) for i in slots))
+        table = self.memory.table(rows, width)
+        first, self.cache = prefill_step(self.params, self.cache, table, ids, starts, valid,
                                          self._controls(rows), spec=self.spec,
                                          cache_sharding=self.cache_sharding)
         first = np.asarray(jax.device_get(first))
@@ -340,47 +448,62 @@ class Engine:
         for r, i in enumerate(slots):
             s = self._slots[i]
             s.cache_len += int(valid[r])
-            s.prefilled += len(s.to_prefill)
-            self.stats["prefilled_tokens"] += len(s.to_prefill)
-            s.turn_prompt = len(s.to_prefill)
-            s.to_prefill = []
-            s.pending = None
-            s.generated = []
+            self.stats["prefill_tokens"] += int(valid[r])
+            if s.new_turn:
+                s.prefilled += s.turn_prompt
+                self.stats["prefilled_tokens"] += s.turn_prompt
+                s.generated, s.new_turn = [], False
             s.state = "generating"
             self._accept(i, s, [int(first[r])], s.cache_len, True, finished)
 
-    def _decode(self, finished: list[TurnResult]) -> None:
-        b = self.num_slots
-        last = np.zeros(b, np.int32)
-        lengths = np.zeros(b, np.int32)
-        generated = np.zeros(b, np.int32)
+    def _decode(self, finished: list[TurnResult]) -> bool:
+        """Grow each generating slot's blocks for this call (oldest first; a slot that gets
+        no room waits) and run the decode loop over those rows; False if none could run."""
+        runnable = []
+        for i, s in sorted(self._slots.items(), key=lambda kv: kv[1].order):
+            if s.state != "generating":
+                continue
+            want = min(self.steps_per_call, s.params.max_new_tokens - len(s.generated))
+            self._grow(s, min(s.cache_len + want, self.max_len))
+            if len(s.blocks) * self.block_size > s.cache_len:
+                runnable.append(i)
+        if not runnable:
+            return False
+        b = self._row_count(len(runnable))
+        longest = max(self._slots[i].cache_len for i in runnable)
+        width = self._table_width(attention_window(longest, self.steps_per_call, self.max_len))
+        last, lengths, generated = (np.zeros(b, np.int32) for _ in range(3))
+        capacity = np.zeros(b, np.int32)
         active = np.zeros(b, bool)
         rows: list[_Slot | None] = [None] * b
-        for i, s in self._slots.items():
-            if s.state == "generating":
-                last[i], lengths[i], generated[i] = s.pending, s.cache_len, len(s.generated)
-                active[i], rows[i] = True, s
-        out, self.cache = decode_loop(self.params, self.cache, last, lengths, generated, active,
-                                      self._controls(rows), spec=self.spec,
+        for r, i in enumerate(runnable):
+            s = self._slots[i]
+            last[r], lengths[r], generated[r] = s.history[s.cache_len], s.cache_len, len(s.generated)
+            capacity[r] = min(len(s.blocks), width) * self.block_size
+            capacity[r] = min(int(capacity[r]), self.max_len)
+            active[r], rows[r] = True, s
+        table = self.memory.table(rows, width)
+        out, self.cache = decode_loop(self.params, self.cache, table, last, lengths, generated,
+                                      active, capacity, self._controls(rows), spec=self.spec,
                                       steps=self.steps_per_call, cache_sharding=self.cache_sharding,
-                                      attention=self.decode_attention,
-                                      window=attention_window(int(lengths[active].max()),
-                                                              self.steps_per_call, self.max_len))
+                                      attention=self.decode_attention)
         out = jax.device_get(out)
         self.stats["decode_calls"] += 1
-        for i in np.flatnonzero(active):
-            s = self._slots[int(i)]
-            new = [int(x) for x in out.tokens[i] if x >= 0]
-            self._accept(int(i), s, new, int(out.lengths[i]), bool(out.active[i]), finished)
+        for r, i in enumerate(runnable):
+            s = self._slots[i]
+            new = [int(x) for x in out.tokens[r] if x >= 0]
+            self._accept(i, s, new, int(out.lengths[r]), bool(out.active[r]), finished,
+                         room=int(capacity[r]))
+        return True
 
     def _accept(self, slot: int, s: _Slot, new: list[int], cache_len: int, still_active: bool,
-                finished: list[TurnResult]) -> None:
-        """Record new tokens (the last one pending) and finish the turn if it ended."""
+                finished: list[TurnResult], room: int | None = None) -> None:
+        """Record new tokens (the last one not yet in the cache), offer completed blocks to
+        the prefix table and finish the turn if it ended."""
         before = len(s.generated)
         s.generated.extend(new)
         s.history.extend(new)
         s.cache_len = cache_len
-        s.pending = s.generated[-1]
         self.stats["generated_tokens"] += len(new)
         p = s.params
         reason, stop = None, None
@@ -391,20 +514,24 @@ class Engine:
                 drop = len(s.generated) - keep
                 del s.generated[keep:]
                 del s.history[len(s.history) - drop:]
-                s.cache_len -= drop
-                s.pending = s.generated[-1]
+                self.memory.truncate(s, s.cache_len - drop)
                 self.stats["generated_tokens"] -= drop
                 reason = "stop"
+        self.memory.register(s)
         if reason is None:
-            if s.pending in p.stop_ids:
-                reason, stop = "stop", s.pending
+            if s.history[-1] in p.stop_ids:
+                reason, stop = "stop", s.history[-1]
             elif len(s.generated) >= p.max_new_tokens or s.cache_len >= self.max_len:
                 reason = "length"
-            elif not still_active:
+            elif not still_active and (room is None or s.cache_len < room):
                 raise RuntimeError(f"slot {slot}: device stopped a row the host cannot explain")
-        if reason is None:
-            return
+        if reason is not None:
+            self._finish(slot, s, reason, stop, finished)
+
+    def _finish(self, slot: int, s: _Slot, reason: str, stop, finished: list[TurnResult]) -> None:
         s.state = "idle"
+        s.last_used = next(self._clock)
+        self.memory.trim(s)
         text = self.tokenizer.decode(s.generated) if self.tokenizer is not None else None
         finished.append(TurnResult(slot, s.request_id, list(s.generated), reason, stop,
                                    s.turn_prompt, text))

@@ -1,10 +1,11 @@
-"""The Llama forward pass over slot caches, specialised for prefill and decode.
+"""The Llama forward pass over a paged KV cache, specialised for prefill and decode.
 
-Cache layout: per layer `k`, `v` of shape (slots, kv_heads, max_len, head_dim). A slot's
-tokens sit contiguously at cache index = position, so a row's length is all the bookkeeping
-it needs: attention masks `index <= position` (stale entries past the length are never
-seen), and rewinding a row is just lowering its length. Keeping max_len next to head_dim
-makes q·k and p·v plain batched matmuls over (slot, kv_head) with no transposes of the cache.
+Cache layout (vLLM-style, the layout of JAX's Pallas `paged_attention`): per layer K and V
+pages (kv_heads, num_blocks, block_size, head_dim) shared by every row; a row's block table
+(max_blocks,) int32 lists its blocks in order, so position p sits at block table[p // bs],
+offset p % bs. Attention gathers a row's first nb blocks (nb static, bucketed by the host)
+and masks `index <= position`: stale entries past a row's length are never seen, so
+rewinding a row is just lowering its length. Writes to block id num_blocks are dropped.
 Numerics follow `lumos_jax.models.llama` (HF): RMSNorm in fp32, RoPE on halves, softmax in fp32.
 """
 
@@ -22,13 +23,15 @@ from lumos_jax.models.llama import apply_rope
 _NEG = -1e30
 
 
-class SlotCache(NamedTuple):
-    k: tuple[jax.Array, ...]  # per layer (slots, kv_heads, max_len, head_dim)
+class PagedCache(NamedTuple):
+    """Per layer K and V pages (kv_heads, num_blocks, block_size, head_dim), the layout of
+    `jax.experimental.pallas.ops.tpu.paged_attention` (k_pages / v_pages)."""
+    k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
 
     @classmethod
-    def init(cls, spec: ForwardSpec, num_slots: int, max_len: int, dtype, shardings=None):
-        shape = (num_slots, spec.num_kv_heads, max_len, spec.head_dim)
+    def init(cls, spec: ForwardSpec, num_blocks: int, block_size: int, dtype, shardings=None):
+        shape = (spec.num_kv_heads, num_blocks, block_size, spec.head_dim)
 
         def zeros():
             return jnp.zeros(shape, dtype)
@@ -39,7 +42,15 @@ class SlotCache(NamedTuple):
 
     @staticmethod
     def logical_axes():
-        return ("cache_batch", "cache_kv_heads", "cache_length", "head_dim")
+        return ("cache_kv_heads", "cache_blocks", None, "head_dim")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k[0].shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.k[0].shape[2]
 
 
 def rms_norm(x, weight, eps):
@@ -67,22 +78,24 @@ def _mlp(lyr, x, spec: ForwardSpec):
 
 
 def _attend(q, k, v, mask, spec: ForwardSpec):
-    """q (N, T, KV, G, D), k/v (N, KV, S, D), mask (N, T, S) -> (N, T, KV, G, D)."""
-    scores = jnp.einsum("ntkgd,nksd->nkgts", q, k, preferred_element_type=jnp.float32)
+    """q (N, T, KV, G, D), k/v (KV, N, S, D), mask (N, T, S) -> (N, T, KV, G, D)."""
+    scores = jnp.einsum("ntkgd,knsd->nkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(spec.head_dim)
     scores = jnp.where(mask[:, None, None], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return jnp.einsum("nkgts,nksd->ntkgd", probs, v)
+    return jnp.einsum("nkgts,knsd->ntkgd", probs, v)
 
 
 def _attend_decode_reduce(q, k, v, mask, spec: ForwardSpec):
-    """Decode attention as multiply + reduce (one fused pass over the cache) instead of
+    """Decode attention as multiply + reduce (one fused pass over the keys) instead of
     batched matrix-vector products; same result, sometimes faster on GPU."""
     q1 = q[:, 0].astype(jnp.float32) / math.sqrt(spec.head_dim)          # (B, KV, G, D)
-    scores = jnp.sum(q1[:, :, :, None, :] * k[:, :, None].astype(jnp.float32), axis=-1)
+    kb = jnp.swapaxes(k, 0, 1).astype(jnp.float32)                       # (B, KV, S, D)
+    vb = jnp.swapaxes(v, 0, 1).astype(jnp.float32)
+    scores = jnp.sum(q1[:, :, :, None, :] * kb[:, :, None], axis=-1)
     scores = jnp.where(mask[:, :, None, :], scores, _NEG)               # (B, KV, G, S)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), axis=3)
+    out = jnp.sum(probs[..., None] * vb[:, :, None], axis=3)
     return out.astype(q.dtype)[:, None]                                 # (B, 1, KV, G, D)
 
 
@@ -109,61 +122,77 @@ def _constrain(x, sharding):
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
-def prefill_forward(params, cache: SlotCache, spec: ForwardSpec, slots, tokens, starts, valid,
+def _write(pages, new, blocks, offsets, sharding):
+    """pages (KV, NB, BS, D) <- new (N, T, KV, D) at (blocks, offsets) (N, T); a block id
+    of NB (out of range) drops that write."""
+    out = pages.at[:, blocks, offsets].set(jnp.moveaxis(new, 2, 0).astype(pages.dtype), mode="drop")
+    return _constrain(out, sharding)
+
+
+def _gather(pages, table, dtype):
+    """The blocks of each row, in order: pages (KV, NB, BS, D), table (N, nb) ->
+    (KV, N, nb * BS, D); key index s of a row holds its position s."""
+    g = jnp.take(pages, table, axis=1, mode="clip")                   # (KV, N, nb, BS, D)
+    kv, n, nb, bs, d = g.shape
+    return g.reshape(kv, n, nb * bs, d).astype(dtype)
+
+
+def _locate(table, positions, ok, num_blocks, block_size):
+    """(block id, offset) of each position through the row's block table; NB where not ok."""
+    col = jnp.minimum(positions // block_size, table.shape[1] - 1)
+    blocks = jnp.take_along_axis(table, col, axis=1)
+    return jnp.where(ok, blocks, num_blocks), positions % block_size
+
+
+def prefill_forward(params, cache: PagedCache, spec: ForwardSpec, table, tokens, starts, valid,
                     cache_sharding=None):
-    """Write `tokens` (N, T) of rows `slots` (N,) at cache index starts + t (t < valid) and
-    return (logits at each row's last valid token (N, V), cache). Rows with slot id
-    >= num_slots are padding: their writes are dropped."""
+    """Write `tokens` (N, T) at positions starts + t (t < valid) of rows whose block tables
+    are `table` (N, nb) and return (logits at each row's last valid token (N, V), cache).
+    Attention reads the nb blocks of each row only. Padding rows have valid = 0."""
     n, t = tokens.shape
     dtype = jnp.dtype(spec.dtype)
-    max_len = cache.k[0].shape[2]
+    nb, bs = cache.num_blocks, cache.block_size
     steps = jnp.arange(t, dtype=jnp.int32)
     positions = starts[:, None] + steps[None, :]                      # (N, T)
-    write_at = jnp.where(steps[None, :] < valid[:, None], positions, max_len)
-    mask = jnp.arange(max_len)[None, None, :] <= positions[:, :, None]  # (N, T, S)
-    rows = slots[:, None]
+    blocks, offsets = _locate(table, positions, steps[None, :] < valid[:, None], nb, bs)
+    seen = table.shape[1] * bs
+    mask = jnp.arange(seen)[None, None, :] <= positions[:, :, None]   # (N, T, S)
     x = embed(params, tokens, dtype)
     new_k, new_v = [], []
     for i, lyr in enumerate(params["layers"]):
         q, k, v = _qkv(lyr, x, positions, params["inv_freq"], spec)
-        kc = cache.k[i].at[rows, :, write_at].set(k.astype(cache.k[i].dtype), mode="drop")
-        vc = cache.v[i].at[rows, :, write_at].set(v.astype(cache.v[i].dtype), mode="drop")
-        kc, vc = _constrain(kc, cache_sharding), _constrain(vc, cache_sharding)
+        kc = _write(cache.k[i], k, blocks, offsets, cache_sharding)
+        vc = _write(cache.v[i], v, blocks, offsets, cache_sharding)
         new_k.append(kc)
         new_v.append(vc)
-        k_rows = jnp.take(kc, slots, axis=0, mode="clip").astype(dtype)
-        v_rows = jnp.take(vc, slots, axis=0, mode="clip").astype(dtype)
-        x = _out(lyr, _attend(q, k_rows, v_rows, mask, spec), x)
+        attn = _attend(q, _gather(kc, table, dtype), _gather(vc, table, dtype), mask, spec)
+        x = _out(lyr, attn, x)
         x = x + _mlp(lyr, x, spec)
     last = jnp.take_along_axis(x, jnp.maximum(valid - 1, 0)[:, None, None], axis=1)[:, 0]
-    return logits(params, last, spec), SlotCache(tuple(new_k), tuple(new_v))
+    return logits(params, last, spec), PagedCache(tuple(new_k), tuple(new_v))
 
 
-def decode_forward(params, cache: SlotCache, spec: ForwardSpec, tokens, lengths, active,
-                   cache_sharding=None, attention: str = "dot", window: int | None = None):
-    """One token per slot: `tokens` (B,) sit at position `lengths` (B,); inactive rows
-    write nothing. Attention reads only the first `window` cache entries (static; every
-    position must be < window), so short sequences in a long cache read little of it.
+def decode_forward(params, cache: PagedCache, spec: ForwardSpec, table, tokens, lengths, active,
+                   cache_sharding=None, attention: str = "dot"):
+    """One token per row: `tokens` (B,) sit at position `lengths` (B,) of the rows whose
+    block tables are `table` (B, nb); inactive rows write nothing. Attention reads only
+    the nb blocks of each row (every position must be < nb * block_size).
     Returns (logits (B, V), cache)."""
-    b = tokens.shape[0]
     dtype = jnp.dtype(spec.dtype)
-    max_len = cache.k[0].shape[2]
-    window = min(window or max_len, max_len)
+    nb, bs = cache.num_blocks, cache.block_size
     positions = lengths[:, None]                                       # (B, 1)
-    write_at = jnp.where(active, lengths, max_len)
-    mask = (jnp.arange(window)[None, :] <= lengths[:, None])[:, None, :]  # (B, 1, W)
-    rows = jnp.arange(b)
+    blocks, offsets = _locate(table, positions, active[:, None], nb, bs)
+    seen = table.shape[1] * bs
+    mask = (jnp.arange(seen)[None, :] <= lengths[:, None])[:, None, :]  # (B, 1, S)
     x = embed(params, tokens[:, None], dtype)
     new_k, new_v = [], []
+    attend = DECODE_ATTENTION[attention]
     for i, lyr in enumerate(params["layers"]):
         q, k, v = _qkv(lyr, x, positions, params["inv_freq"], spec)
-        kc = cache.k[i].at[rows, :, write_at].set(k[:, 0].astype(cache.k[i].dtype), mode="drop")
-        vc = cache.v[i].at[rows, :, write_at].set(v[:, 0].astype(cache.v[i].dtype), mode="drop")
-        kc, vc = _constrain(kc, cache_sharding), _constrain(vc, cache_sharding)
+        kc = _write(cache.k[i], k, blocks, offsets, cache_sharding)
+        vc = _write(cache.v[i], v, blocks, offsets, cache_sharding)
         new_k.append(kc)
         new_v.append(vc)
-        attend = DECODE_ATTENTION[attention]
-        k_seen, v_seen = kc[:, :, :window].astype(dtype), vc[:, :, :window].astype(dtype)
-        x = _out(lyr, attend(q, k_seen, v_seen, mask, spec), x)
+        x = _out(lyr, attend(q, _gather(kc, table, dtype), _gather(vc, table, dtype), mask, spec), x)
         x = x + _mlp(lyr, x, spec)
-    return logits(params, x[:, 0], spec), SlotCache(tuple(new_k), tuple(new_v))
+    return logits(params, x[:, 0], spec), PagedCache(tuple(new_k), tuple(new_v))

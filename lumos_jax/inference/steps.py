@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lumos_jax.inference.forward import SlotCache, decode_forward, prefill_forward
+from lumos_jax.inference.forward import PagedCache, decode_forward, prefill_forward
 from lumos_jax.inference.params import ForwardSpec
 from lumos_jax.inference.sampling import sample_tokens
 
@@ -38,26 +38,26 @@ class DecodeOut(NamedTuple):
 
 
 @partial(jax.jit, static_argnames=("spec", "cache_sharding"), donate_argnames=("cache",))
-def prefill_step(params, cache: SlotCache, slots, tokens, starts, valid, controls: RowControls,
+def prefill_step(params, cache: PagedCache, table, tokens, starts, valid, controls: RowControls,
                  *, spec: ForwardSpec, cache_sharding=None):
-    """Prefill N rows and sample each row's first new token. Returns (first (N,), cache)."""
-    logits, cache = prefill_forward(params, cache, spec, slots, tokens, starts, valid, cache_sharding)
+    """Prefill N rows (block tables `table` (N, nb)) and sample each row's first new token.
+    Returns (first (N,), cache)."""
+    logits, cache = prefill_forward(params, cache, spec, table, tokens, starts, valid, cache_sharding)
     first = sample_tokens(logits, controls.temperature, controls.top_k, controls.top_p,
                           controls.keys, starts + valid)
     return first, cache
 
 
-@partial(jax.jit, static_argnames=("spec", "steps", "cache_sharding", "attention", "window"),
+@partial(jax.jit, static_argnames=("spec", "steps", "cache_sharding", "attention"),
          donate_argnames=("cache",))
-def decode_loop(params, cache: SlotCache, last, lengths, generated, active, controls: RowControls,
-                *, spec: ForwardSpec, steps: int, cache_sharding=None, attention: str = "dot",
-                window: int | None = None):
-    """Up to `steps` decode steps for all slots. `last` (B,) is each row's newest token, not
-    yet in the cache; it is written at index `lengths`. A row stops after sampling one of
-    its stop ids, reaching its max_new tokens, or filling the cache. `window` (static) bounds
-    the cache entries attention reads: max(lengths) + steps must not exceed it."""
+def decode_loop(params, cache: PagedCache, table, last, lengths, generated, active, capacity,
+                controls: RowControls, *, spec: ForwardSpec, steps: int, cache_sharding=None,
+                attention: str = "dot"):
+    """Up to `steps` decode steps for rows with block tables `table` (B, nb). `last` (B,) is
+    each row's newest token, not yet in the cache; it is written at index `lengths`. A row
+    stops after sampling one of its stop ids, reaching its max_new tokens, or filling the
+    `capacity` (B,) positions its blocks hold (the host then grows or finishes it)."""
     b = last.shape[0]
-    max_len = cache.k[0].shape[2]
     out0 = jnp.full((b, steps), -1, jnp.int32)
 
     def cond(carry):
@@ -66,18 +66,17 @@ def decode_loop(params, cache: SlotCache, last, lengths, generated, active, cont
 
     def body(carry):
         i, tok, length, gen, act, out, c = carry
-        logits, c = decode_forward(params, c, spec, tok, length, act, cache_sharding, attention,
-                                   window)
+        logits, c = decode_forward(params, c, spec, table, tok, length, act, cache_sharding, attention)
         nxt = sample_tokens(logits, controls.temperature, controls.top_k, controls.top_p,
                             controls.keys, length + 1)
         out = jax.lax.dynamic_update_slice_in_dim(out, jnp.where(act, nxt, -1)[:, None], i, axis=1)
         length = length + act
         gen = gen + act
         stop = (jnp.any(nxt[:, None] == controls.stop_ids, axis=-1) | (gen >= controls.max_new)
-                | (length >= max_len))
+                | (length >= capacity))
         tok = jnp.where(act, nxt, tok)
         return i + 1, tok, length, gen, act & ~stop, out, c
 
-    carry = (jnp.int32(0), last, lengths, generated, active, out0, cache)
+    carry = (jnp.int32(0), last, lengths, generated, active & (lengths < capacity), out0, cache)
     i, tok, length, gen, act, out, cache = jax.lax.while_loop(cond, body, carry)
     return DecodeOut(out, tok, length, gen, act, i), cache
