@@ -1,9 +1,12 @@
-"""The host-side executor: many episodes advance together.
+"""The host-side executor: episodes stream through the models and tools with no barriers.
 
-Each pass (1) hands every episode's pending tool work to a thread pool, (2) batches every
-episode waiting on the same module (planner, grounder) into one generation call — the
-model works while tools run — and (3) resumes episodes whose tools finished. An episode
-that raises, or whose generation fails, ends cleanly with the reason in its trace.
+Up to `max_concurrent` episodes are live at once; a finished episode's place goes to the
+next task at once. Each pass (1) hands every episode's pending tool work to a thread pool,
+(2) submits every pending planner/grounder turn to its (non-blocking) generator, (3) polls
+each generator once — one engine step — and resumes each episode whose own turn finished,
+and (4) resumes episodes whose tools finished. So the planner turns, grounder turns and
+tools of different episodes overlap; nothing waits for a batch. An episode that raises, or
+whose generation fails, ends alone with the reason in its trace.
 """
 
 from __future__ import annotations
@@ -11,10 +14,10 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from lumos_jax.agent.execution import Executor
-from lumos_jax.agent.generators import GenOutput, GenRequest
+from lumos_jax.agent.generators import GenOutput, GenRequest, as_polling, error_output
 from lumos_jax.agent.loops import EpisodeConfig, EpisodeResult, Generate, Work, episode
 from lumos_jax.agent.tools.base import ToolContext
 from lumos_jax.agent.trace import Trace
@@ -26,131 +29,181 @@ class _Live:
     gen: object
     trace: Trace
     task: str
+    started: float
     pending: object = None
+    handle: Any = None               # (generator, handle) of the turn in flight
     future: cf.Future | None = None
 
 
 @dataclasses.dataclass
 class RunStats:
-    generate_calls: int = 0
-    batched_requests: int = 0
-    max_batch: int = 0
+    generate_calls: int = 0          # generator polls (each one engine step)
+    batched_requests: int = 0        # turns submitted
+    max_batch: int = 0               # most turns in flight on one generator at a poll
+    max_live: int = 0                # most episodes live at once
     tool_jobs: int = 0
     seconds: float = 0.0
 
 
 class EpisodeRunner:
     def __init__(self, generators: dict, executor_for: Callable[[int], tuple[Executor, ToolContext | None]],
-                 cfg: EpisodeConfig, max_concurrent: int = 64, tool_workers: int = 8):
+                 cfg: EpisodeConfig, max_concurrent: int = 64, tool_workers: int = 8,
+                 request_options: Callable[[int, Generate], dict] | None = None):
         """`executor_for(i)` gives episode i its Executor and (optional) ToolContext (so
-        each web episode can have its own environment)."""
-        self.generators, self.executor_for, self.cfg = generators, executor_for, cfg
+        each web episode can have its own environment). `request_options(i, generate)`
+        may add GenRequest fields per turn (e.g. a benchmark's forced token count)."""
+        if max_concurrent < 1:
+            raise ValueError(f"EpisodeRunner: max_concurrent={max_concurrent} must be >= 1")
+        polling: dict[int, Any] = {}
+        self.generators = {m: polling.setdefault(id(g), as_polling(g)) for m, g in generators.items()}
+        self.executor_for, self.cfg = executor_for, cfg
         self.max_concurrent, self.tool_workers = max_concurrent, tool_workers
+        self.request_options = request_options
         self.stats = RunStats()
 
     def run(self, tasks: Sequence[str]) -> list[EpisodeResult]:
-        start = time.perf_counter()
+        """Every task's result, in task order."""
         results: list[EpisodeResult | None] = [None] * len(tasks)
-        queue = list(range(len(tasks)))[::-1]
-        live: dict[int, _Live] = {}
-        with cf.ThreadPoolExecutor(self.tool_workers, thread_name_prefix="lumos-tools") as pool:
-            while queue or live:
-                while queue and len(live) < self.max_concurrent:
-                    i = queue.pop()
-                    ep = self._start(i, tasks[i], results)
-                    if ep is not None:
-                        live[i] = ep
-                for ep in [e for e in live.values() if not isinstance(e.pending, (Work, Generate))]:
-                    self._fail(ep, f"internal_error: episode yielded {type(ep.pending).__name__}", live, results)
-                for ep in live.values():
-                    if isinstance(ep.pending, Work) and ep.future is None:
-                        ep.future = pool.submit(ep.pending.fn)
-                        self.stats.tool_jobs += 1
-                by_module: dict[str, list[_Live]] = {}
-                for ep in live.values():
-                    if isinstance(ep.pending, Generate):
-                        by_module.setdefault(ep.pending.module, []).append(ep)
-                for module, eps in by_module.items():
-                    outs = self._generate(module, eps)
-                    for ep, out in zip(eps, outs):
-                        self._resume(ep, out, live, results)
-                waiting = [ep.future for ep in live.values() if ep.future is not None]
-                if waiting:
-                    if not by_module:
-                        cf.wait(waiting, return_when=cf.FIRST_COMPLETED)
-                    for ep in [e for e in live.values() if e.future is not None and e.future.done()]:
-                        fut, ep.future = ep.future, None
-                        try:
-                            value = fut.result()
-                        except Exception as e:  # noqa: BLE001 - tool work never kills the run
-                            self._fail(ep, f"tool_work_error: {type(e).__name__}: {e}", live, results)
-                            continue
-                        self._resume(ep, value, live, results)
-        self.stats.seconds = time.perf_counter() - start
+        for i, result, _ in self.stream(enumerate(tasks)):
+            results[i] = result
         return results  # type: ignore[return-value]
 
-    def _start(self, i: int, task: str, results) -> _Live | None:
+    def stream(self, tasks: Iterable[tuple[int, str]]) -> Iterator[tuple[int, EpisodeResult, float]]:
+        """(index, result, seconds) for each episode as it ends; `tasks` yields (index, task)
+        and is read only as places free up."""
+        start = time.perf_counter()
+        source = iter(tasks)
+        live: dict[int, _Live] = {}
+        done: list[tuple[int, EpisodeResult, float]] = []
+        exhausted = False
+        with cf.ThreadPoolExecutor(self.tool_workers, thread_name_prefix="lumos-tools") as pool:
+            while not exhausted or live:
+                while not exhausted and len(live) < self.max_concurrent:
+                    item = next(source, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    ep = self._start(item[0], item[1], done)
+                    if ep is not None:
+                        live[ep.index] = ep
+                self.stats.max_live = max(self.stats.max_live, len(live))
+                self._dispatch(live, done, pool)
+                progressed = self._poll_generators(live, done)
+                futures = [ep.future for ep in live.values() if ep.future is not None]
+                if futures and not progressed and not self._generating(live):
+                    cf.wait(futures, return_when=cf.FIRST_COMPLETED)
+                for ep in [e for e in live.values() if e.future is not None and e.future.done()]:
+                    fut, ep.future = ep.future, None
+                    try:
+                        value = fut.result()
+                    except Exception as e:  # noqa: BLE001 - tool work never kills the run
+                        self._fail(ep, f"tool_work_error: {type(e).__name__}: {e}", live, done)
+                        continue
+                    self._resume(ep, value, live, done)
+                yield from done
+                done.clear()
+        self.stats.seconds = time.perf_counter() - start
+
+    # -- one pass -----------------------------------------------------------------------------
+    def _dispatch(self, live: dict[int, _Live], done, pool) -> None:
+        """Start the tool work and submit the turns that episodes are waiting for."""
+        for ep in list(live.values()):
+            if isinstance(ep.pending, Work):
+                if ep.future is None:
+                    ep.future = pool.submit(ep.pending.fn)
+                    self.stats.tool_jobs += 1
+            elif isinstance(ep.pending, Generate):
+                if ep.handle is None:
+                    self._submit(ep, live, done)
+            else:
+                self._fail(ep, f"internal_error: episode yielded {type(ep.pending).__name__}", live, done)
+
+    def _submit(self, ep: _Live, live, done) -> None:
+        module = ep.pending.module
+        gen = self.generators.get(module)
+        if gen is None:
+            self._resume(ep, error_output(KeyError(f"no generator for module {module!r}")), live, done)
+            return
+        extra = self.request_options(ep.index, ep.pending) if self.request_options else {}
+        req = GenRequest(session=f"{ep.index}/{module}", module=module, messages=list(ep.pending.messages),
+                         **extra)
+        try:
+            ep.handle = (gen, gen.submit(req))
+        except Exception as e:  # noqa: BLE001 - this episode alone fails
+            self._resume(ep, error_output(e), live, done)
+            return
+        self.stats.batched_requests += 1
+
+    def _generating(self, live: dict[int, _Live]) -> bool:
+        return any(ep.handle is not None for ep in live.values())
+
+    def _poll_generators(self, live: dict[int, _Live], done) -> bool:
+        """Poll each generator with turns in flight once; resume the episodes that finished."""
+        waiting: dict[int, tuple[Any, dict[Any, _Live]]] = {}
+        for ep in live.values():
+            if ep.handle is not None:
+                gen, h = ep.handle
+                waiting.setdefault(id(gen), (gen, {}))[1][h] = ep
+        progressed = False
+        for gen, eps in waiting.values():
+            self.stats.generate_calls += 1
+            self.stats.max_batch = max(self.stats.max_batch, len(eps))
+            try:
+                finished = gen.poll(list(eps))
+            except Exception as e:  # noqa: BLE001 - every turn in flight on it fails
+                finished = [(h, error_output(e)) for h in eps]
+            for h, out in finished:
+                ep = eps.get(h)
+                if ep is None or ep.index not in live:
+                    continue
+                ep.handle = None
+                progressed = True
+                self._resume(ep, out, live, done)
+        return progressed
+
+    # -- episode lifecycle ----------------------------------------------------------------------
+    def _start(self, i: int, task: str, done) -> _Live | None:
         executor, ctx = self.executor_for(i)
         trace = Trace(task=task, domain=self.cfg.domain, formulation=self.cfg.formulation, style=self.cfg.style,
                       episode_id=str(i))
         if ctx is not None:
             ctx.task, ctx.domain = task, self.cfg.domain
-        ep = _Live(index=i, gen=episode(task, self.cfg, executor, ctx, trace), trace=trace, task=task)
+        ep = _Live(index=i, gen=episode(task, self.cfg, executor, ctx, trace), trace=trace, task=task,
+                   started=time.perf_counter())
         try:
             ep.pending = next(ep.gen)
         except StopIteration as stop:
-            results[i] = stop.value
+            done.append((i, stop.value, time.perf_counter() - ep.started))
             return None
         except Exception as e:  # noqa: BLE001
-            results[i] = self._failed_result(ep, f"internal_error: {type(e).__name__}: {e}")
+            done.append((i, self._failed_result(ep, f"internal_error: {type(e).__name__}: {e}"),
+                         time.perf_counter() - ep.started))
             return None
         return ep
 
-    def _generate(self, module: str, eps: list[_Live]) -> list[GenOutput]:
-        gen = self.generators.get(module)
-        reqs = [GenRequest(session=f"{ep.index}/{module}", module=module, messages=list(ep.pending.messages))
-                for ep in eps]
-        self.stats.generate_calls += 1
-        self.stats.batched_requests += len(reqs)
-        self.stats.max_batch = max(self.stats.max_batch, len(reqs))
-        t0 = time.perf_counter()
-        try:
-            if gen is None:
-                raise KeyError(f"no generator for module {module!r}")
-            outs = gen.generate(reqs)
-            if len(outs) != len(reqs):
-                raise RuntimeError(f"generator returned {len(outs)} outputs for {len(reqs)} requests")
-        except Exception as e:  # noqa: BLE001 - each episode gets an empty output with the error
-            msg = f"{type(e).__name__}: {e}"
-            outs = [GenOutput(text="", error=msg, finish_reason="error") for _ in reqs]
-        dt = time.perf_counter() - t0
-        for o in outs:
-            o.seconds = dt
-        return outs
-
-    def _resume(self, ep: _Live, value, live, results) -> None:
+    def _resume(self, ep: _Live, value, live, done) -> None:
         if isinstance(value, GenOutput) and value.error and value.finish_reason == "error":
-            self._fail(ep, f"generation_error: {value.error}", live, results)
+            self._fail(ep, f"generation_error: {value.error}", live, done)
             return
         try:
             ep.pending = ep.gen.send(value)
         except StopIteration as stop:
-            results[ep.index] = stop.value
-            self._close(ep, live)
+            self._close(ep, stop.value, live, done)
         except Exception as e:  # noqa: BLE001 - a bug in one episode must not stop the others
-            self._fail(ep, f"internal_error: {type(e).__name__}: {e}", live, results)
+            self._fail(ep, f"internal_error: {type(e).__name__}: {e}", live, done)
 
-    def _fail(self, ep: _Live, reason: str, live, results) -> None:
-        results[ep.index] = self._failed_result(ep, reason)
-        self._close(ep, live)
+    def _fail(self, ep: _Live, reason: str, live, done) -> None:
+        self._close(ep, self._failed_result(ep, reason), live, done)
 
     @staticmethod
     def _failed_result(ep: _Live, reason: str) -> EpisodeResult:
         ep.trace.end(reason, None, -1)
         return EpisodeResult(task=ep.task, answer=None, reason=reason, rounds=-1, trace=ep.trace)
 
-    def _close(self, ep: _Live, live) -> None:
-        live.pop(ep.index, None)
+    def _close(self, ep: _Live, result: EpisodeResult, live, done) -> None:
+        if live.pop(ep.index, None) is None:
+            return
+        done.append((ep.index, result, time.perf_counter() - ep.started))
         try:
             ep.gen.close()
         except Exception:  # noqa: BLE001
