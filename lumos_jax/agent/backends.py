@@ -9,6 +9,7 @@ slot is restarted and the recomputation is counted in `recomputed_tokens`.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from typing import Sequence
 
@@ -42,7 +43,12 @@ class EngineBackend:
         self.engine, self._params_cls, self.seed = engine, SamplingParams, seed
         self.slots: dict[str, int] = {}
         self.recomputed_tokens = 0
+        self.evicted_sessions = 0
         self._lock = threading.Lock()
+        self._handles = itertools.count()
+        self._waiting: list[tuple] = []
+        self._running: dict[int, int] = {}     # slot -> handle of the turn it generates
+        self._done: dict[int, tuple] = {}
 
     def _params(self, max_new_tokens, stop_ids):
         return self._params_cls(temperature=0.0, max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids),
@@ -78,12 +84,63 @@ class EngineBackend:
                 pending = waiting
             return [results[i] for i in range(len(batch))]
 
+    # -- non-blocking: submit / poll (the streaming runner) --------------------------------
+    def submit(self, session: str, ids: list[int], max_new_tokens: int, stop_ids) -> int:
+        """Queue one turn; `poll` starts it as soon as a slot is free."""
+        with self._lock:
+            h = next(self._handles)
+            self._waiting.append((h, session, list(ids), self._params(max_new_tokens, stop_ids)))
+            return h
+
+    def poll(self, handles) -> list:
+        """Admit waiting turns, run one engine step, return the finished turns among
+        `handles` as (handle, (tokens, prompt tokens computed[, error]))."""
+        with self._lock:
+            if not any(h in self._done for h in handles):
+                self._admit()
+                if self._running:
+                    for r in self.engine.step():
+                        h = self._running.pop(r.slot, None)
+                        if h is not None:
+                            self._done[h] = (list(r.tokens), r.prompt_tokens)
+            return [(h, self._done.pop(h)) for h in list(handles) if h in self._done]
+
+    def _admit(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for item in waiting:
+            h, session, ids, params = item
+            try:
+                slot = self._begin(session, ids, params)
+                if slot is None and self._evict_idle():
+                    slot = self._begin(session, ids, params)
+            except ValueError as e:  # e.g. the prompt no longer fits max_len: this one only
+                self._drop(session)
+                self._done[h] = ([], 0, str(e))
+                continue
+            if slot is None:  # every slot is generating: wait for a later step
+                self._waiting.append(item)
+            else:
+                self._running[slot] = h
+
+    def _evict_idle(self) -> bool:
+        """Free the slot of the least recently used session that is not generating (an
+        episode waiting on tools); its next turn restarts it. False if none is idle."""
+        busy = set(self._running)
+        for session, slot in self.slots.items():  # insertion order = least recently used first
+            if slot not in busy:
+                self.evicted_sessions += 1
+                self.recomputed_tokens += len(self.engine.sequence(slot))
+                self._drop(session)
+                return True
+        return False
+
     def _begin(self, session: str, ids: list[int], params):
         slot = self.slots.get(session)
         if slot is not None:
             seq = self.engine.sequence(slot)
             if len(seq) < len(ids) and ids[:len(seq)] == seq:
                 self.engine.extend(slot, ids[len(seq):], params)
+                self.slots[session] = self.slots.pop(session)  # most recently used last
                 return slot
             self.recomputed_tokens += min(len(seq), len(ids))
             self.engine.release(slot)
