@@ -96,7 +96,7 @@ class Executor:
         try:
             if action.error:
                 raise BadArguments(action.error) if action.tool else _ParseError(action.error)
-            value = self._call(action, ctx)
+            value = self.call(action, ctx)
             self._store(action, value, ctx)
             rec.result = value
             rec.observation = _clip(value_text(value))
@@ -109,7 +109,8 @@ class Executor:
         rec.seconds = time.perf_counter() - start
         return rec
 
-    def _call(self, action: Action, ctx: ToolContext) -> Any:
+    def call(self, action: Action, ctx: ToolContext) -> Any:
+        """The action's value (raises ToolError/exceptions; `run_one` turns them into records)."""
         if action.tool == "":
             return self._assign(action.args, ctx)
         tool = self.registry.get(action.tool)

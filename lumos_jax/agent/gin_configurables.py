@@ -22,13 +22,16 @@ BUNDLED_WEBSHOP_EXEMPLARS = bundled("demo_data/webshop_incontext_exemplars.jsonl
 @gin.configurable
 def agent_episode(domain: str = "maths", formulation: str = "iterative", style: str = "train",
                   max_rounds: int | None = None, final_answer_qa: bool = True,
-                  webshop_exemplars: str | None = None) -> EpisodeConfig:
+                  webshop_exemplars: str | None = None, protocol: str = "robust",
+                  yes_no: bool = False) -> EpisodeConfig:
     """Max rounds default to the reference's: GSM8K 8, StrategyQA/HotpotQA 5, WebShop 5, Mind2Web 15.
     WebShop puts the reference's two exemplars (`webshop_exemplars`, default the bundled
     copy) before the task, as the reference's unseen-task prompt does."""
     from lumos_jax.agent.prompts import check
 
     check(domain, style)
+    if protocol not in ("reference", "robust"):
+        raise ValueError(f"agent_episode.protocol={protocol!r}: expected 'reference' or 'robust'")
     if formulation not in ("iterative", "onetime"):
         raise ValueError(f"agent_episode.formulation={formulation!r}: expected 'iterative' or 'onetime'")
     rounds = max_rounds if max_rounds is not None else DEFAULT_MAX_ROUNDS.get(domain, 8)
@@ -43,7 +46,8 @@ def agent_episode(domain: str = "maths", formulation: str = "iterative", style: 
         plan_prefix = [m for c in plans for m in c]
         ground_prefix = [m for c in grounds for m in c]
     return EpisodeConfig(domain=domain, formulation=formulation, style=style, max_rounds=rounds,
-                         final_answer_qa=final_answer_qa, plan_prefix=plan_prefix, ground_prefix=ground_prefix)
+                         final_answer_qa=final_answer_qa, plan_prefix=plan_prefix, ground_prefix=ground_prefix,
+                         protocol=protocol, yes_no=yes_no)
 
 
 @gin.configurable

@@ -16,8 +16,10 @@ from typing import Any, Callable, Generator as PyGenerator
 
 from lumos_jax.agent import prompts
 from lumos_jax.agent.execution import ActionRecord, Executor, last_result_text
-from lumos_jax.agent.parsing import parse_actions, parse_onetime_plan, parse_plan_turn
+from lumos_jax.agent.parsing import KEEP_MARK, parse_actions, parse_onetime_plan, parse_plan_turn
+from lumos_jax.agent.reference import ReferenceExecutor, ReferenceOutcome
 from lumos_jax.agent.tools.base import ToolContext, value_text
+from lumos_jax.agent.tools.qa import final_answer, reference_final_answer
 from lumos_jax.agent.trace import Trace
 
 
@@ -42,6 +44,10 @@ class EpisodeConfig:
     style: str = "train"
     max_rounds: int = 8
     final_answer_qa: bool = True       # complex_qa: the QA step over all answers
+    # 'reference': run as the reference's eval scripts do (agent/reference.py, docs/evaluation.md);
+    # 'robust': errors as observations, every tool, the final QA whenever there are answers.
+    protocol: str = "robust"
+    yes_no: bool = False               # StrategyQA: the reference's "Must answer yes/no." rules
     # In-context exemplar turns put before the task's own (WebShop, an unseen task).
     plan_prefix: list = dataclasses.field(default_factory=list)
     ground_prefix: list = dataclasses.field(default_factory=list)
@@ -77,17 +83,38 @@ def final_variable(variables: dict) -> str | None:
     return rs[-1][1] if rs else None
 
 
-def _execute(executor: Executor, actions, ctx) -> Work:
+def _execute(executor: Executor, actions, ctx, cfg: EpisodeConfig) -> Work:
+    if cfg.protocol == "reference":
+        ref = ReferenceExecutor(executor, cfg.domain, cfg.formulation, cfg.yes_no)
+        return Work(lambda: ref.run(actions, ctx))
     return Work(lambda: executor.run(actions, ctx))
+
+
+WEBSHOP_PREFILL = "R1 = "   # webshop:145
+
+
+def webshop_mangle(text: str) -> str:
+    """webshop:194: `"R1 = " + action.strip("R1 = ")` — strips those characters off both ends."""
+    return WEBSHOP_PREFILL + text.strip(WEBSHOP_PREFILL)
+
+
+def _reference_subgoal(domain: str, k: int, text: str) -> str:
+    """What the reference grounds: round 1 and every maths round the whole planner output
+    (gsm:109,112), later rounds of the other domains the text after "No, I will keep
+    planning." (hotpotqa:242, mind2web:172, webshop:148)."""
+    if k == 1 or domain == "maths":
+        return text.strip()
+    return text.split(KEEP_MARK)[-1].strip()
 
 
 def lumos_iterative(task: str, cfg: EpisodeConfig, executor: Executor, ctx: ToolContext,
                     trace: Trace) -> PyGenerator[Any, Any, tuple[str, int]]:
     """Plan one subgoal, ground it, execute it, report back; until the planner stops."""
-    d, style = cfg.domain, cfg.style
+    d, style, ref = cfg.domain, cfg.style, cfg.protocol == "reference"
     plan = list(cfg.plan_prefix) + [_user(prompts.plan_first(task))]
     ground: list[dict] = []
     earlier: list[tuple[str, str, bool]] = []
+    subgoal_results: dict[str, Any] = {}    # reference complex QA: "Subgoal k" -> last result
     for k in range(1, cfg.max_rounds + 1):
         out = yield Generate("plan", plan)
         plan.append(_assistant(out.text))
@@ -96,23 +123,41 @@ def lumos_iterative(task: str, cfg: EpisodeConfig, executor: Executor, ctx: Tool
                                                                "error": step.error})
         if step.stop:
             return "stopped", k - 1
-        if step.error:
+        if ref:  # the reference grounds whatever the planner wrote, even nothing
+            subgoal = _reference_subgoal(d, k, out.text)
+            ctx.subgoal = out.text.strip()
+        elif step.error:
             return f"planner_error: {step.error}", k - 1
-        subgoal = step.subgoal.strip() if style == "reference" else step.subgoal
-        ctx.subgoal = subgoal
+        else:
+            subgoal = step.subgoal.strip() if style == "reference" else step.subgoal
+            ctx.subgoal = subgoal
         if k == 1:
             ground = list(cfg.ground_prefix) + [_user(prompts.ground_first(d, task, subgoal))]
+        elif ref and d == "complex_qa":
+            ground.append(_user(prompts.ground_next_reference_qa(subgoal, subgoal_results)))
         else:
             ground.append(_user(prompts.ground_next(d, style, subgoal, earlier)))
         gout = yield Generate("ground", ground)
-        ground.append(_assistant(gout.text))
-        actions = parse_actions(gout.text)
+        text = gout.text
+        if ref and d == "webshop" and k == 1:  # the prefill itself needs generator support: not done
+            text = webshop_mangle(text)
+        ground.append(_assistant(text))
+        actions = parse_actions(text, plain_split=ref)
         trace.generation("ground", k, ground[-2]["content"], gout, [a.to_dict() for a in actions])
-        records: list[ActionRecord] = yield _execute(executor, actions, ctx)
-        trace.actions(k, records)
-        result = last_result_text(records)
-        from_qa = bool(records) and records[-1].tool == "QA" and records[-1].ok
-        earlier.append((f"Subgoal {k}", result, from_qa))
+        done = yield _execute(executor, actions, ctx, cfg)
+        if isinstance(done, ReferenceOutcome):
+            trace.actions(k, done.records)
+            if done.void:
+                return f"voided: {done.void}", k
+            result = done.feedback
+            head = out.text.strip().split(":")[0].split(KEEP_MARK)[-1].strip()   # hotpotqa:295
+            subgoal_results[head] = done.last_value
+        else:
+            records: list[ActionRecord] = done
+            trace.actions(k, records)
+            result = last_result_text(records)
+            from_qa = bool(records) and records[-1].tool == "QA" and records[-1].ok
+            earlier.append((f"Subgoal {k}", result, from_qa))
         plan.append(_user(prompts.plan_feedback(d, style, k, subgoal, result)))
     return "max_rounds", cfg.max_rounds
 
@@ -120,20 +165,29 @@ def lumos_iterative(task: str, cfg: EpisodeConfig, executor: Executor, ctx: Tool
 def lumos_onetime(task: str, cfg: EpisodeConfig, executor: Executor, ctx: ToolContext,
                   trace: Trace) -> PyGenerator[Any, Any, tuple[str, int]]:
     """Plan all subgoals, ground them all, execute in order."""
+    ref = cfg.protocol == "reference"
     plan = [_user(prompts.plan_first(task))]
     out = yield Generate("plan", plan)
     subgoals = parse_onetime_plan(out.text)
     trace.generation("plan", 1, plan[0]["content"], out, {"subgoals": subgoals})
-    if not subgoals:
+    if ref:  # gsm:249: the plan text as it is, grounded even when empty
+        text = ctx.subgoal = out.text.strip()
+    elif not subgoals:
         return "planner_error: no subgoals", 0
-    text = "; ".join(subgoals)
+    else:
+        text = "; ".join(subgoals)
     ground = [_user(prompts.ground_first(cfg.domain, task, text.strip() if cfg.style == "reference" else text,
                                          onetime=True))]
     gout = yield Generate("ground", ground)
-    actions = parse_actions(gout.text)
+    actions = parse_actions(gout.text, plain_split=ref)
     trace.generation("ground", 1, ground[0]["content"], gout, [a.to_dict() for a in actions])
-    records = yield _execute(executor, actions, ctx)
-    trace.actions(1, records)
+    done = yield _execute(executor, actions, ctx, cfg)
+    if isinstance(done, ReferenceOutcome):
+        trace.actions(1, done.records)
+        if done.void:
+            return f"voided: {done.void}", len(subgoals)
+    else:
+        trace.actions(1, done)
     return "done", len(subgoals)
 
 
@@ -147,6 +201,16 @@ def episode(task: str, cfg: EpisodeConfig, executor: Executor, ctx: ToolContext 
     if cfg.formulation not in ("iterative", "onetime"):
         raise ValueError(f"formulation {cfg.formulation!r}: expected 'iterative' or 'onetime'")
     reason, rounds = yield from loop(task, cfg, executor, ctx, trace)
+    if cfg.protocol == "reference":
+        answer = yield from _reference_answer(task, cfg, executor, ctx, trace, reason)
+    else:
+        answer = yield from _robust_answer(task, cfg, executor, ctx, trace)
+    trace.end(reason, answer, rounds)
+    return EpisodeResult(task=task, answer=answer, reason=reason, rounds=rounds, trace=trace,
+                         variables={k: value_text(v) for k, v in ctx.variables.items()})
+
+
+def _robust_answer(task, cfg, executor, ctx, trace):
     answer = None
     var = final_variable(ctx.variables)
     actions = [e for e in trace.events if e["event"] == "action"]
@@ -155,24 +219,43 @@ def episode(task: str, cfg: EpisodeConfig, executor: Executor, ctx: ToolContext 
         answer = value_text(ctx.variables[var])
     if cfg.domain == "complex_qa" and cfg.final_answer_qa and ctx.qa_pairs and "QA" in executor.registry:
         qa = executor.registry.get("QA")
-        start = time.perf_counter()
-
-        def ask():
-            from lumos_jax.agent.tools.qa import final_answer
-
-            try:
-                return final_answer(qa, task, list(ctx.qa_pairs)), None
-            except Exception as e:  # noqa: BLE001 - reported in the trace, answer falls back
-                return None, f"{type(e).__name__}: {e}"
-
-        final, err = yield Work(ask, kind="final_answer")
-        trace.event("final_answer", qa_pairs=[list(p) for p in ctx.qa_pairs], answer=final, error=err,
-                    seconds=time.perf_counter() - start)
+        final = yield from _final_qa(lambda: final_answer(qa, task, list(ctx.qa_pairs)), trace,
+                                     qa_pairs=[list(p) for p in ctx.qa_pairs])
         if final is not None:
             answer = final
-    trace.end(reason, answer, rounds)
-    return EpisodeResult(task=task, answer=answer, reason=reason, rounds=rounds, trace=trace,
-                         variables={k: value_text(v) for k, v in ctx.variables.items()})
+    return answer
+
+
+def _reference_answer(task, cfg, executor, ctx, trace, reason):
+    """The reference's prediction: none for a void sample; complex QA iterative only from the
+    final QA, run only when the planner stopped (hotpotqa:286-289, strategyqa:217-220);
+    otherwise the final variable's text (gsm:192-193; one-time hotpotqa:424-429 and
+    strategyqa:345-354 read "Answer: " off it, which the scorer does)."""
+    if reason.startswith("voided"):
+        return None
+    if cfg.domain == "complex_qa" and cfg.formulation == "iterative":
+        if reason != "stopped" or not ctx.variables or not cfg.final_answer_qa or "QA" not in executor.registry:
+            return None
+        qa = executor.registry.get("QA")
+        return (yield from _final_qa(lambda: reference_final_answer(qa, task, ctx.variables, cfg.yes_no), trace))
+    var = final_variable(ctx.variables)
+    value = ctx.variables.get(var) if var is not None else None
+    return value if isinstance(value, str) else None
+
+
+def _final_qa(fn, trace, **extra):
+    """Run the final QA step as tool work; a failure is traced and leaves no answer."""
+    start = time.perf_counter()
+
+    def ask():
+        try:
+            return fn(), None
+        except Exception as e:  # noqa: BLE001 - reported in the trace, answer falls back
+            return None, f"{type(e).__name__}: {e}"
+
+    final, err = yield Work(ask, kind="final_answer")
+    trace.event("final_answer", **extra, answer=final, error=err, seconds=time.perf_counter() - start)
+    return final
 
 
 def run_episode(ep, generators: dict) -> EpisodeResult:

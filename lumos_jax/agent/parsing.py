@@ -77,15 +77,17 @@ class Action:
         return dataclasses.asdict(self)
 
 
-def split_actions(text: str) -> list[str]:
+def split_actions(text: str, plain: bool = False) -> list[str]:
     """Split a grounding output on "; " outside brackets (the reference splits on every
     "; "; ours keeps `QA([R1], Question: a; b)` whole). Unbalanced text falls back to the
-    plain split so nothing is lost."""
+    plain split so nothing is lost. `plain=True` is the reference's split (gsm:163)."""
     if not isinstance(text, str):
         return []
     text = text.strip()
     if not text:
         return []
+    if plain:
+        return [p.strip() for p in text.split("; ") if p.strip()]
     parts, depth, start, i = [], 0, 0, 0
     while i < len(text):
         ch = text[i]
@@ -165,9 +167,9 @@ def parse_action(text: str) -> Action:
     return Action(raw=raw, outputs=outputs, tool=tool, args=args)
 
 
-def parse_actions(text: str) -> list[Action]:
+def parse_actions(text: str, plain_split: bool = False) -> list[Action]:
     """All actions of a grounding output, in order (possibly with errors)."""
-    parts = split_actions(text)
+    parts = split_actions(text, plain_split)
     if not parts:
         return [Action(raw=text if isinstance(text, str) else repr(text), error="no actions in grounding output")]
     return [parse_action(p) for p in parts]

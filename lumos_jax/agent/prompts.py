@@ -95,6 +95,17 @@ def ground_next(domain: str, style: str, subgoal: str, earlier: list[tuple[str, 
     return text + "\n"
 
 
+def ground_next_reference_qa(subgoal: str, subgoal_results: dict) -> str:
+    """hotpotqa:242-246 / strategyqa:173-177: every earlier subgoal's last result that holds
+    "Answer: ", shown as the text after it, keys ("Subgoal k") sorted as strings."""
+    text = f"Subgoal to be grounded: {subgoal} The grounding could be based on the following results:"
+    for head in sorted(subgoal_results):
+        result = subgoal_results[head]
+        if isinstance(result, str) and "Answer: " in result:
+            text += f" The execution result for {head} is {result.split('Answer: ')[1]}"
+    return text + "\n"
+
+
 def result_with_period(result: str) -> str:
     """Training data's results end with "." (the converted plans write `= 3. `)."""
     r = str(result).strip()

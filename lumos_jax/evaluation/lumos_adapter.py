@@ -81,16 +81,19 @@ def lumos_agent(domain: str, metric: str, default_max_rounds: int, examples: lis
                 prompt_style: str = "reference", max_new_tokens: int = 512, backend: str = "engine",
                 engine_slots: int = 64, engine_max_len: int = 4096, scripted_dir: str | None = None,
                 doc_store: str | None = None, use_example_documents: bool = True,
-                max_concurrent: int = 64):
+                max_concurrent: int = 64, protocol: str = "robust"):
     """The Lumos agent of an eval experiment. `backend`: 'engine' (inference Engine with KV
     cache reuse), 'greedy' (plain generator) or 'scripted' (replays annotations from
     `scripted_dir`). `qa_model_path`: the model answering the QA tool (complex QA); the
-    paper used GPT-3.5/4 there (`agent_tools.qa_endpoint` for an OpenAI-compatible one)."""
+    paper used GPT-3.5/4 there (`agent_tools.qa_endpoint` for an OpenAI-compatible one).
+    `protocol` (set from `eval_experiment.protocol`): 'reference' runs the episodes, tools and
+    Mind2Web steps as the reference's scripts do; 'robust' is ours (docs/evaluation.md)."""
     from lumos_jax.agent.gin_configurables import agent_episode, agent_models
     from lumos_jax.agent.tools.qa import GeneratorQA
 
     cfg = agent_episode(domain=domain, formulation=formulation, style=prompt_style,
-                        max_rounds=max_rounds or default_max_rounds)
+                        max_rounds=max_rounds or default_max_rounds, protocol=protocol,
+                        yes_no=metric == "yes_no")
     if backend == "scripted":
         gens = agent_models(cfg, backend="scripted", scripted_dir=scripted_dir)
     else:
@@ -102,8 +105,9 @@ def lumos_agent(domain: str, metric: str, default_max_rounds: int, examples: lis
     if metric == "mind2web_step_sr":  # the reference's teacher-forced step-level protocol
         from lumos_jax.evaluation.mind2web_agent import Mind2WebStepAgent
 
-        return Mind2WebStepAgent(gens, style=prompt_style)
+        return Mind2WebStepAgent(gens, style=prompt_style, protocol=protocol)
     qa = GeneratorQA(gens["qa"]) if "qa" in gens else None
     tool_kwargs = {"doc_store": doc_store} if doc_store else {}
+    tool_kwargs.update(protocol=protocol, qa_yes_no=metric == "yes_no")
     registry_for = make_registry_factory(domain, qa, use_example_documents, **tool_kwargs)
     return LumosEvalAgent(gens, cfg, registry_for, max_concurrent=max_concurrent)

@@ -10,6 +10,11 @@ tool (offline element ranker), and the chosen element, operation and text are th
 prediction. Steps without candidates are generated (they shape the conversations) but not
 scored. The reference picks the subgoal's verb at random ("Click"/"Visit"/...); we always take
 the first one so runs are deterministic.
+
+`protocol='reference'` follows the reference's loop instead (mind2web:122-229): steps 0-14
+only, the grounder gets the planner's own subgoal even when it says stop (no gold fallback),
+the page is the first 50 of positives + negatives in file order, and every grounded
+CLICK/TYPE/SELECT action is a prediction of its step (scored per action).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Sequence
 
 from lumos_jax.evaluation.agents import AgentResult
 from lumos_jax.evaluation.datasets import Example
-from lumos_jax.evaluation.mind2web import StepPrediction
+from lumos_jax.evaluation.mind2web import OPERATIONS, REFERENCE_MAX_STEPS, StepPrediction
 
 
 def synthetic_subgoal(action_repr: str) -> str:
@@ -63,17 +68,19 @@ class _Task:
         self.ground: list[dict] = []
         self.trace: list[dict] = [{"event": "start", "task": example.question, "domain": "web_agent",
                                    "formulation": "iterative", "style": "teacher-forced"}]
-        self.predictions: dict[str, StepPrediction] = {}
+        self.predictions: dict[str, StepPrediction | list[StepPrediction]] = {}
 
 
 class Mind2WebStepAgent:
     """Teacher-forced step-level Mind2Web evaluation over a batch of tasks."""
 
-    def __init__(self, generators: dict, style: str = "reference", ranker=None):
+    def __init__(self, generators: dict, style: str = "reference", ranker=None, protocol: str = "robust"):
         from lumos_jax.agent.tools.web import ElementRanker, web_tools
         from lumos_jax.agent.tools.base import ToolRegistry
 
-        self.generators, self.style = generators, style
+        if protocol not in ("reference", "robust"):
+            raise ValueError(f"Mind2WebStepAgent protocol={protocol!r}: expected 'reference' or 'robust'")
+        self.generators, self.style, self.protocol = generators, style, protocol
         self.registry = ToolRegistry(web_tools(ranker or ElementRanker()))
 
     def _plan_messages(self, task: _Task, i: int) -> list[dict]:
@@ -99,12 +106,14 @@ class Mind2WebStepAgent:
     def run_batch(self, examples: Sequence[Example]) -> list[AgentResult]:
         from lumos_jax.agent import prompts
         from lumos_jax.agent.execution import Executor
-        from lumos_jax.agent.parsing import parse_actions, parse_plan_turn
+        from lumos_jax.agent.parsing import KEEP_MARK, parse_actions, parse_plan_turn
         from lumos_jax.agent.tools.base import ToolContext
 
         tasks = [_Task(ex) for ex in examples]
         executor = Executor(self.registry)
-        for i in range(max((len(t.reprs) for t in tasks), default=0)):
+        ref = self.protocol == "reference"
+        steps = max((len(t.reprs) for t in tasks), default=0)
+        for i in range(min(steps, REFERENCE_MAX_STEPS) if ref else steps):
             live = [t for t in tasks if i < len(t.reprs)]
             plans = [self._plan_messages(t, i) for t in live]
             # the plan prompt is rebuilt from the gold history each step: a fresh session
@@ -113,7 +122,12 @@ class Mind2WebStepAgent:
             for t, out in zip(live, outs):
                 self.generators["plan"].release(f"{t.example.id}/plan/{i}")
                 step = parse_plan_turn(out.text)
-                subgoal = step.subgoal.strip() if step.subgoal else f"Subgoal {i + 1}: {synthetic_subgoal(t.reprs[i])}"
+                if ref:  # mind2web:169,172: whatever the planner wrote
+                    subgoal = out.text.strip() if i == 0 else out.text.split(KEEP_MARK)[-1].strip()
+                elif step.subgoal:
+                    subgoal = step.subgoal.strip()
+                else:
+                    subgoal = f"Subgoal {i + 1}: {synthetic_subgoal(t.reprs[i])}"
                 subgoals.append(subgoal)
                 t.trace.append({"event": "generate", "module": "plan", "round": i + 1, "raw_output": out.text,
                                 "parsed": {"stop": step.stop, "subgoal": step.subgoal, "error": step.error},
@@ -127,12 +141,15 @@ class Mind2WebStepAgent:
             gouts = self._generate("ground", [f"{t.example.id}/ground" for t in live], [t.ground for t in live])
             for t, out in zip(live, gouts):
                 t.ground.append({"role": "assistant", "content": out.text})
-                actions = parse_actions(out.text)
+                actions = parse_actions(out.text, plain_split=ref)
                 t.trace.append({"event": "generate", "module": "ground", "round": i + 1, "raw_output": out.text,
                                 "parsed": [a.to_dict() for a in actions], "seconds": out.seconds,
                                 "new_prompt_tokens": out.new_tokens, "error": out.error})
                 step = t.scored.get(i)
                 if step is None:
+                    continue
+                if ref:
+                    t.predictions[step["action_uid"]] = self._reference_step(executor, t, step, actions, i)
                     continue
                 page = StepPage(step["candidates"])
                 ctx = ToolContext(variables={}, task=t.example.question, domain="web_agent", env=page)
@@ -150,6 +167,23 @@ class Mind2WebStepAgent:
                             "rounds": len(t.reprs)})
             results.append(AgentResult(answer=t.predictions, trace=t.trace, rounds=len(t.reprs), stopped=True))
         return results
+
+    def _reference_step(self, executor, t: _Task, step: dict, actions, i: int) -> list[StepPrediction]:
+        """One prediction per grounded CLICK/TYPE/SELECT action, each on the reference's page."""
+        from lumos_jax.agent.tools.base import ToolContext
+
+        by_id = {c["id"]: c for c in step["candidates"]}
+        pool = [by_id[j] for j in step.get("reference_pool", []) if j in by_id]
+        preds = []
+        for a in actions:
+            if a.tool not in OPERATIONS:  # the reference executes (and counts) only these
+                continue
+            page = StepPage(pool)
+            ctx = ToolContext(variables={}, task=t.example.question, domain="web_agent", env=page)
+            rec = executor.run_one(a, ctx)
+            t.trace.append({"event": "action", "round": i + 1, **rec.to_dict()})
+            preds.append(page.choice or StepPrediction(None, a.tool, ""))
+        return preds
 
     def __call__(self, example: Example) -> AgentResult:
         return self.run_batch([example])[0]
