@@ -122,7 +122,8 @@ def test_reference_style_strings(llama2_tokenizer):
     assert nxt == ("Subgoal to be grounded: Subgoal 3: Compare. The grounding could be based on the following "
                    "results: The execution result for Subgoal 1 is 3\n")
     gen = ChatModelGenerator(_TeacherBackend([[13]]), llama2_tokenizer, style="reference")
-    assert gen.stop_ids == [llama2_tokenizer.encode("\n")[-1]]
+    # gsm:132,140 stop at the newline; HF generate (eval/utils.py:47-52) also ends at EOS (id 2).
+    assert gen.stop_ids == [llama2_tokenizer.encode("\n")[-1], 2]
     out = gen.generate([GenRequest("s", "plan", msgs[:1])])[0]
     assert out.prompt_tokens == len(llama2_tokenizer.encode(_reference_text(msgs[:1])))  # no BOS
 
