@@ -90,13 +90,14 @@ class ExperimentConfig:
     start: int
     limit: int | None
     output_dir: str
-    batch_size: int
+    batch_size: int | None           # deprecated alias of concurrency (gin files still bind it)
     paper_score: float | None
     paper_note: str
     reader_kwargs: dict
     source: str = "files"
     tfds_data_dir: str | None = None
     protocol: str = "robust"
+    concurrency: int | None = None   # episodes in flight at once (default 64)
 
     @property
     def domain(self) -> str:
@@ -115,10 +116,13 @@ class ExperimentConfig:
 def eval_experiment(name: str = gin.REQUIRED, dataset: str = gin.REQUIRED,
                     agent_factory: Callable[..., Any] = gin.REQUIRED, data_path: str | None = None,
                     start: int = 0, limit: int | None = None, output_dir: str | None = None,
-                    batch_size: int = 8, paper_score: float | None = None, paper_note: str = "",
+                    batch_size: int | None = None, paper_score: float | None = None, paper_note: str = "",
                     reader_kwargs: dict | None = None, source: str = "files",
-                    tfds_data_dir: str | None = None, protocol: str = "robust") -> ExperimentConfig:
-    """`protocol`: 'reference' reproduces the reference's inference and scoring (numbers
+                    tfds_data_dir: str | None = None, protocol: str = "robust",
+                    concurrency: int | None = None) -> ExperimentConfig:
+    """`concurrency`: episodes in flight at once, streamed (no batches; `batch_size` is its
+    deprecated name).
+    `protocol`: 'reference' reproduces the reference's inference and scoring (numbers
     comparable with the paper); 'robust' is ours (errors as observations, numeric comparison,
     every tool run). docs/evaluation.md lists every difference."""
     check_protocol(protocol, "eval_experiment.protocol")
@@ -126,7 +130,7 @@ def eval_experiment(name: str = gin.REQUIRED, dataset: str = gin.REQUIRED,
         raise ValueError(f"eval_experiment.dataset: unknown {dataset!r}; known: {', '.join(sorted(ALL_DATASETS))}")
     return ExperimentConfig(name, dataset, agent_factory, data_path, start, limit,
                             output_dir or f"runs/eval/{name}", batch_size, paper_score, paper_note,
-                            dict(reader_kwargs or {}), source, tfds_data_dir, protocol)
+                            dict(reader_kwargs or {}), source, tfds_data_dir, protocol, concurrency)
 
 
 @gin.configurable
@@ -156,7 +160,8 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str | None = None, limit: 
             print(f"\r{cfg.name}: {done}/{total}", end="\n" if done == total else "", flush=True)
 
     return evaluate(examples, agent, cfg.metric, output_dir or cfg.output_dir, cfg.dataset,
-                    batch_size=cfg.batch_size, info=info, on_batch=show, protocol=cfg.protocol)
+                    concurrency=cfg.concurrency, batch_size=cfg.batch_size, info=info, on_batch=show,
+                    protocol=cfg.protocol)
 
 
 def _accepts(fn: Callable[..., Any], name: str) -> bool:
