@@ -78,6 +78,59 @@ def test_batched_agent_is_used_and_falls_back(tmp_path):
     assert calls == [3, 2, 1, 1]
 
 
+def test_streaming_agent_records_each_episode_as_it_ends_and_ends_in_dataset_order(tmp_path):
+    examples = d.read_gsm8k(EVAL / "gsm8k_test.jsonl")[:8]
+    pred = tmp_path / "predictions.jsonl"
+    seen = {}
+
+    class Streaming:
+        def stream(self, todo, concurrency):
+            seen["concurrency"] = concurrency
+            for k, i in enumerate(reversed(range(len(todo)))):  # completion order != dataset order
+                # every episode that ended before this one is already on disk
+                lines = pred.read_text().splitlines() if pred.exists() else []
+                assert [json.loads(x)["id"] for x in lines] == [todo[j].id for j in reversed(range(i + 1, len(todo)))]
+                yield i, AgentResult(answer=todo[i].answer, rounds=1), 0.5
+
+        def __call__(self, ex):
+            raise AssertionError("the stream is used")
+
+    progress = []
+    s = evaluate(examples, Streaming(), "numeric_match", tmp_path, "gsm8k", concurrency=5,
+                 on_batch=lambda done, total: progress.append(done))
+    assert s["score"] == 100.0 and seen["concurrency"] == 5 and progress == list(range(1, 9))
+    assert [json.loads(x)["id"] for x in pred.read_text().splitlines()] == [ex.id for ex in examples]
+    assert all(json.loads(x)["seconds"] == 0.5 for x in pred.read_text().splitlines())
+
+
+def test_a_failing_stream_falls_back_to_one_by_one_for_the_rest(tmp_path):
+    examples = d.read_gsm8k(EVAL / "gsm8k_test.jsonl")[:5]
+    called = []
+
+    class Breaks:
+        def stream(self, todo, concurrency):
+            yield 3, AgentResult(answer=todo[3].answer), 0.0
+            raise RuntimeError("engine died")
+
+        def __call__(self, ex):
+            called.append(ex.id)
+            if ex.id == "gsm8k_1":
+                raise ValueError("bad example")
+            return AgentResult(answer=ex.answer)
+
+    s = evaluate(examples, Breaks(), "numeric_match", tmp_path, "gsm8k")
+    assert called == ["gsm8k_0", "gsm8k_1", "gsm8k_2", "gsm8k_4"]
+    assert s["error_kinds"] == {"agent_exception": 1, "correct": 4}
+
+
+def test_concurrency_setting_and_its_deprecated_alias(tmp_path):
+    from lumos_jax.evaluation.runner import resolve_concurrency
+
+    assert resolve_concurrency(None) == 64 and resolve_concurrency(None, 16) == 16 and resolve_concurrency(8, 16) == 8
+    with pytest.raises(ValueError, match="concurrency must be an integer >= 1, got 0"):
+        evaluate([], ScriptedAgent("numeric_match"), "numeric_match", tmp_path, "gsm8k", batch_size=0)
+
+
 def test_resume_skips_finished_and_drops_torn_line(tmp_path):
     examples = d.read_gsm8k(EVAL / "gsm8k_test.jsonl")[:10]
     full = evaluate(examples, ScriptedAgent("numeric_match"), "numeric_match", tmp_path / "a", "gsm8k")

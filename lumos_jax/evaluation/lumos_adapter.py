@@ -50,6 +50,19 @@ class LumosEvalAgent:
         self.last_stats = runner.stats
         return [episode_to_result(r) for r in results]
 
+    def stream(self, examples: Sequence[Example], concurrency: int):
+        """(index, result, seconds) as each episode ends; at most `concurrency` episodes live,
+        each example's tools built only when its episode starts (the evaluator's streaming
+        seam: no batch barriers)."""
+        from lumos_jax.agent.execution import Executor
+        from lumos_jax.agent.runner import EpisodeRunner
+
+        runner = EpisodeRunner(self.generators, lambda i: (Executor(self.registry_for(examples[i])), None),
+                               self.cfg, max_concurrent=concurrency, tool_workers=self.tool_workers)
+        self.last_stats = runner.stats
+        for i, result, seconds in runner.stream(enumerate(ex.question for ex in examples)):
+            yield i, episode_to_result(result), seconds
+
     def __call__(self, example: Example) -> AgentResult:
         return self.run_batch([example])[0]
 

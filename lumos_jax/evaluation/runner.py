@@ -1,9 +1,13 @@
-"""Resumable evaluation: run an agent over examples in batches, one JSONL record per example.
+"""Resumable evaluation: stream examples through an agent, one JSONL record per example.
 
+Examples are fed to the agent continuously, at most `concurrency` in flight (an agent with
+`stream(examples, concurrency)`: the Lumos runner), with no dataset-level batches.
 Output folder:
 - `predictions.jsonl`: one record per finished example (answer, scores, rounds, error kind,
-  the agent's full trace); appended and fsync'ed after every batch, so a crash loses at most
-  the batch in flight. On restart, finished ids are skipped and a torn last line is dropped.
+  the agent's full trace); each record is appended in one write and fsync'ed as its episode
+  ends, so a crash loses only the episodes in flight. On restart, finished ids are skipped
+  and a torn last line is dropped. At the end the file is rewritten (temp file + rename)
+  in dataset order.
 - `summary.json`, `results.md`, `plot.png`: rebuilt from all records in dataset order, written
   to a temp file and renamed. The summary depends only on the records, so a killed-and-resumed
   run gives the same summary as an uninterrupted one (timings live under `timing`).
@@ -21,7 +25,7 @@ import time
 import traceback
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from lumos_jax.evaluation.agents import AgentResult, as_result
 from lumos_jax.evaluation.datasets import DatasetError, Example
@@ -105,6 +109,17 @@ def classify(result: AgentResult, correct: bool, crashed: bool) -> str:
     return "wrong_answer"
 
 
+DEFAULT_CONCURRENCY = 64
+
+
+def resolve_concurrency(concurrency: int | None, batch_size: int | None = None) -> int:
+    """`concurrency`, else the deprecated `batch_size` (gin files still bind it), else 64."""
+    n = concurrency if concurrency is not None else batch_size if batch_size is not None else DEFAULT_CONCURRENCY
+    if int(n) != n or n < 1:
+        raise ValueError(f"eval concurrency must be an integer >= 1, got {n}")
+    return int(n)
+
+
 def _run_batch(agent: Any, batch: Sequence[Example]) -> list[tuple[AgentResult, str | None]]:
     """Results for a batch; if the batched call fails, fall back to one-by-one so a single
     bad example cannot take its neighbours down."""
@@ -125,6 +140,34 @@ def _run_batch(agent: Any, batch: Sequence[Example]) -> list[tuple[AgentResult, 
             tb = traceback.format_exception_only(type(e), e)[-1].strip()
             out.append((AgentResult(answer=None, stopped=False), tb))
     return out
+
+
+def agent_results(agent: Any, todo: Sequence[Example], concurrency: int
+                  ) -> Iterator[tuple[Example, AgentResult, str | None, float]]:
+    """(example, result, crash text, seconds) as each example finishes. A streaming agent
+    yields in completion order; if its stream itself fails, the examples it did not finish
+    are retried one by one. Other agents run in chunks of `concurrency`."""
+    left = list(range(len(todo)))
+    stream = getattr(agent, "stream", None)
+    if stream is not None:
+        finished: set[int] = set()
+        try:
+            for i, result, seconds in stream(list(todo), concurrency):
+                if i in finished or not 0 <= i < len(todo):
+                    raise RuntimeError(f"agent stream gave example index {i} twice or out of range")
+                finished.add(i)
+                yield todo[i], as_result(result), None, float(seconds)
+        except Exception:  # noqa: BLE001 - the unfinished ones are retried one by one below
+            pass
+        left = [i for i in left if i not in finished]
+        concurrency = 1
+    for b in range(0, len(left), concurrency):
+        chunk = [todo[i] for i in left[b:b + concurrency]]
+        t0 = time.perf_counter()
+        results = _run_batch(agent, chunk)
+        per_example = (time.perf_counter() - t0) / len(chunk)
+        for ex, (result, crash) in zip(chunk, results):
+            yield ex, result, crash, per_example
 
 
 def make_record(example: Example, dataset: str, metric: str, result: AgentResult,
@@ -167,14 +210,16 @@ def summarize(records: list[dict], metric: str, info: dict) -> dict:
 
 
 def evaluate(examples: Sequence[Example], agent: Any, metric: str, output_dir: str | Path,
-             dataset: str, batch_size: int = 8, info: dict | None = None,
-             on_batch: Callable[[int, int], None] | None = None, protocol: str = "robust") -> dict:
+             dataset: str, concurrency: int | None = None, info: dict | None = None,
+             on_batch: Callable[[int, int], None] | None = None, protocol: str = "robust",
+             batch_size: int | None = None) -> dict:
     """Run (or resume) an evaluation and write all outputs; returns the summary. `protocol`
-    picks the scorers ('reference' or 'robust', see scoring.py) and is kept in the summary."""
+    picks the scorers ('reference' or 'robust', see scoring.py) and is kept in the summary.
+    `on_batch(done, total)` is called as each example ends; `batch_size` is the deprecated
+    name of `concurrency`."""
     from lumos_jax.evaluation.report import write_reports
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    concurrency = resolve_concurrency(concurrency, batch_size)
     get_scorer(metric, protocol)
     ids = [ex.id for ex in examples]
     if len(set(ids)) != len(ids):
@@ -186,23 +231,18 @@ def evaluate(examples: Sequence[Example], agent: Any, metric: str, output_dir: s
     done = load_records(pred_path, dataset)
     todo = [ex for ex in examples if ex.id not in done]
     start = time.perf_counter()
-    for b in range(0, len(todo), batch_size):
-        batch = todo[b:b + batch_size]
-        t0 = time.perf_counter()
-        results = _run_batch(agent, batch)
-        per_example = (time.perf_counter() - t0) / len(batch)
-        lines = []
-        for ex, (result, crash) in zip(batch, results):
-            rec = make_record(ex, dataset, metric, result, crash, per_example, protocol)
+    with open(pred_path, "a", encoding="utf-8") as f:
+        for ex, result, crash, seconds in agent_results(agent, todo, concurrency):
+            rec = make_record(ex, dataset, metric, result, crash, seconds, protocol)
             done[ex.id] = rec
-            lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
-        with open(pred_path, "a", encoding="utf-8") as f:
-            f.write("".join(lines))
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        if on_batch is not None:
-            on_batch(len(done), len(examples))
+            if on_batch is not None:
+                on_batch(len(done), len(examples))
     records = [done[i] for i in ids if i in done]
+    if todo:  # completion order -> dataset order, atomically
+        write_atomic(pred_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     summary = summarize(records, metric, {"dataset": dataset, "protocol": protocol, **(info or {})})
     summary["timing"] = {"this_run_seconds": round(time.perf_counter() - start, 3),
                          "examples_this_run": len(todo),
