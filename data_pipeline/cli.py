@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from lumos_jax.assets import bundled
 from lumos_jax.config import parse_args
 
 USAGE = __doc__
@@ -31,7 +32,8 @@ def _convert(argv: list[str]) -> int:
     parser.add_argument("--endpoint", help="teacher: OpenAI-compatible base URL, e.g. http://host:8000/v1")
     parser.add_argument("--model", help="teacher: model name sent to the endpoint")
     parser.add_argument("--api_key_env", default="OPENAI_API_KEY", help="teacher: env var holding the API key")
-    parser.add_argument("--exemplars", help="teacher: converted file with the in-context examples")
+    parser.add_argument("--exemplars", help="teacher: converted file with the in-context examples "
+                        "(default: the reference's, bundled:demo_data/converted/<domain>.jsonl)")
     parser.add_argument("--max_items", type=int, help="teacher: stop after this many items")
     parser.add_argument("--max_retries", type=int, default=5)
     args = parse_args(parser, argv)
@@ -82,10 +84,9 @@ def _convert_teacher(args) -> int:
         if "task" not in item or "natural_language_plan" not in item:
             raise ValueError(f"{path}: item {n} needs 'task' and 'natural_language_plan' (or GSM8K rows)")
     domain_file = "maths" if args.domain == "maths_prm" else args.domain
-    exemplars_path = args.exemplars or Path(__file__).resolve().parent.parent.parent / "shared" / "data" / \
-        "lumos" / "converted" / f"{domain_file}.jsonl"
+    exemplars_path = args.exemplars or bundled(f"demo_data/converted/{domain_file}.jsonl")
     if not Path(exemplars_path).exists():
-        raise FileNotFoundError(f"convert teacher: exemplar file {exemplars_path} not found (pass --exemplars)")
+        raise FileNotFoundError(f"convert teacher: --exemplars {exemplars_path} not found")
     client = ChatClient(args.endpoint, args.model, api_key=os.environ.get(args.api_key_env),
                         max_retries=args.max_retries)
     report = convert_with_teacher(items, args.domain, args.out, client, read_jsonl(exemplars_path),

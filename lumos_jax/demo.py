@@ -23,7 +23,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+from tqdm import tqdm
+
+from lumos_jax.assets import ASSETS_DIR
+
+ASSETS = ASSETS_DIR
 DEMO_DATA = ASSETS / "demo_data"
 TOKENIZER = ASSETS / "stories260k"
 
@@ -74,27 +78,23 @@ def demo_bindings(files: list[str], lr: float, vocab_size: int) -> list[str]:
 
 def train_module(module: str, files: list[str], workdir: Path, steps: int, batch: int, seq_len: int,
                  lr: float, user_bindings: Sequence[str]) -> Path:
-    """Train one module from scratch; returns its orbax (lumos-jax native) checkpoint."""
-    import jax
+    """Train one module from scratch; returns its lumos-jax checkpoint (tokenizer included).
 
-    from lumos_jax.checkpoints.native import save_native
+    Checkpoints every ~tenth of the stage, so an interrupted stage (ctrl-C) resumes there."""
     from lumos_jax.config import parse_gin
     from lumos_jax.tokenization import Tokenizer
     from lumos_jax.training.loop import train
-    from lumos_jax.training.state import model_from_params
 
     vocab = Tokenizer(TOKENIZER, add_pad_token=True).vocab_size
     parse_gin([], demo_bindings(files, lr, vocab) + list(user_bindings))
     t0 = time.perf_counter()
     result = train(workdir=str(workdir / module), seq_len=seq_len, global_batch=batch, max_steps=steps,
-                   save_every=steps, keep_checkpoints=1, log_every=max(1, steps // 10),
-                   progress_bar=False)
+                   save_every=max(1, steps // 10), keep_checkpoints=1, log_every=max(1, steps // 20),
+                   progress_bar=True)
     losses = result["losses"]
     trained = (f"loss {losses[min(losses)]:.2f} -> {losses[max(losses)]:.2f}" if losses
                else f"already trained to step {result['step']} (resumed)")
-    out = workdir / f"{module}_model"
-    with jax.set_mesh(result["setup"].mesh):
-        save_native(model_from_params(result["setup"], result["state"]["params"]), out)
+    out = workdir / module / "model"  # train's final export (train.export_native), with the tokenizer
     _say(f"train {module}: {steps} steps in {time.perf_counter() - t0:.0f}s, {trained}; "
          f"orbax checkpoints in {workdir / module / 'checkpoints'}, model in {out}")
     return out
@@ -107,21 +107,28 @@ def run_agent(planner: Path, grounder: Path, out_dir: Path, num_questions: int, 
     from lumos_jax.evaluation.runner import evaluate
 
     examples = read_gsm8k(DEMO_DATA / "gsm8k_test_50.jsonl")[:num_questions]
+    # the checkpoints carry their tokenizer: no tokenizer path needed
     agent = lumos_agent(domain="maths", metric="numeric_match", default_max_rounds=8, examples=examples,
-                        planner_path=str(planner), grounder_path=str(grounder), tokenizer_path=str(TOKENIZER),
+                        planner_path=str(planner), grounder_path=str(grounder),
                         prompt_style="train", max_new_tokens=max_new_tokens, backend="engine",
                         engine_slots=max(batch, 1), engine_max_len=3072)
     t0 = time.perf_counter()
-    summary = evaluate(examples, agent, "numeric_match", out_dir, "gsm8k", batch_size=batch,
-                       info={"experiment": "demo_tiny_lumos_i", "paper_score": 47.1,
-                             "paper_note": "paper: Lumos-I 7B, all 1,319 questions"})
+    # a live count of finished episodes (tqdm shows nothing when stderr is not a terminal)
+    bar = tqdm(total=len(examples), unit="episode", desc="agent", disable=None, dynamic_ncols=True)
+    agent.on_episode = lambda: bar.update(1)
+    try:
+        summary = evaluate(examples, agent, "numeric_match", out_dir, "gsm8k", batch_size=batch,
+                           info={"experiment": "demo_tiny_lumos_i", "paper_score": 47.1,
+                                 "paper_note": "paper: Lumos-I 7B, all 1,319 questions"})
+    finally:
+        bar.close()
     _say(f"agent: Lumos-I on {len(examples)} GSM8K test questions in {time.perf_counter() - t0:.0f}s "
          f"(outputs in {out_dir})")
     return summary
 
 
 def main(argv: Sequence[str]) -> int:
-    from lumos_jax.agent.cli import render_trace
+    from lumos_jax.agent.cli import render_trace, use_colour
     from lumos_jax.config import parse_args
     from lumos_jax.evaluation.report import detail_tables, markdown_table
 
@@ -156,7 +163,7 @@ def main(argv: Sequence[str]) -> int:
     # show the most telling episode: a right answer, else one where tools really ran
     shown = max(records, key=lambda r: (r["correct"], tool_calls_ok(r), -r["rounds"]))
     print("\n--- one episode's trace " + "-" * 50)
-    print(render_trace(shown["trace"], colour=not args.no_color))
+    print(render_trace(shown["trace"], colour=use_colour(args.no_color)))
     print(f"gold: {shown['gold']}   correct: {shown['correct']}")
     print("\n--- score " + "-" * 64)
     print(markdown_table([summary]) + "\n" + detail_tables(summary))

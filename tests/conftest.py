@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 FIXTURES = SHARED / "fixtures"
 DATA = SHARED / "data"
+# The full evaluation sets are not bundled (users point $LUMOS_EVAL_DATA at their copy).
+os.environ.setdefault("LUMOS_EVAL_DATA", str(DATA / "eval"))
 
 
 @pytest.fixture(scope="session")

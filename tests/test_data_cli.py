@@ -68,7 +68,8 @@ def test_gin_data_files_parse_and_the_sample_config_builds_batches(monkeypatch):
         for f in files:
             parse_gin([str(f)])
             assert gin.query_parameter("make_train_iterator.sources")
-        parse_gin([str(REPO / "gin" / "data" / "lumos_samples.gin")])
+        parse_gin([str(REPO / "gin" / "data" / "lumos_samples.gin")],
+                  ["LLAMA2_TOKENIZER = '../shared/fixtures/llama2-tokenizer'"])
         it = make_train_iterator(process_index=0, process_count=1)
         assert next(it)["input_ids"].shape == (8, 1024)
         assert make_eval_iterator(process_index=0, process_count=1).num_batches == 4

@@ -34,10 +34,21 @@ def test_eval_cli_bad_input_is_one_line(tmp_path, capsys):
     assert lumos_main(["eval", "--gin_file=experiments/eval/tiny_gsm8k_oracle.gin",
                        "--gin.eval_experiment.dataset='nope'", f"--output_dir={tmp_path}"]) == 2
     assert "unknown 'nope'" in capsys.readouterr().err
-    assert lumos_main(["eval", "--gin_file=experiments/eval/tiny_gsm8k_oracle.gin",
-                       f"--gin.eval_data_dir.path='{tmp_path}'", f"--output_dir={tmp_path}"]) == 2
+    full_set = ["--gin_file=experiments/eval/tiny_gsm8k_oracle.gin", "--gin.eval_experiment.data_path=None"]
+    assert lumos_main(["eval", *full_set, f"--gin.eval_data_dir.path='{tmp_path}'",
+                       f"--output_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "gsm8k_test.jsonl" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_without_eval_data_names_the_settings(tmp_path, capsys, monkeypatch):
+    """The full evaluation sets are not bundled: with no folder configured the error says
+    which settings give one (no silent fallback to ../shared)."""
+    monkeypatch.delenv("LUMOS_EVAL_DATA", raising=False)
+    assert lumos_main(["eval", "--gin_file=experiments/eval/tiny_gsm8k_oracle.gin",
+                       "--gin.eval_experiment.data_path=None", f"--output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "LUMOS_EVAL_DATA" in err[0] and "eval_data_dir.path" in err[0], err
 
 
 def test_catalogue_files_are_current_and_complete():

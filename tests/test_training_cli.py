@@ -15,7 +15,7 @@ from lumos_jax.training import loop as loop_lib
 
 BASE = ["--gin_file=runs/cpu_debug.gin", "--gin_file=mesh/fsdp.gin",
         "--gin.training_data.source='synthetic'", "--gin.training_data.synthetic_vocab=512",
-        "--gin.model_config.overrides={}", "--gin.train.seq_len=32"]
+        "--gin.model_config.overrides={}", "--gin.train.seq_len=32", "--gin.train.global_batch=8"]
 
 
 @pytest.fixture

@@ -59,6 +59,11 @@ def render_trace(events: list[dict], colour: bool = True) -> str:
     return "\n".join(lines)
 
 
+def use_colour(no_color: bool = False) -> bool:
+    """Colour only on a terminal: redirected logs stay plain text (also --no_color, $NO_COLOR)."""
+    return not no_color and sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
+
+
 def _read_tasks(path: str) -> list[str]:
     tasks = []
     with open(path, encoding="utf-8") as f:
@@ -151,7 +156,7 @@ def main(argv: Sequence[str]) -> int:
     no_qa = "QA" in registry and registry.get("QA").backend is None
     runner = EpisodeRunner(gens, lambda i: (Executor(registry), None), cfg, max_concurrent=args.max_concurrent)
     results = runner.run(tasks)
-    colour = not args.no_color and sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
+    colour = use_colour(args.no_color)
     for r in results:
         if args.quiet:
             print(r.answer)

@@ -20,6 +20,7 @@ CATALOGUE = {
     "demo_data/annotations": "the 12 sample Lumos annotation files (plan/ground x iterative/onetime)",
     "demo_data/gsm8k_train_500.jsonl": "first 500 GSM8K training problems",
     "demo_data/gsm8k_test_50.jsonl": "first 50 GSM8K test problems",
+    "demo_data/converted": "the reference's converted few-shot plans (the LLM teacher's exemplars)",
     "demo_data/webshop_incontext_exemplars.jsonl": "the reference's two WebShop exemplars",
     "demo_data/mind2web_sample.jsonl": "20 Mind2Web train-split tasks with candidate elements",
 }

@@ -28,7 +28,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--param_dtype", choices=["float32", "bfloat16", "float16"],
                         help="dtype of the imported params (default float32)")
     parser.add_argument("--vocab_multiple", type=int, help="pad the embedding rows to this multiple")
-    parser.add_argument("--tokenizer", help="copy tokenizer files from this directory (HF export)")
+    parser.add_argument("--tokenizer", help="copy tokenizer files from this directory (default: SRC's own)")
     args = parse_args(parser, argv)
     from_gguf = is_gguf(args.src)
     to = args.to or ("hf" if is_native_checkpoint(args.src) or from_gguf else "native")
@@ -36,7 +36,7 @@ def main(argv: Sequence[str]) -> int:
                                        vocab_multiple=args.vocab_multiple).items() if v is not None}
     model = load_model(args.src, **overrides)
     if to == "native":
-        out = save_native(model, args.dst)
+        out = save_native(model, args.dst, tokenizer_dir=args.tokenizer or args.src)
         if from_gguf:
             write_hf_sidecar(args.src, out)
     elif from_gguf and not args.tokenizer:

@@ -25,7 +25,10 @@ def is_native_checkpoint(directory: str | Path) -> bool:
     return (Path(directory) / "params").is_dir() and (Path(directory) / "config.json").exists()
 
 
-def save_native(model: LlamaForCausalLM, directory: str | Path) -> Path:
+def save_native(model: LlamaForCausalLM, directory: str | Path,
+                tokenizer_dir: str | Path | None = None) -> Path:
+    """Writes params/ + config.json, and the tokenizer files of `tokenizer_dir` beside them, so
+    generate, serve and agent work from the checkpoint alone."""
     if "://" in str(directory):  # gs://... stays a URI (etils.epath, as orbax expects)
         from etils import epath
 
@@ -40,7 +43,19 @@ def save_native(model: LlamaForCausalLM, directory: str | Path) -> Path:
     extra = {"lumos_jax": {"param_dtype": model.config.param_dtype, "dtype": model.config.dtype,
                            "vocab_multiple": model.config.vocab_multiple}}
     (directory / "config.json").write_text(json.dumps({**model.config.to_hf_dict(), **extra}, indent=2))
+    copy_tokenizer(tokenizer_dir, directory)
     return directory
+
+
+def copy_tokenizer(src: str | Path | None, directory) -> None:
+    """Copies the tokenizer files (tokenizer.model / .json / configs) that `src` holds."""
+    from lumos_jax.checkpoints.hf import TOKENIZER_FILES
+
+    if not src or not Path(src).is_dir():
+        return
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).exists() and Path(src).absolute() != Path(str(directory)).absolute():
+            (directory / name).write_bytes((Path(src) / name).read_bytes())
 
 
 def load_native(directory: str | Path, mesh: Mesh | None = None, rules=None,

@@ -21,7 +21,6 @@ from lumos_jax.evaluation.datasets import Example
 from lumos_jax.evaluation.scoring import check_protocol
 from lumos_jax.evaluation.user_datasets import USER_READERS
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # datasets beyond the catalogue's: (domain, metric, max rounds, reference subset)
 EXTRA_DATASETS = {
@@ -35,22 +34,20 @@ ALL_DATASETS = {**DATASETS, **EXTRA_DATASETS}
 
 @gin.configurable
 def eval_data_dir(path: str | None = None) -> Path:
-    """Where the bundled-format eval files live: gin, else $LUMOS_EVAL_DATA, else ../shared."""
+    """Where the reference-format eval files live (gsm8k_test.jsonl, ...): gin, else
+    $LUMOS_EVAL_DATA. They are not bundled (only small samples are: `lumos-jax assets`)."""
     if path:
         return Path(path).expanduser()
     env = os.environ.get("LUMOS_EVAL_DATA")
     if env:
         return Path(env).expanduser()
-    return REPO_ROOT.parent / "shared" / "data" / "eval"
+    raise ValueError("eval data: set $LUMOS_EVAL_DATA or --gin.eval_data_dir.path to the folder holding the "
+                     "reference's data/eval files, or eval_experiment.data_path to one file")
 
 
 def resolve_path(path: str | Path) -> Path:
-    """A relative data path is tried from the working directory, then the repository root."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    in_repo = REPO_ROOT / p
-    return in_repo if in_repo.exists() else p
+    """A relative data path is relative to the current folder (like every other path)."""
+    return Path(path).expanduser()
 
 
 def load_dataset(name: str, data_path: str | Path | None = None, start: int = 0,

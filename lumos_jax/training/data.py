@@ -154,10 +154,10 @@ def synthetic_examples(num: int, vocab_size: int, min_len: int, max_len: int, se
 
 @gin.configurable
 def training_data(seq_len: int = 1024, global_batch: int = 128, seed: int = 0,
-                  source: str = "auto", data_dir: str = "../shared/data/lumos/annotations",
+                  source: str = "auto", data_dir: str | None = None,
                   task: str | None = None, module: str | None = None,
                   formulation: str | None = None, files: Sequence[str] = (),
-                  tokenizer: str = "../shared/fixtures/llama2-tokenizer", packing: bool = True,
+                  tokenizer: str | None = None, packing: bool = True,
                   max_seq_length: int | None = None, holdout_fraction: float = 0.0,
                   synthetic_vocab: int = 512, synthetic_examples_count: int = 256):
     """The train iterator a run uses (and a held-out one when holdout_fraction > 0).
@@ -166,8 +166,6 @@ def training_data(seq_len: int = 1024, global_batch: int = 128, seed: int = 0,
     released naming). source: "pipeline" (data_pipeline), "memory" (encode in memory
     here), "synthetic" (random tokens), "auto" (pipeline if installed, else memory).
     Returns (train_iterator, eval_iterator_factory or None)."""
-    from lumos_jax.config import REPO_ROOT
-
     if source == "synthetic":
         ex = synthetic_examples(synthetic_examples_count, synthetic_vocab, seq_len // 4, seq_len + 1, seed)
         return InMemoryBatches(ex, seq_len, global_batch, seed, packing=packing,
@@ -176,13 +174,18 @@ def training_data(seq_len: int = 1024, global_batch: int = 128, seed: int = 0,
     if not paths:
         if not (task and module and formulation):
             raise ValueError("training_data: set `files` or all of task, module, formulation")
+        if not data_dir:
+            raise ValueError("training_data.data_dir: set it to the folder holding lumos_{task}_{module}_"
+                             "{formulation}.jsonl (the 12 bundled samples: 'bundled:demo_data/annotations')")
         paths = [Path(data_dir) / f"lumos_{task}_{module}_{formulation}.jsonl"]
-    paths = [p if p.is_absolute() or p.exists() else REPO_ROOT / p for p in paths]
-    for p in paths:
+    for p in paths:  # relative paths are relative to the current folder
         if not p.exists():
-            raise FileNotFoundError(f"training_data: {p} does not exist")
+            where = "training_data.files" if files else "training_data.data_dir"
+            raise FileNotFoundError(f"{where}: {p.absolute()} does not exist")
+    if not tokenizer:
+        raise ValueError("training_data.tokenizer: set it to the tokenizer's folder (the base model's, "
+                         "e.g. Llama-2-7b-hf; the bundled 512-piece one: 'bundled:stories260k')")
     tok_path = Path(tokenizer)
-    tok_path = tok_path if tok_path.is_absolute() or tok_path.exists() else REPO_ROOT / tok_path
     if source in ("auto", "pipeline"):
         try:
             from data_pipeline.loader import make_eval_iterator, make_train_iterator

@@ -142,9 +142,10 @@ def _run(workdir, seq_len, global_batch, grad_accum_steps, num_epochs, max_steps
         if export_native:
             from lumos_jax.checkpoints.native import save_native
 
-            save_native(state_lib.model_from_params(setup, state["params"]), workdir / "model")
+            save_native(state_lib.model_from_params(setup, state["params"]), workdir / "model",
+                        tokenizer_dir=_tokenizer_dir(tokenizer_dir_for_export, init_from))
         if export_hf_dir:
-            _export(setup, state["params"], export_hf_dir, tokenizer_dir_for_export or init_from)
+            _export(setup, state["params"], export_hf_dir, _tokenizer_dir(tokenizer_dir_for_export, init_from))
     finally:
         if tracing:
             jax.profiler.stop_trace()
@@ -153,6 +154,16 @@ def _run(workdir, seq_len, global_batch, grad_accum_steps, num_epochs, max_steps
         writer.close()
         ckpt.close()
     return {"losses": losses, "eval": evals, "step": step, "state": state, "setup": setup}
+
+
+def _tokenizer_dir(explicit: str | None, init_from: str | None) -> str | None:
+    """What the exported model carries as its tokenizer: the explicit one, else the data's
+    (`training_data.tokenizer`), else the base model's."""
+    try:
+        data_tok = gin.query_parameter("training_data.tokenizer")
+    except ValueError:  # not bound
+        data_tok = None
+    return explicit or (data_tok if isinstance(data_tok, str) else None) or init_from
 
 
 def _dtype_overrides(config) -> dict:
@@ -172,7 +183,8 @@ def _log(pending, losses, writer, progress, t_last, flops_step, peak, tokens_ste
             values["mfu"] = flops_step / dt / (peak * n_devices)
         losses[step] = values["loss"]
         writer.write(step, values)
-    progress.update(len(pending), {"loss": values["loss"], "lr": values["learning_rate"]})
+    progress.update(len(pending), {"loss": values["loss"], "lr": values["learning_rate"],
+                                   "tok/s": values["tokens_per_s"]})
     return now
 
 
