@@ -1,6 +1,7 @@
 """Code sandbox: escape attempts are contained with a clear error (few, quick processes)."""
 
 import os
+import time
 import uuid
 
 import pytest
@@ -54,4 +55,25 @@ def test_infinite_loop_and_flood_are_stopped():
 
 def test_code_tool_reports_errors_as_tool_errors():
     with pytest.raises(ToolError, match="ZeroDivisionError"):
+        Code(**FAST)("1/0", ToolContext(variables={}))
+
+
+def test_pseudo_code_translation_is_linear_time():
+    """The old lazy three-group regex was quadratic: 0.22 s for `If` + 5,000 spaces here, so
+    about 6 minutes for the 200,000 below; the translation must stay linear."""
+    adversarial = ["If " + " ," * 100_000 + "x", "If " + "a, " * 100_000, "If " + "(" * 200_000 + ", 1, 0",
+                   "If " + "x" * 200_000 + "\n, 1, 0", "If  " + "\t" * 200_000, "If " + " " * 200_000]
+    start = time.perf_counter()
+    for text in adversarial:
+        translate_pseudo_code(text)
+    assert time.perf_counter() - start < 1.0
+    # Commas inside calls stay with their argument (the reference's form, with a call in it).
+    assert translate_pseudo_code("If max(3, 4) > 3, 1, 0") == "(1) if (max(3, 4) > 3) else (0)"
+    assert translate_pseudo_code("print(1)") == "print(1)"
+
+
+def test_answers_name_their_isolation():
+    answer = _ask("1 + 1")
+    assert answer["value"] == "2" and answer["isolation"] in ("bubblewrap", "rlimits-only")
+    with pytest.raises(ToolError, match=r"\[isolation: (bubblewrap|rlimits-only)\]"):
         Code(**FAST)("1/0", ToolContext(variables={}))

@@ -77,6 +77,8 @@ def run_sandboxed(code: str, cpu_seconds: float = 2.0, wall_seconds: float = 5.0
                   signal.SIGSEGV: "crashed (segmentation fault; memory limit?)",
                   signal.SIGSYS: "stopped by the seccomp filter"}.get(sig, f"killed by signal {sig}")
         raise (ToolTimeout if sig in (signal.SIGXCPU, signal.SIGKILL) else SandboxError)(f"Code: {reason} {where}")
+    if len(done.stdout) >= limits.stdout_cap:  # Python ignores SIGXFSZ: writes fail with EFBIG instead
+        raise SandboxError(f"Code: output limit of {output_bytes} bytes exceeded {where}")
     text = done.stdout.decode("utf-8", "replace")
     lines = [ln for ln in text.splitlines() if ln.startswith("{")]
     if not lines:

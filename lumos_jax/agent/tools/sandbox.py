@@ -190,6 +190,11 @@ class Limits:
     open_files: int = 64
     extra_processes: int = 16  # over what the uid already runs (bubblewrap forks twice)
 
+    @property
+    def stdout_cap(self) -> int:
+        """RLIMIT_FSIZE of the child's stdout file: its output plus room for the answer line."""
+        return self.output_bytes + 4096
+
 
 @dataclasses.dataclass
 class Finished:
@@ -239,7 +244,7 @@ def _rlimits(limits: Limits, uid: int) -> list[tuple[int, tuple[int, int]]]:
     cpu = max(1, int(round(limits.cpu_seconds)))
     nproc = _tasks_of(uid) + limits.extra_processes
     return [(resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_AS, (limits.memory_bytes,) * 2),
-            (resource.RLIMIT_FSIZE, (limits.output_bytes + 4096,) * 2),
+            (resource.RLIMIT_FSIZE, (limits.stdout_cap,) * 2),
             (resource.RLIMIT_NOFILE, (limits.open_files,) * 2), (resource.RLIMIT_NPROC, (nproc, nproc)),
             (resource.RLIMIT_CORE, (0, 0))]
 
@@ -424,7 +429,7 @@ def run(payload: dict, limits: Limits, isolation_kind: str | None = None) -> Fin
             finally:
                 _kill(proc)
         with open(out_path, "rb") as f:
-            data = f.read(limits.output_bytes + 4096)
+            data = f.read(limits.stdout_cap)
         return Finished(proc.returncode, data, timed_out, kind, programs is not None)
     finally:
         shutil.rmtree(base, ignore_errors=True)

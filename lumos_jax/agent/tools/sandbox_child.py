@@ -184,21 +184,30 @@ def main():
     if req.get("audit_hook", True):  # off only when a test checks the kernel walls alone
         library = os.path.dirname(os.path.realpath(os.__file__))
         sys.addaudithook(_make_hook(os.path.realpath(scratch), library))
-    captured = _CappedWriter(int(req["output_bytes"]) // 2)
+    limit = int(req["output_bytes"]) // 2
+    captured = _CappedWriter(limit)
+    # What the answer is built with, bound before user code can rebind builtins or modules.
+    is_a, text_of, type_of, quote, write = isinstance, repr, type, json.encoder.encode_basestring_ascii, os.write
+    memory_error, any_error, text_type = MemoryError, BaseException, str
     try:
         sys.stdout = sys.stderr = captured
         scope = {"__name__": "__sandbox__", "__builtins__": __builtins__}
         exec(body, scope)  # noqa: S102 - this is the sandbox
         value = eval(tail, scope) if tail is not None else scope.get("result", scope.get("answer"))  # noqa: S307
-        answer["value"] = None if value is None else repr(value) if not isinstance(value, str) else value
-    except MemoryError:
+        answer["value"] = None if value is None else value if is_a(value, text_type) else text_of(value)
+    except memory_error:
         answer.update(ok=False, error="MemoryError: memory limit exceeded")
-    except BaseException as e:  # noqa: BLE001 - report everything, including SystemExit
-        answer.update(ok=False, error=f"{type(e).__name__}: {e}"[:500])
-    finally:
-        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
-    answer["stdout"] = captured.text()[: int(req["output_bytes"]) // 2]
-    _answer(answer)
+    except any_error as e:  # noqa: BLE001 - report everything, including SystemExit
+        try:
+            answer.update(ok=False, error=(type_of(e).__name__ + ": " + text_type(e))[:500])
+        except any_error:
+            answer.update(ok=False, error=type_of(e).__name__)
+    answer["stdout"] = "".join(captured.parts)[:limit]
+    # A flat dict of str / bool / None, written with C functions only (json's Python layer
+    # calls builtins that user code may have replaced).
+    fields = [quote(k) + ": " + ("null" if v is None else "true" if v is True else "false" if v is False else quote(v))
+              for k, v in answer.items()]
+    write(1, ("{" + ", ".join(fields) + "}\n").encode())
 
 
 if __name__ == "__main__":
