@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 
+from lumos_jax.agent.tools import sandbox
 from lumos_jax.agent.tools.base import ToolContext, ToolError, ToolTimeout
 from lumos_jax.agent.tools.code import Code, run_sandboxed, translate_pseudo_code
 
@@ -77,3 +78,18 @@ def test_answers_name_their_isolation():
     assert answer["value"] == "2" and answer["isolation"] in ("bubblewrap", "rlimits-only")
     with pytest.raises(ToolError, match=r"\[isolation: (bubblewrap|rlimits-only)\]"):
         Code(**FAST)("1/0", ToolContext(variables={}))
+
+
+def test_host_without_bubblewrap_falls_back_and_says_so(monkeypatch, caplog):
+    """The probe finds no bwrap on PATH: rlimits-only, logged, and named in the answer."""
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    sandbox._bwrap_works.cache_clear()
+    sandbox._warn_once.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger=sandbox.__name__):
+            assert sandbox.isolation() == sandbox.RLIMITS_ONLY
+            answer = _ask("6 * 7")
+        assert answer["value"] == "42" and answer["isolation"] == "rlimits-only"
+        assert "no bwrap on PATH" in caplog.text and "rlimits-only" in caplog.text
+    finally:
+        sandbox._bwrap_works.cache_clear()

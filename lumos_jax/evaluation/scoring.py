@@ -187,3 +187,17 @@ def get_scorer(name: str, protocol: str = "robust") -> Scorer:
 def headline(scores: list[dict]) -> float:
     total = sum(s["total"] for s in scores)
     return 100.0 * sum(s["correct"] for s in scores) / total if total else 0.0
+
+
+def rescore(records: list[dict], metric: str, protocol: str, examples: dict[str, Example] | None = None) -> dict:
+    """Score saved prediction records (`predictions.jsonl`) again under `protocol`: the same
+    predictions, the other protocol's rules. `examples` (by id) are needed only where the
+    scorer reads more than the gold (Mind2Web pages); otherwise the record's gold is used.
+    Returns {score, correct, total, n}."""
+    scorer = get_scorer(metric, protocol)
+    scores = []
+    for r in records:
+        ex = (examples or {}).get(r["id"]) or Example(r["id"], r.get("question", ""), r["gold"], "")
+        scores.append(scorer(ex, r.get("prediction")))
+    return {"score": headline(scores), "correct": sum(s["correct"] for s in scores),
+            "total": sum(s["total"] for s in scores), "n": len(scores)}

@@ -63,7 +63,10 @@ def run_sandboxed(code: str, cpu_seconds: float = 2.0, wall_seconds: float = 5.0
     isolation) when the child is killed (time, memory, output) or dies."""
     limits = sandbox.Limits(cpu_seconds=cpu_seconds, wall_seconds=wall_seconds, memory_bytes=memory_bytes,
                             output_bytes=output_bytes)
-    done = sandbox.run({"code": code, "audit_hook": audit_hook}, limits, isolation)
+    try:
+        done = sandbox.run({"code": code, "audit_hook": audit_hook}, limits, isolation)
+    except sandbox.SandboxUnavailable as e:
+        raise SandboxError(f"Code: {e}") from None
     where = f"[isolation: {done.isolation}]"
     if done.timed_out:
         raise ToolTimeout(f"Code: wall-clock limit of {wall_seconds:g}s exceeded {where}")

@@ -196,6 +196,10 @@ class Limits:
         return self.output_bytes + 4096
 
 
+class SandboxUnavailable(RuntimeError):
+    """The launcher could not set up the requested isolation (the child never ran)."""
+
+
 @dataclasses.dataclass
 class Finished:
     returncode: int | None
@@ -393,11 +397,16 @@ def _launch(isolation: str, programs, limits: Limits, base: Path, stdout) -> sub
 def _bwrap_works(uid: int) -> bool:
     """Probe once per uid: does a do-nothing child start under the full bubblewrap setup?"""
     if not shutil.which("bwrap"):
+        _warn_once("Code sandbox: no bwrap on PATH (Debian package bubblewrap): using the rlimits-only fallback")
         return False
-    result = run({"probe": True}, Limits(cpu_seconds=5, wall_seconds=20), BUBBLEWRAP)
-    ok = result.returncode == 0 and b'"probe": "ok"' in result.stdout
+    try:
+        result = run({"probe": True}, Limits(cpu_seconds=5, wall_seconds=20), BUBBLEWRAP)
+        ok, why = result.returncode == 0 and b'"probe": "ok"' in result.stdout, f"status {result.returncode}"
+    except SandboxUnavailable as e:
+        ok, why = False, str(e)
     if not ok:
-        _warn_once("Code sandbox: bubblewrap is unavailable here (user namespaces?); using the rlimits-only fallback")
+        _warn_once(f"Code sandbox: bubblewrap does not work here ({why}; user namespaces off?): "
+                   "using the rlimits-only fallback")
     return ok
 
 
@@ -412,6 +421,8 @@ def run(payload: dict, limits: Limits, isolation_kind: str | None = None) -> Fin
     kind = isolation_kind or isolation()
     if kind not in (BUBBLEWRAP, RLIMITS_ONLY):
         raise ValueError(f"sandbox isolation must be {BUBBLEWRAP!r} or {RLIMITS_ONLY!r}, not {kind!r}")
+    if kind == RLIMITS_ONLY:
+        _warn_once("Code sandbox: rlimits-only isolation (no namespaces; see docs/security.md, 'Code sandbox')")
     programs = _seccomp_programs()
     base = Path(tempfile.mkdtemp(prefix="lumos-sandbox-"))
     request = json.dumps(dict(payload, scratch=SANDBOX_SCRATCH if kind == BUBBLEWRAP else str(base / "scratch"),
@@ -421,7 +432,10 @@ def run(payload: dict, limits: Limits, isolation_kind: str | None = None) -> Fin
     timed_out = False
     try:
         with open(out_path, "wb") as out:
-            proc = _launch(kind, programs, limits, base, out)
+            try:
+                proc = _launch(kind, programs, limits, base, out)
+            except (OSError, subprocess.SubprocessError) as e:
+                raise SandboxUnavailable(f"the {kind} sandbox could not start: {e}") from None
             try:
                 proc.communicate(request, timeout=limits.wall_seconds)
             except subprocess.TimeoutExpired:
