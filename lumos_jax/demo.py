@@ -115,11 +115,11 @@ def run_agent(planner: Path, grounder: Path, out_dir: Path, num_questions: int, 
     t0 = time.perf_counter()
     # a live count of finished episodes (tqdm shows nothing when stderr is not a terminal)
     bar = tqdm(total=len(examples), unit="episode", desc="agent", disable=None, dynamic_ncols=True)
-    agent.on_episode = lambda: bar.update(1)
     try:
-        summary = evaluate(examples, agent, "numeric_match", out_dir, "gsm8k", batch_size=batch,
+        summary = evaluate(examples, agent, "numeric_match", out_dir, "gsm8k", concurrency=batch,
                            info={"experiment": "demo_tiny_lumos_i", "paper_score": 47.1,
-                                 "paper_note": "paper: Lumos-I 7B, all 1,319 questions"})
+                                 "paper_note": "paper: Lumos-I 7B, all 1,319 questions"},
+                           on_batch=lambda done, total: bar.update(done - bar.n))
     finally:
         bar.close()
     _say(f"agent: Lumos-I on {len(examples)} GSM8K test questions in {time.perf_counter() - t0:.0f}s "

@@ -76,3 +76,24 @@ def test_catalogue_gin_parses(name):
     parse_gin([f"experiments/eval/{name}.gin"])
     cfg = eval_experiment()
     assert cfg.name == name and cfg.batch_size == 16
+
+
+def test_changed_settings_never_reuse_old_predictions(tmp_path, capsys):
+    """The issue's case: an always-wrong agent run into the folder of an oracle run must not
+    report the oracle's 100.0; it refuses in one line, and --overwrite / --resume_anyway decide."""
+    base = ["eval", "--gin_file=experiments/eval/tiny_gsm8k_oracle.gin", f"--output_dir={tmp_path}",
+            "--limit=4", "--quiet"]
+    assert lumos_main(base) == 0
+    assert lumos_main([*base, "--limit=6"]) == 0  # more examples, same settings: resumes
+    capsys.readouterr()
+    wrong = [*base, "--gin.scripted_agent.kind='wrong'"]
+    assert lumos_main(wrong) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "scripted_agent.kind" in err[0] and "--overwrite" in err[0], err
+    assert lumos_main([*wrong, "--resume_anyway"]) == 0  # keeps the 6 oracle predictions
+    assert json.loads((tmp_path / "summary.json").read_text())["score"] == 100.0
+    assert lumos_main([*wrong, "--overwrite"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["score"] == 0.0 and summary["n"] == 4
+    recorded = json.loads((tmp_path / "settings.json").read_text())["settings"]
+    assert recorded["scripted_agent.kind"] == "'wrong'"

@@ -1,7 +1,8 @@
 """`lumos-jax eval --gin_file=experiments/eval/<name>.gin [--output_dir D] [--limit N]`.
 
-Runs (or resumes) the experiment, prints the score table beside the paper's number and the
-paths of the outputs (predictions.jsonl, summary.json, results.md, plot.png).
+Runs the experiment (or resumes it, when the output folder's predictions were made with the
+same settings: settings_digest.py), prints the score table beside the paper's number and the
+paths of the outputs (predictions.jsonl, summary.json, results.md, plot.png, settings.json).
 """
 
 from __future__ import annotations
@@ -15,11 +16,17 @@ def main(argv: Sequence[str]) -> int:
     from lumos_jax.config import ConfigError, parse_args
     from lumos_jax.evaluation.experiment import eval_experiment, run_experiment
     from lumos_jax.evaluation.report import markdown_table
+    from lumos_jax.evaluation.settings_digest import check_output_dir, current_settings
 
     parser = argparse.ArgumentParser(prog="lumos-jax eval", description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default=None, help="overrides eval_experiment.output_dir")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true",
+                       help="delete the output folder's predictions and start over")
+    again.add_argument("--resume_anyway", action="store_true",
+                       help="keep predictions made with other settings (see settings.json)")
     args = parse_args(parser, argv)
     if not args.gin_file:
         raise ConfigError("lumos-jax eval needs --gin_file=experiments/eval/<name>.gin")
@@ -27,8 +34,9 @@ def main(argv: Sequence[str]) -> int:
         cfg = eval_experiment()
     except (TypeError, ValueError) as e:
         raise ConfigError(f"eval_experiment: {e}") from None
-    summary = run_experiment(cfg, output_dir=args.output_dir, limit=args.limit, progress=not args.quiet)
     out = Path(args.output_dir or cfg.output_dir)
+    check_output_dir(out, current_settings(), overwrite=args.overwrite, resume_anyway=args.resume_anyway)
+    summary = run_experiment(cfg, output_dir=str(out), limit=args.limit, progress=not args.quiet)
     print(markdown_table([summary]), end="")
     print(f"outputs: {out}/predictions.jsonl, summary.json, results.md, plot.png")
     return 0

@@ -38,7 +38,6 @@ class LumosEvalAgent:
         self.generators, self.cfg, self.registry_for = generators, cfg, registry_for
         self.max_concurrent, self.tool_workers = max_concurrent, tool_workers
         self.last_stats = None
-        self.on_episode: Callable[[], None] | None = None  # called as each episode ends (progress)
 
     def run_batch(self, examples: Sequence[Example]) -> list[AgentResult]:
         from lumos_jax.agent.execution import Executor
@@ -47,11 +46,7 @@ class LumosEvalAgent:
         registries = [self.registry_for(ex) for ex in examples]
         runner = EpisodeRunner(self.generators, lambda i: (Executor(registries[i]), None), self.cfg,
                                max_concurrent=self.max_concurrent, tool_workers=self.tool_workers)
-        results: list = [None] * len(examples)
-        for i, result, _ in runner.stream(enumerate(ex.question for ex in examples)):
-            results[i] = result
-            if self.on_episode is not None:
-                self.on_episode()
+        results = runner.run([ex.question for ex in examples])
         self.last_stats = runner.stats
         return [episode_to_result(r) for r in results]
 
