@@ -104,10 +104,14 @@ def batch_attempts(w: dict) -> list[tuple[str, str]]:
         ("/dev/tty", "open('/dev/tty', 'w').write('x')"),
         ("mknod", "import os\nos.mknod('dev0', 0o20666, os.makedev(1, 1))"),
         ("chmod outside", f"import os\nos.chmod('{out}', 0o777)"),
+        # code left to run at interpreter exit (when CPython clears audit hooks)
+        ("finalizers", f"import builtins, atexit\nclass D:\n    def __del__(self): open('{out}/del', 'w').write('x')\n"
+         f"builtins._keep = D()\natexit.register(lambda: open('{out}/atexit', 'w').write('x'))"),
     ]
 
 
-TOLERATED = {"tamper __main__ lists", "tamper builtins", "tamper os.path", "tamper frames"}
+TOLERATED = {"tamper __main__ lists", "tamper builtins", "tamper os.path", "tamper frames",
+             "finalizers"}  # these may "succeed"; what they aim at is checked after (host, later attempts)
 
 
 def single_attempts() -> list[tuple[str, str, str]]:

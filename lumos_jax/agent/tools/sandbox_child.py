@@ -188,6 +188,7 @@ def main():
     captured = _CappedWriter(limit)
     # What the answer is built with, bound before user code can rebind builtins or modules.
     is_a, text_of, type_of, quote, write = isinstance, repr, type, json.encoder.encode_basestring_ascii, os.write
+    leave = os._exit  # no interpreter finalization: audit hooks are cleared there, before the last __del__s
     memory_error, any_error, text_type = MemoryError, BaseException, str
     try:
         sys.stdout = sys.stderr = captured
@@ -208,6 +209,7 @@ def main():
     fields = [quote(k) + ": " + ("null" if v is None else "true" if v is True else "false" if v is False else quote(v))
               for k, v in answer.items()]
     write(1, ("{" + ", ".join(fields) + "}\n").encode())
+    leave(0)
 
 
 if __name__ == "__main__":
