@@ -4,18 +4,35 @@ Each step directory holds `state` (params, optimizer, step, RNG; sharded arrays)
 `data` (the iterator's JSON state). Orbax writes into a temporary directory and renames
 it when the save is complete, so a save killed midway is never seen as a checkpoint.
 Saves are asynchronous: training continues while arrays are written.
+
+Integrity: orbax checksums only its index, not the array bytes, so once a save has
+finished we seal it with `lumos_digest.json` (sha256 and size of every file of the step,
+written atomically). `restore_latest` verifies a step against its digest before reading
+it and falls back to the newest intact step, moving a damaged one aside as
+`damaged-STEP` with one line naming it; with no intact step it refuses.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import signal
+import sys
 import threading
+import time
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from lumos_jax.training.paths import resolve_dir
+
+DIGEST_FILE = "lumos_digest.json"
+
+
+class DamagedCheckpoint(ValueError):
+    """A step whose files do not match their digest (or that has none)."""
 
 
 class Checkpointer:
@@ -27,14 +44,105 @@ class Checkpointer:
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data"), item_handlers=handlers)
+        self._unsealed: list[int] = []
+        self._lead = jax.process_index() == 0
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def due(self, step: int) -> bool:
+        """Whether `save(step, ...)` without force would write a checkpoint."""
+        return self.manager.should_save(step)
+
     def save(self, step: int, state: dict, data_state: dict | None, force: bool = False) -> bool:
+        if not (force or self.due(step)):
+            return False
+        self.wait()  # orbax waits for the previous save anyway; seal it first
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=ocp.args.JsonSave(data_state or {}))
-        return self.manager.save(step, args=args, force=force)
+        saved = self.manager.save(step, args=args, force=force)
+        if saved:
+            self._unsealed.append(step)
+        return saved
+
+    # -- integrity --------------------------------------------------------------------
+    def _seal(self) -> None:
+        """Write the digest of every finished, unsealed step (after orbax committed it)."""
+        steps, self._unsealed = self._unsealed, []
+        if not self._lead:
+            return
+        for step in steps:
+            step_dir = self.directory / str(step)
+            if not step_dir.exists():  # already rotated away (max_to_keep)
+                continue
+            digest = json.dumps({"step": step, "files": _digest(step_dir)}, indent=1, sort_keys=True)
+            tmp = step_dir / (DIGEST_FILE + ".tmp")
+            tmp.write_text(digest)
+            tmp.rename(step_dir / DIGEST_FILE)
+
+    def verify(self, step: int, legacy_ok: bool = False) -> None:
+        """DamagedCheckpoint naming the first file that differs from the step's digest."""
+        step_dir = self.directory / str(step)
+        where = f"{self.directory}/{step}"
+        manifest = step_dir / DIGEST_FILE
+        if not manifest.exists():
+            if legacy_ok:
+                return
+            raise DamagedCheckpoint(f"{where}: no {DIGEST_FILE} (the save did not finish)")
+        try:
+            expected = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DamagedCheckpoint(f"{where}: {DIGEST_FILE} is unreadable ({e})") from None
+        found = _digest(step_dir)
+        for name in sorted(set(expected) | set(found)):
+            if name not in found:
+                raise DamagedCheckpoint(f"{where}: file {name} is missing")
+            if name not in expected:
+                raise DamagedCheckpoint(f"{where}: file {name} is not in the digest")
+            if found[name] != expected[name]:
+                size, want = found[name]["size"], expected[name]["size"]
+                what = (f"{size} bytes, the digest says {want}" if size != want
+                        else "its sha256 differs from the digest")
+                raise DamagedCheckpoint(f"{where}: file {name}: {what}")
+
+    def restore_latest(self, target: dict) -> tuple[int, dict, dict] | None:
+        """(step, state, data state) of the newest intact step; None when there is none to
+        restore. Damaged steps are moved aside (one line each); all damaged -> ValueError."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+        legacy = not any((self.directory / str(s) / DIGEST_FILE).exists() for s in steps)
+        if legacy and self._lead:
+            print(f"lumos-jax train: warning: {self.directory} has no checkpoint digests "
+                  "(written by an older version); restoring without verification", file=sys.stderr)
+        problems = []
+        for step in steps:
+            try:
+                self.verify(step, legacy_ok=legacy)
+            except DamagedCheckpoint as e:
+                problems.append(str(e))
+                self._set_aside(step, str(e))
+                continue
+            state, data_state = self.restore(step, target)
+            return step, state, data_state
+        raise ValueError(f"no intact checkpoint in {self.directory} ({'; '.join(problems)}); "
+                         "each was moved aside as damaged-STEP; use a fresh workdir to start afresh")
+
+    def _set_aside(self, step: int, reason: str) -> None:
+        """Rename a damaged step to damaged-STEP[-n] so orbax no longer lists it (and a
+        later save of that step number can be written)."""
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"lumos_checkpoint_verify_{step}")
+        if self._lead:
+            aside = self.directory / f"damaged-{step}"
+            if aside.exists():
+                aside = self.directory / f"damaged-{step}-{int(time.time())}"
+            (self.directory / str(step)).rename(aside)
+            print(f"lumos-jax train: checkpoint step {step} is damaged ({reason.split(': ', 1)[-1]}); "
+                  f"moved to {aside.name}, trying the previous step", file=sys.stderr, flush=True)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"lumos_checkpoint_aside_{step}")
+        self.manager.reload()
 
     def restore(self, step: int, target: dict) -> tuple[dict, dict]:
         """(state placed on target's shardings, data iterator state)."""
@@ -59,9 +167,10 @@ class Checkpointer:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        self._seal()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
 
@@ -101,6 +210,22 @@ class PreemptionFlag:
 
     def is_set(self) -> bool:
         return self.event.is_set()
+
+
+def _digest(step_dir) -> dict:
+    """{relative path: {"sha256", "size"}} for every file under a step directory."""
+    out = {}
+    root = str(step_dir).rstrip("/")
+    for path in sorted(step_dir.rglob("*"), key=str):
+        if path.is_dir() or path.name in (DIGEST_FILE, DIGEST_FILE + ".tmp"):
+            continue
+        h, size = hashlib.sha256(), 0
+        with path.open("rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+                size += len(block)
+        out[str(path)[len(root) + 1:]] = {"sha256": h.hexdigest(), "size": size}
+    return out
 
 
 def _path_key(path) -> str:

@@ -70,13 +70,13 @@ def _run(workdir, seq_len, global_batch, grad_accum_steps, num_epochs, max_steps
     setup = state_lib.build_setup(config, mesh, max_steps, state_lib.optimizer_settings())
     check_batch(setup, global_batch, grad_accum_steps)
     ckpt = Checkpointer(workdir / "checkpoints", save_every, keep_checkpoints, async_checkpoints)
-    start = ckpt.latest_step()
-    if start is not None:
-        try:
-            state, data_state = ckpt.restore(start, state_lib.restore_target(setup))
-        except Exception:
-            ckpt.close()  # stop orbax's threads before the error propagates
-            raise
+    try:  # the newest intact step (verified against its digest; damaged ones set aside)
+        restored = ckpt.restore_latest(state_lib.restore_target(setup))
+    except Exception:
+        ckpt.close()  # stop orbax's threads before the error propagates
+        raise
+    if restored is not None:
+        start, state, data_state = restored
         data.set_state(data_state)
         if lead:
             print(f"lumos-jax train: resumed from {ckpt.directory / str(start)}")
@@ -112,6 +112,8 @@ def _run(workdir, seq_len, global_batch, grad_accum_steps, num_epochs, max_steps
             state, metrics = step_fn(state, batch)
             step += 1
             pending.append((step, metrics))
+            if ckpt.due(step) or len(pending) >= log_every or step == max_steps:
+                _check_finite(pending, ckpt)  # stop on NaN/inf; never save such a state
             saved = ckpt.save(step, state, data.get_state())
             if tracing and (step == start + profile_steps[1] or step == max_steps):
                 jax.block_until_ready(metrics)
@@ -125,6 +127,7 @@ def _run(workdir, seq_len, global_batch, grad_accum_steps, num_epochs, max_steps
                 evals[step] = _evaluate(eval_fn, state["params"], eval_factory, bsh, global_batch)
                 writer.write(step, evals[step], prefix="eval")
             if _any_process(preempt.is_set()):
+                _check_finite(pending, ckpt)
                 if not saved:
                     ckpt.save(step, state, data.get_state(), force=True)
                 ckpt.wait()
@@ -186,6 +189,25 @@ def _log(pending, losses, writer, progress, t_last, flops_step, peak, tokens_ste
     progress.update(len(pending), {"loss": values["loss"], "lr": values["learning_rate"],
                                    "tok/s": values["tokens_per_s"]})
     return now
+
+
+class NonFiniteLoss(ValueError):
+    """Training diverged: stopped before saving the state."""
+
+
+def _check_finite(pending, ckpt) -> None:
+    """NonFiniteLoss (one line, naming the step and the last good checkpoint) when a pending
+    step's loss or gradient norm is NaN/inf; the state after it is never saved."""
+    host = jax.device_get([{k: m[k] for k in ("loss", "grad_norm") if k in m} for _, m in pending])
+    for (step, _), m in zip(pending, host):
+        bad = {k: float(m[k]) for k in ("loss", "grad_norm") if k in m and not np.isfinite(m[k])}
+        if bad:
+            shown = ", ".join(f"{k} {v}" for k, v in bad.items())
+            last = ckpt.latest_step()
+            keep = (f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None
+                    else "no checkpoint has been saved yet")
+            raise NonFiniteLoss(f"training diverged at step {step} ({shown}); stopped without saving "
+                                f"that state, {keep} (lower optimizer_settings.learning_rate?)")
 
 
 def _evaluate(eval_fn, params, eval_factory, bsh, global_batch) -> dict:

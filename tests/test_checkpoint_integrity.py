@@ -1,0 +1,124 @@
+"""Checkpoint integrity (issue 12): a byte flip or a truncated file in the latest step is
+found before it is read and the run resumes from the previous intact step (or refuses
+with one line when none is left); a diverging run stops non-zero without saving NaNs."""
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from lumos_jax.config import parse_gin
+from lumos_jax.training.checkpointing import DIGEST_FILE, Checkpointer
+from lumos_jax.training.loop import train
+
+GIN = ["model_config.preset = 'tiny'", "model_config.overrides = {}", "training_data.source = 'synthetic'",
+       "training_data.synthetic_vocab = 512", "training_data.synthetic_examples_count = 64",
+       "optimizer_settings.learning_rate = 1e-3", "train.seq_len = 32", "train.global_batch = 4",
+       "train.log_every = 1", "train.progress_bar = False", "train.export_native = False"]
+
+
+def steps(ckpts):
+    return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+
+
+def biggest_file(step_dir):
+    return max((p for p in step_dir.rglob("*") if p.is_file() and p.name != DIGEST_FILE),
+               key=lambda p: p.stat().st_size)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """6 steps saved at 3 and 6 (orbax also keeps step 1), and their losses."""
+    parse_gin(["mesh/single_device.gin"], GIN)
+    work = tmp_path_factory.mktemp("ckpt") / "run"
+    losses = train(workdir=str(work), max_steps=6, save_every=3)["losses"]
+    return work, losses
+
+
+def copy_of(trained, tmp_path):
+    work = tmp_path / "run"
+    shutil.copytree(trained[0], work)
+    return work, work / "checkpoints"
+
+
+def test_every_saved_step_carries_a_digest_of_its_files(trained):
+    ckpts = trained[0] / "checkpoints"
+    assert {3, 6} <= set(steps(ckpts))
+    for step in steps(ckpts):
+        manifest = json.loads((ckpts / str(step) / DIGEST_FILE).read_text())
+        assert manifest["step"] == step
+        files = [p for p in (ckpts / str(step)).rglob("*") if p.is_file() and p.name != DIGEST_FILE]
+        assert sorted(manifest["files"]) == sorted(str(p.relative_to(ckpts / str(step))) for p in files)
+        for p in files:  # checked with hashlib itself, not our helper
+            entry = manifest["files"][str(p.relative_to(ckpts / str(step)))]
+            assert entry["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
+            assert entry["size"] == p.stat().st_size
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_latest_step_falls_back_to_the_previous(trained, tmp_path, capsys, damage):
+    work, ckpts = copy_of(trained, tmp_path)
+    victim = biggest_file(ckpts / "6")
+    data = bytearray(victim.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+    else:
+        data = data[: len(data) // 2]
+    victim.write_bytes(bytes(data))
+    parse_gin(["mesh/single_device.gin"], GIN)
+    result = train(workdir=str(work), max_steps=6, save_every=3)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "damaged" in line]
+    assert len(lines) == 1 and "checkpoint step 6 is damaged" in lines[0], err
+    assert victim.name in lines[0]
+    assert ("sha256 differs" if damage == "flip" else "bytes, the digest says") in lines[0]
+    assert (ckpts / "damaged-6").is_dir()
+    # Resumed from step 3: steps 4..6 retrained, the same losses as the undamaged run.
+    assert sorted(result["losses"]) == [4, 5, 6]
+    np.testing.assert_allclose([result["losses"][s] for s in (4, 5, 6)],
+                               [trained[1][s] for s in (4, 5, 6)], rtol=1e-6)
+    assert 6 in steps(ckpts)
+    Checkpointer(ckpts, 3).verify(6)  # the new step 6, sealed
+
+
+def test_no_intact_step_is_a_clear_refusal(trained, tmp_path):
+    work, ckpts = copy_of(trained, tmp_path)
+    for step in steps(ckpts):
+        victim = biggest_file(ckpts / str(step))
+        victim.write_bytes(victim.read_bytes()[:-1])
+    (ckpts / "3" / DIGEST_FILE).unlink()  # a save that never finished
+    ck = Checkpointer(ckpts, 3)
+    try:
+        with pytest.raises(ValueError, match=r"no intact checkpoint in .*/6: file state/.*: \d+ bytes, "
+                                             r"the digest says \d+; .*/3: no " + DIGEST_FILE):
+            ck.restore_latest({})
+    finally:
+        ck.close()
+
+
+def test_divergence_stops_nonzero_and_keeps_the_last_good_checkpoint(trained, tmp_path, capsys):
+    from lumos_jax.cli import main
+
+    work, ckpts = copy_of(trained, tmp_path)
+    # A learning rate that blows the weights up within a few steps of the resumed run.
+    args = ["train", f"--workdir={work}", "--gin_file=mesh/single_device.gin",
+            *[f"--gin.{g.replace(' = ', '=')}" for g in GIN],
+            "--gin.optimizer_settings.learning_rate=1e30",
+            "--gin.optimizer_settings.warmup_steps=0", "--gin.optimizer_settings.schedule='constant'",
+            "--gin.train.max_steps=20", "--gin.train.save_every=1"]
+    rc = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0
+    assert len(err) == 1 and "training diverged at step" in err[0] and "last good checkpoint" in err[0], err
+    diverged = int(err[0].split("training diverged at step ")[1].split(" ")[0])
+    assert 6 < diverged <= 20
+    saved = steps(ckpts)
+    assert max(saved) == diverged - 1  # every step before it saved, that one not
+    ck = Checkpointer(ckpts, 1)
+    try:
+        for step in saved:
+            ck.verify(step)
+    finally:
+        ck.close()
