@@ -19,7 +19,9 @@ def markdown_table(summaries: list[dict]) -> str:
     for s in summaries:
         extras = ", ".join(f"{k} {v:.1f}" for k, v in s.get("extras", {}).items())
         note = s.get("paper_note", "")
-        notes = "; ".join(x for x in (extras, note) if x)
+        # Only a 'reference'-protocol score is comparable with the paper's (docs/evaluation.md).
+        proto = f"protocol {s['protocol']}" if s.get("protocol") else ""
+        notes = "; ".join(x for x in (proto, extras, note) if x)
         n = f"{s['n']}" if s["total"] == s["n"] else f"{s['n']} ({s['total']:.0f} steps)"
         lines.append(f"| {s.get('experiment', '-')} | {s['dataset']} | {s['metric_label']} | "
                      f"{_fmt(s['score'])} | {_fmt(s.get('paper_score'))} | {n} | {notes} |")
