@@ -78,9 +78,34 @@ def error_line(e: Exception, argv: list[str]) -> str:
         if bare or (filename is not None and first.startswith("[Errno")):
             first = f"{filename}: not found"
         origin = path_origin(first if filename is None else str(filename), argv)
+        model_flag = origin is not None and (origin.endswith("--model") or origin.endswith("_model"))
+        if model_flag and first.startswith("tokenizer:"):
+            # the tokenizer is read first, from the model folder: blame what is really missing
+            path = _origin_value(origin, argv)
+            if path and not os.path.exists(path):
+                return f"{path}: no such model folder (from {origin})"
+            first += f"; give the tokenizer's folder ({'agent_models.tokenizer' if origin.startswith('gin ') else '--tokenizer'})"
         if origin and origin not in first:
             first = f"{first} (from {origin})"
     return first
+
+
+def _origin_value(origin: str, argv: list[str]) -> str | None:
+    """The path a `--flag` or `gin configurable.param` origin holds."""
+    if origin.startswith("gin "):
+        import gin
+
+        try:
+            value = gin.query_parameter(origin[4:])
+        except ValueError:
+            return None
+        return value if isinstance(value, str) else None
+    for i, a in enumerate(argv):
+        if a.startswith(origin + "="):
+            return a.partition("=")[2]
+        if a == origin and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
 
 
 def path_origin(text: str, argv: list[str]) -> str | None:

@@ -44,6 +44,43 @@ def test_cli_bad_input_is_one_line(capsys):
     assert "set plan_model and ground_model" in capsys.readouterr().err
 
 
+def _annotated_tasks(path):
+    """Task texts straight from the annotation file (the reference's conversion output)."""
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    firsts = [r["messages"][0]["content"] for r in rows]
+    return [f.split("\nTask: ", 1)[1].rsplit("; Initial Environment Description: None.", 1)[0] for f in firsts]
+
+
+@pytest.mark.parametrize("domain, loop", [("maths", "iterative"), ("complex_qa", "onetime"),
+                                          ("web_agent", "iterative")])
+def test_list_scripted_tasks_prints_the_annotated_tasks(capsys, domain, loop):
+    from lumos_jax.assets import bundled
+
+    rc = lumos_main(["agent", f"--gin_file=agent/{domain}.gin", f"--gin_file=agent/{loop}.gin",
+                     "--gin_file=agent/scripted.gin", "--list_scripted_tasks"])
+    want = _annotated_tasks(bundled(f"demo_data/annotations/lumos_{domain}_plan_{loop}.jsonl"))
+    assert rc == 0 and capsys.readouterr().out.splitlines() == want and len(want) >= 2
+
+
+def test_task_outside_the_scripted_set_says_so(capsys):
+    rc = lumos_main(["agent", "--gin_file=agent/maths.gin", "--gin_file=agent/scripted.gin",
+                     "--task", "Peter goes to the store ..."])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "not in the scripted set" in err[0] and "--list_scripted_tasks" in err[0] and "planner" not in err[0]
+
+
+def test_complex_qa_without_a_qa_backend_exits_1_saying_why(capsys):
+    from lumos_jax.assets import bundled
+
+    task = _annotated_tasks(bundled("demo_data/annotations/lumos_complex_qa_plan_iterative.jsonl"))[0]
+    rc = lumos_main(["agent", "--gin_file=agent/complex_qa.gin", "--gin_file=agent/scripted.gin",
+                     "--quiet", "--task", task])
+    out, err = capsys.readouterr()
+    assert rc == 1 and out.strip() == "None"
+    assert "no QA backend" in err and "agent_tools.qa_endpoint" in err
+
+
 def test_webshop_episode_config_carries_the_reference_exemplars():
     from lumos_jax.agent.gin_configurables import agent_episode
     from lumos_jax.config import parse_gin

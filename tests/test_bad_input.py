@@ -101,3 +101,51 @@ def test_unknown_preset():
 def test_unknown_command(capsys):
     code = cli.main(["frobnicate"])
     assert code == 2 and "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+# -- issue 16, item 8: errors that named the wrong thing or read badly -------------------------
+
+def test_missing_model_folder_is_not_blamed_on_the_tokenizer(capsys, tmp_path):
+    code, err = run_cli(capsys, "generate", "--model", str(tmp_path / "nope"), "--prompt", "hi")
+    assert_one_line(code, err, tmp_path / "nope", "no such model folder", "--model")
+    assert "tokenizer" not in err
+
+
+def test_unquoted_gin_string_says_so(capsys, tmp_path):
+    bad = tmp_path / "bad.gin"
+    bad.write_text("model_config.preset = 'tiny'\nmodel_config.dtype = bfloat16\n")
+    code, err = run_cli(capsys, "convert", str(STORIES), str(tmp_path / "out"), f"--gin_file={bad}")
+    assert_one_line(code, err, f"gin: unquoted string bfloat16 in {bad}:2; quote it: 'bfloat16'")
+    assert "<ast." not in err
+    code, err = run_cli(capsys, "convert", str(STORIES), str(tmp_path / "out"), "--gin.model_config.dtype=float32")
+    assert_one_line(code, err, "unquoted string float32 in --gin.model_config.dtype", "\"'float32'\"")
+
+
+def test_json_error_keeps_its_position(capsys, tmp_path):
+    """The column comes from Python's own json parser (an outside reference), not cut off."""
+    line = '{"question": "q", "answer": 3,, "x": 1}'
+    with pytest.raises(json.JSONDecodeError) as want:
+        json.loads(line)
+    bad = tmp_path / "gsm8k.jsonl"
+    bad.write_text('{"question": "q", "answer": "#### 3"}\n' + line + "\n")
+    code, err = run_cli(capsys, "eval", "--gin_file=experiments/eval/tiny_gsm8k_oracle.gin",
+                        f"--gin.eval_experiment.data_path='{bad}'", f"--output_dir={tmp_path / 'o'}")
+    assert_one_line(code, err, f"{bad}:2", f"at column {want.value.colno}", want.value.msg)
+
+
+def test_empty_tasks_file(capsys, tmp_path):
+    empty = tmp_path / "tasks.txt"
+    empty.write_text("\n\n")
+    code, err = run_cli(capsys, "agent", "--gin_file=agent/maths.gin", "--gin_file=agent/scripted.gin",
+                        f"--tasks_file={empty}")
+    assert_one_line(code, err, f"--tasks_file {empty}: no tasks in it")
+
+
+def test_missing_file_names_its_flag_or_gin_binding(capsys, tmp_path):
+    code, err = run_cli(capsys, "agent", "--gin_file=agent/maths.gin", "--gin_file=agent/scripted.gin",
+                        f"--tasks_file={tmp_path / 'none.txt'}")
+    assert_one_line(code, err, f"{tmp_path / 'none.txt'}: not found (from --tasks_file)")
+    task = "Are more people today related to Genghis Khan than Julius Caesar?"
+    code, err = run_cli(capsys, "agent", "--gin_file=agent/complex_qa.gin", "--gin_file=agent/scripted.gin",
+                        f"--gin.agent_tools.doc_store='{tmp_path / 'wiki.jsonl'}'", "--task", task)
+    assert_one_line(code, err, tmp_path / "wiki.jsonl", "from gin agent_tools.doc_store")
