@@ -31,7 +31,7 @@ def hook(event, args):
         raise PermissionError("sandbox: " + event + " is not allowed")
     if event == "import":
         name = args[0] if args else ""
-        if name.__class__ is "".__class__ and (name.split(".")[0] in {BLOCKED_IMPORTS}
+        if name.__class__ is "".__class__ and (name in {BLOCKED_IMPORTS} or name.split(".")[0] in {BLOCKED_IMPORTS}
                                               or name.startswith(("_test", "_xx"))):
             raise ImportError("sandbox: importing " + name + " is not allowed")
         return
@@ -67,7 +67,7 @@ def place(path):
     if path.__class__ is b"".__class__:
         path = path.decode("utf-8", "surrogateescape")
     if path.__class__ is not "".__class__:
-        raise PermissionError("sandbox: only str or bytes paths are allowed")
+        raise PermissionError("sandbox: give paths as str or bytes (path objects could answer the check and the open differently)")
     if "\\x00" in path:
         raise PermissionError("sandbox: NUL in path")
     if not path.startswith("/"):
@@ -88,7 +88,7 @@ def place(path):
 '''
 BLOCKED_IMPORTS = {"ctypes", "_ctypes", "socket", "_socket", "subprocess", "_posixsubprocess", "multiprocessing",
                    "_multiprocessing", "pty", "gc", "signal", "asyncio", "ssl", "_ssl", "mmap", "resource",
-                   "faulthandler", "urllib", "http", "ftplib", "smtplib", "select", "selectors", "fcntl", "termios",
+                   "faulthandler", "urllib.request", "http", "ftplib", "smtplib", "select", "selectors", "fcntl", "termios",
                    "_posixshmem", "_xxsubinterpreters", "tracemalloc", "_tracemalloc", "threading", "_thread",
                    "concurrent"}
 PATH_EVENTS = {"os.remove", "os.unlink", "os.rename", "os.replace", "os.rmdir", "os.mkdir", "os.chmod",
@@ -200,7 +200,10 @@ def main():
         answer.update(ok=False, error="MemoryError: memory limit exceeded")
     except any_error as e:  # noqa: BLE001 - report everything, including SystemExit
         try:
-            answer.update(ok=False, error=(type_of(e).__name__ + ": " + text_type(e))[:500])
+            message = text_type(e)
+            if "failed to map segment" in message:  # the lockdown refuses executable mappings
+                message = "sandbox: C extensions other than the preloaded modules cannot be loaded (" + message + ")"
+            answer.update(ok=False, error=(type_of(e).__name__ + ": " + message)[:500])
         except any_error:
             answer.update(ok=False, error=type_of(e).__name__)
     answer["stdout"] = "".join(captured.parts)[:limit]
