@@ -87,8 +87,17 @@ def test_tools_on_common_forms(action, expected):
 def test_several_unknowns_fill_several_variables_and_substitution():
     rec, v = _run("R5, R6 = SolveEquation(x + y = 10, x - y = 2)")
     assert rec.ok and (v["R5"], v["R6"]) == ("6", "4")
+    # Variables inside a formula are parenthesised in SetEquation too, as the reference does
+    # (gsm/run_eval.py:28-33); a one-letter or numeric value needs none (changed on purpose:
+    # without parentheses `2 * R1 = 10` with R1 = `x + 1` read as 2x + 1 = 10, audit row 19).
     rec, v = _run("R3 = SetEquation(R1 + R2 = 10)", {"R1": "x", "R2": "2x"})
-    assert rec.ok and v["R3"] == "x + 2x = 10"
+    assert rec.ok and v["R3"] == "x + (2x) = 10"
+    rec, v = _run("R2 = SetEquation(2 * R1 = 10)", {"R1": "x + 1"})
+    assert rec.ok and v["R2"] == "2 * (x + 1) = 10"
+    rec, v = _run("R3 = SolveEquation(R2)", v)
+    assert rec.ok and v["R3"] == "4"
+    rec, v = _run("R2 = Define(3 * R1)", {"R1": "n - 2"})
+    assert rec.ok and v["R2"] == "3 * (n - 2)"
     rec, v = _run("R4 = SolveEquation(R3)", {"R3": "x + 2x = 10"})
     assert v["R4"] == "10/3"
     rec, v = _run("R3 = Calculator(R1(R2))", {"R1": "x^2 + 1", "R2": "x = 3"})  # R1 with R2 substituted
