@@ -104,7 +104,8 @@ class TemplateQAGenerator:
 
 class ExtractiveQA:
     """Answers only what its context literally contains: the gold answer, or 'No answer'
-    (never yes/no, which no passage spells out)."""
+    (never yes/no, which no passage spells out). A prompt without context (the reference
+    protocol's retry) gets 'No answer'."""
 
     def __init__(self, golds):
         self.golds = golds
@@ -112,8 +113,8 @@ class ExtractiveQA:
     def complete(self, prompts):
         out = []
         for p in prompts:
-            question = p.split("Question: ", 1)[1].split("\nContext: ")[0]
-            context = p.split("\nContext: ", 1)[1]
+            question = p.split("Question: ", 1)[1].split("\n")[0]
+            context = p.split("\nContext: ", 1)[1] if "\nContext: " in p else ""
             gold = self.golds.get(question)
             found = gold and gold not in ("yes", "no") and gold.lower() in context.lower()
             out.append(f"Answer: {gold}" if found else "No answer")

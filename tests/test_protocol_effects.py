@@ -16,7 +16,7 @@ from lumos_jax.evaluation.mind2web import read_mind2web
 from lumos_jax.evaluation.mind2web_agent import Mind2WebStepAgent
 from lumos_jax.evaluation.runner import evaluate
 from lumos_jax.evaluation.scoring import rescore
-from test_eval_lumos import TemplateQAGenerator, gold_plans  # noqa: F401 - gold_plans is a fixture
+from test_eval_lumos import ExtractiveQA, TemplateQAGenerator, gold_plans  # noqa: F401 - gold_plans is a fixture
 from test_eval_mind2web import GoldWebModel
 
 EVAL = DATA / "eval"
@@ -49,23 +49,6 @@ def test_gsm8k_gold_programs(gold_plans, tmp_path):  # noqa: F811 - the fixture
     assert got == pytest.approx(EXPECTED["gsm8k"], abs=0.05)
 
 
-class LiteralQA:
-    """Answers only what its context literally contains (never yes/no); no context: no answer."""
-
-    def __init__(self, golds):
-        self.golds = golds
-
-    def complete(self, prompts):
-        out = []
-        for p in prompts:
-            question = p.split("Question: ", 1)[1].split("\n")[0]
-            context = p.split("\nContext: ", 1)[1] if "\nContext: " in p else ""
-            gold = next((g for q, g in self.golds.items() if question.startswith(q)), None)
-            found = gold and gold not in ("yes", "no") and gold.lower() in context.lower()
-            out.append(f"Answer: {gold}" if found else "No answer")
-        return out
-
-
 def test_hotpotqa_distractor_template_agent(tmp_path):
     examples = d.read_hotpotqa_distractor(EVAL / "hotpotqa_dev_distractor_sample.jsonl")
     golds = {ex.question: ex.answer for ex in examples}
@@ -74,7 +57,7 @@ def test_hotpotqa_distractor_template_agent(tmp_path):
     def run(protocol, out):
         cfg = agent_episode(domain="complex_qa", max_rounds=5, style="reference", protocol=protocol)
         agent = LumosEvalAgent({"plan": gen, "ground": gen}, cfg,
-                               make_registry_factory("complex_qa", qa_backend=LiteralQA(golds), protocol=protocol))
+                               make_registry_factory("complex_qa", qa_backend=ExtractiveQA(golds), protocol=protocol))
         return evaluate(examples, agent, "squad", out, "hotpotqa_distractor", protocol=protocol)
 
     got = _both(run, "squad", tmp_path)
