@@ -10,6 +10,7 @@ built with the same arguments yields exactly the batches that would have followe
 from __future__ import annotations
 
 import collections
+import sys
 from typing import Sequence
 
 import gin
@@ -18,7 +19,7 @@ import numpy as np
 from data_pipeline.encoding import Encoded, encode_fast
 from data_pipeline.mixture import Mixture, holdout_mask, host_slice
 from data_pipeline.packing import Packer, render_rows
-from data_pipeline.records import BadRecordReport
+from data_pipeline.records import BadRecordReport, untrained_message
 from data_pipeline.sources import open_sources
 from lumos_jax.tokenization import Tokenizer, concat_messages
 
@@ -48,7 +49,8 @@ class BatchIterator:
                  max_seq_length: int | None, weights: Sequence[float] | None = None,
                  epoch_size: int | None = None, holdout_fraction: float = 0.0,
                  holdout_side: str = "train", shuffle: bool = True, pad_hosts: bool = False,
-                 open_rows: int = 8, skip_bad_records: bool = False, tfds_data_dir: str | None = None):
+                 open_rows: int = 8, skip_bad_records: bool = False, tfds_data_dir: str | None = None,
+                 drop_untrained: bool = True):
         if seq_len < 2 or batch_size < 1:
             raise ValueError(f"seq_len={seq_len}, batch_size={batch_size}: need seq_len >= 2, batch_size >= 1")
         self.max_len = seq_len if max_seq_length is None else int(max_seq_length)
@@ -65,8 +67,14 @@ class BatchIterator:
         self.mixture = Mixture([len(s) for s in self.sources], weights, epoch_size, seed, shuffle, allowed)
         self.seq_len, self.batch_size, self.packing = seq_len, batch_size, packing
         self.num_epochs, self.pad_hosts = num_epochs, pad_hosts
+        # Records with no trained token are left out of training (and reported); the batch
+        # counts (steps_per_epoch, num_batches) leave them out too.
+        self.drop_untrained = drop_untrained
+        self.untrained: list[str] = []  # file:line of the first few, this epoch
+        self.untrained_epoch = 0
         self.process_index, self.process_count = process_index, process_count
         self._lengths = [np.full(len(s), -1, np.int32) for s in self.sources]
+        self._has_target = [np.full(len(s), -1, np.int8) for s in self.sources]  # -1: not known yet
         self._encoded: dict[tuple[int, int], Encoded | None] = {}
         self._fingerprint = {"sources": [s.name for s in self.sources], "sizes": [len(s) for s in self.sources],
                              "weights": None if weights is None else [float(w) for w in weights],
@@ -78,6 +86,13 @@ class BatchIterator:
             raise ValueError(f"data loader: {self.mixture.epoch_size} examples per epoch is fewer than "
                              f"{process_count} hosts")
         self._reset_position()
+
+    def _report_untrained(self) -> None:
+        """One line per epoch with the count and the first few file:line."""
+        if self.untrained_epoch and self.drop_untrained:
+            print(f"epoch {self.epoch}: " + untrained_message(self.untrained_epoch, self.untrained, self.max_len),
+                  file=sys.stderr, flush=True)
+        self.untrained, self.untrained_epoch = [], 0
 
     # -- order ------------------------------------------------------------------------
     def _host_order(self, epoch: int) -> np.ndarray:
@@ -106,8 +121,9 @@ class BatchIterator:
                 try:
                     self._encoded[key] = encode_fast(record["messages"], self.tokenizer, self.max_len)
                 except ValueError as e:
-                    raise ValueError(f"{self.sources[s].name} record {i} (id {record.get('id')}): {e}") from None
+                    raise ValueError(f"{self.sources[s].where(i)} (id {record.get('id')}): {e}") from None
                 self._lengths[s][i] = len(self._encoded[key].input_ids)
+                self._has_target[s][i] = int(np.any(self._encoded[key].labels[1:] >= 0))
         return self._encoded[key]
 
     def _slots(self, key) -> int:
@@ -124,6 +140,20 @@ class BatchIterator:
             self._lengths[source][index] = n
         return int(n)
 
+    def _kept(self, source: int, index: int) -> bool:
+        """Whether the example goes into batches (pads do; untrained ones don't when dropped)."""
+        if source < 0 or not self.drop_untrained:
+            return True
+        known = self._has_target[source][index]
+        if known < 0:
+            enc = encode_fast(self.sources[source][index]["messages"], self.tokenizer, self.max_len)
+            self._lengths[source][index] = len(enc.input_ids)
+            known = self._has_target[source][index] = int(np.any(enc.labels[1:] >= 0))
+        return bool(known)
+
+    def _kept_count(self, epoch: int) -> int:
+        return sum(self._kept(int(s), int(i)) for s, i in self._host_order(epoch))
+
     # -- iteration --------------------------------------------------------------------
     def __iter__(self):
         return self
@@ -132,6 +162,7 @@ class BatchIterator:
         """Feed one example to the packer; False when the data is exhausted."""
         order_len = len(self._host_order(self.epoch))
         if self.pos >= order_len:
+            self._report_untrained()
             self.epoch, self.pos = self.epoch + 1, 0
             if self.num_epochs is not None and self.epoch >= self.num_epochs:
                 self._ready.extend(self._packer.flush())
@@ -143,7 +174,19 @@ class BatchIterator:
         if enc is not None:
             self.stats["examples"] += 1
             self.stats["truncated"] += int(enc.full_length > self.max_len)
-            self.stats["no_target"] += int(not np.any(enc.labels[1:] >= 0))
+            if not np.any(enc.labels[1:] >= 0):
+                self.stats["no_target"] += 1
+                if self.drop_untrained:
+                    s, i = self._ref(key)
+                    self.untrained_epoch += 1
+                    if len(self.untrained) < 5:
+                        self.untrained.append(self.sources[s].where(i))
+                    if self.stats["no_target"] == 1:  # the first at once; the count per epoch
+                        print(f"training data: warning: {self.untrained[0]}: no trained tokens "
+                              f"(every assistant token is past max_len {self.max_len}); left out",
+                              file=sys.stderr, flush=True)
+                    self._encoded.pop(key, None)
+                    return True
         self._ready.extend(self._packer.add(key, self._slots(key)))
         return True
 
@@ -191,6 +234,8 @@ class BatchIterator:
         rows = 0
         for epoch in epochs:
             for s, i in self._host_order(epoch):
+                if not self._kept(int(s), int(i)):
+                    continue
                 slots = 0 if s < 0 else self.example_length(int(s), int(i)) - 1
                 rows += len(packer.add(0, slots))
         return rows, len(packer.rows)
@@ -199,7 +244,7 @@ class BatchIterator:
     def steps_per_epoch(self) -> int:
         """Full batches in one epoch on this host (packed: replays the packer on lengths)."""
         if not self.packing:
-            return len(self._host_order(0)) // self.batch_size
+            return self._kept_count(0) // self.batch_size
         rows, _ = self._count_rows([0])
         return rows // self.batch_size
 
@@ -209,7 +254,7 @@ class BatchIterator:
         if self.num_epochs is None:
             return None
         if not self.packing:
-            return -(-len(self._host_order(0)) * self.num_epochs // self.batch_size)
+            return -(-sum(self._kept_count(e) for e in range(self.num_epochs)) // self.batch_size)
         rows, left = self._count_rows(range(self.num_epochs))
         return -(-(rows + left) // self.batch_size)
 
@@ -253,4 +298,5 @@ def make_eval_iterator(sources: Sequence[str] | str = gin.REQUIRED, tokenizer=gi
                          seed=0, num_epochs=1, process_index=process_index, process_count=process_count,
                          max_seq_length=max_seq_length, holdout_fraction=holdout_fraction,
                          holdout_side="eval" if holdout_fraction > 0 else "train", shuffle=False,
-                         pad_hosts=True, skip_bad_records=skip_bad_records, tfds_data_dir=tfds_data_dir)
+                         pad_hosts=True, skip_bad_records=skip_bad_records, tfds_data_dir=tfds_data_dir,
+                         drop_untrained=False)

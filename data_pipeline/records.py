@@ -93,8 +93,9 @@ def parse_record(raw: bytes, where: str) -> tuple[dict | None, tuple[str, str] |
 
 
 def read_annotations(path: str | os.PathLike, skip_bad_records: bool = False,
-                     report: BadRecordReport | None = None) -> list[dict]:
-    """All valid records of one file; raises BadRecordError on the first bad one unless skipping."""
+                     report: BadRecordReport | None = None, lines: list | None = None) -> list[dict]:
+    """All valid records of one file; raises BadRecordError on the first bad one unless skipping.
+    `lines`, when given, receives each returned record's line number."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"annotations file {path} does not exist")
@@ -103,12 +104,22 @@ def read_annotations(path: str | os.PathLike, skip_bad_records: bool = False,
         record, problem = parse_record(raw, f"{path}:{n}")
         if problem is None:
             records.append(record)
+            if lines is not None:
+                lines.append(n)
         elif skip_bad_records:
             if report is not None:
                 report.add(*problem)
         else:
             raise BadRecordError(problem[1])
     return records
+
+
+def untrained_message(count: int, where: list[str], max_len: int) -> str:
+    """The one warning line for records whose every target token is masked (so they would
+    train nothing): usually the assistant turns start past max_len."""
+    shown = ", ".join(where[:5]) + (", ..." if count > 5 else "")
+    return (f"training data: warning: {count} record(s) have no trained tokens (every assistant "
+            f"token is past max_len {max_len}) and are left out: {shown}")
 
 
 def write_jsonl_atomic(path: str | os.PathLike, lines) -> int:

@@ -17,11 +17,18 @@ from data_pipeline.records import BadRecordReport, read_annotations
 
 
 class RecordSource:
-    """`len(src)`, `src[i]` → `{dataset, id, messages}`; `name` for errors and holdout hashing."""
+    """`len(src)`, `src[i]` → `{dataset, id, messages}`; `name` for errors and holdout hashing;
+    `where(i)` → `file:line` (or `name record i`) for messages."""
 
-    def __init__(self, name: str, records):
+    def __init__(self, name: str, records, path: str | None = None, lines: Sequence[int] | None = None):
         self.name = name
         self._records = records
+        self._path, self._lines = path, lines
+
+    def where(self, i: int) -> str:
+        if self._lines is not None:
+            return f"{self._path}:{self._lines[i]}"
+        return f"{self.name} record {i}"
 
     def __len__(self) -> int:
         return len(self._records)
@@ -52,7 +59,9 @@ def open_source(spec: str, skip_bad_records: bool = False, report: BadRecordRepo
         dataset = grain.MapDataset.source(data_source).map(_decode_tfds_example)
         return RecordSource(spec, dataset)
     path = Path(spec)
-    return RecordSource(path.name, read_annotations(path, skip_bad_records, report))
+    lines: list[int] = []
+    records = read_annotations(path, skip_bad_records, report, lines)
+    return RecordSource(path.name, records, str(path), lines)
 
 
 def open_sources(specs: Sequence[str] | str, skip_bad_records: bool = False,

@@ -61,7 +61,9 @@ def test_truncation_is_counted_and_unpacked_rows_hold_one_conversation():
     it = _it(seq_len=256, packing=False, num_epochs=1)
     batches = list(it)
     assert it.stats["truncated"] > 0 and it.stats["examples"] == 52
-    assert len(batches) == it.num_batches == 13
+    # Conversations whose every assistant token lies past 256 are left out (and reported).
+    assert it.stats["no_target"] == 19
+    assert len(batches) == it.num_batches == -(-(52 - 19) // 4)
     for batch in batches:
         assert set(np.unique(batch["segment_ids"]).tolist()) <= {0, 1}
         assert (batch["segment_ids"][:, :255] == 1).any()

@@ -12,6 +12,7 @@ the multi-host test checks). `data_pipeline` instead gives each host disjoint ex
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -19,6 +20,7 @@ import gin
 import jax
 import numpy as np
 
+from data_pipeline.records import BadRecordError, iter_jsonl_lines, parse_record, untrained_message
 from lumos_jax.training.step import BATCH_KEYS
 
 
@@ -127,14 +129,24 @@ def _empty_row(seq_len: int) -> dict:
 
 
 def encode_files(paths: Sequence[str | Path], tokenizer, max_len: int) -> list[tuple]:
-    from lumos_jax.tokenization import encode_conversation, read_jsonl
+    """(input_ids, labels) per record. Records are checked as the data pipeline checks them
+    (BadRecordError `file:line: what`: bytes, JSON, roles, empty or missing assistant turn);
+    records with no trained token are left out, counted and reported in one line."""
+    from lumos_jax.tokenization import encode_conversation
 
-    out = []
+    out, untrained = [], []
     for path in paths:
-        for n, record in enumerate(read_jsonl(path), 1):
-            if "messages" not in record:
-                raise ValueError(f"{path}:{n}: record has no 'messages'")
-            out.append(encode_conversation(record["messages"], tokenizer, max_len))
+        for n, raw in iter_jsonl_lines(path):
+            record, problem = parse_record(raw, f"{path}:{n}")
+            if problem is not None:
+                raise BadRecordError(problem[1])
+            ids, labels = encode_conversation(record["messages"], tokenizer, max_len)
+            if not np.any(np.asarray(labels)[1:] != -100):
+                untrained.append(f"{path}:{n}")
+                continue
+            out.append((ids, labels))
+    if untrained:
+        print(untrained_message(len(untrained), untrained, max_len), file=sys.stderr, flush=True)
     return out
 
 
