@@ -121,3 +121,54 @@ def test_workdir_of_another_model_fails_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
     assert "checkpoint array" in err[0] and "fresh workdir" in err[0] and "96" in err[0], err
+
+
+def test_ctrl_c_saves_at_a_step_boundary_and_exits_130(tmp_path):
+    """ctrl-C (SIGINT) lets the step in flight finish, saves it, prints one line and exits 130;
+    the resumed run's metrics.jsonl has each step once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    work = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lumos_jax", "train", f"--workdir={work}", *BASE, "--gin.train.max_steps=100000",
+           "--gin.train.save_every=100000", "--gin.train.progress_bar=False"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = work / "logs/metrics.jsonl"
+    t0 = time.time()
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() - t0 < 120, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = (x.decode() for x in proc.communicate(timeout=120))
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "Traceback" not in out
+    said = [line for line in out.splitlines() if "interrupted (ctrl-C)" in line]
+    assert len(said) == 1 and "run the same command again to resume" in said[0], out
+    saved = int(said[0].split("saved step ")[1].split()[0])
+    assert (work / "checkpoints" / str(saved)).is_dir()
+    rc = subprocess.run([*cmd[:-3], f"--gin.train.max_steps={saved + 2}", "--gin.train.progress_bar=False"],
+                        cwd=tmp_path, env=env, capture_output=True).returncode
+    assert rc == 0
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == list(range(1, saved + 3)), steps
+
+
+def test_resume_drops_metrics_rows_past_the_restored_step(tmp_path):
+    """A run killed after its last checkpoint logged steps it will redo: those rows go (a
+    torn last line too), so the history has each step once."""
+    from lumos_jax.training.metrics import MetricsWriter
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    rows = [json.dumps({"step": s, "split": "train", "loss": 1.0 / s}) for s in range(1, 7)]
+    (logs / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 7, "spl')
+    writer = MetricsWriter(logs, resume_step=4)
+    writer.write(5, {"loss": 0.5})
+    writer.close()
+    steps = [json.loads(x)["step"] for x in (logs / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]

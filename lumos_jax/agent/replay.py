@@ -1,17 +1,23 @@
-"""Gold plans from the reference's converted format, and tools that replay their results.
+"""Gold plans from the reference's converted format, tools that replay their results, and a
+generator that replays gold turns at a real model's cost.
 
 `converted/*.jsonl` rows hold `subgoal_plan` blocks ("Subgoal k: ..." then
 "Action k-j: R1 = Tool(args) = result"). `gold_actions` reads them; `ReplayTool` answers a
 tool call with the recorded result — a dry run of the loops without live services, and
-the way to check prompts byte for byte against the annotations.
+the way to check prompts byte for byte against the annotations. `GoldForcing` (benchmarks)
+makes a real model generate exactly as many tokens as each gold turn, then answers with
+the gold text, so the compute is real and the episode follows the annotation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
+from lumos_jax.agent.generators import Polling, ScriptedGenerator, as_polling
 from lumos_jax.agent.parsing import parse_action
 from lumos_jax.agent.tools.base import Tool, ToolContext, ToolError
 
@@ -70,3 +76,34 @@ def replay_tools(rows: list[dict], names: tuple[str, ...]) -> list[ReplayTool]:
             if a.tool in tables:
                 tables[a.tool][a.args] = result
     return [ReplayTool(n, t) for n, t in tables.items()]
+
+
+class GoldForcing(Polling):
+    """Wraps a model generator: each turn generates exactly `count(gold text)` tokens (no
+    stop ids) and is answered with the gold text that `gold` (the annotations) holds for
+    that conversation. `forced_tokens` sums the tokens generated."""
+
+    def __init__(self, inner, gold: ScriptedGenerator, count: Callable[[str], int]):
+        super().__init__()
+        self.inner, self.gold, self.count = as_polling(inner), gold, count
+        self._map: dict = {}
+        self.forced_tokens = 0
+
+    def _start(self, handle, request):
+        text = self.gold.answer(request).text
+        n = max(1, int(self.count(text)))
+        inner = self.inner.submit(dataclasses.replace(request, max_new_tokens=n, ignore_stop=True))
+        self._map[inner] = (handle, text)
+
+    def _advance(self):
+        if not self._map:
+            return
+        for inner, out in self.inner.poll(list(self._map)):
+            handle, text = self._map.pop(inner)
+            if out.finish_reason != "error":
+                self.forced_tokens += len(out.tokens)
+                out = dataclasses.replace(out, text=text)
+            self._finish(handle, out)
+
+    def release(self, session: str) -> None:
+        self.inner.release(session)

@@ -1,0 +1,380 @@
+"""Agent rollouts benchmark: GSM8K Lumos-I episodes, ours vs the reference's loop (HF generate).
+
+Llama-2-7B-shape planner and grounder (two random bf16 weight sets), reference prompt style.
+Every turn generates exactly as many tokens as the gold annotation turn it replays (min = max
+new tokens, stop ids ignored) and then continues with the gold text, so the compute is real
+and each episode follows its annotation; tools (the maths Calculator) run for real. The
+gold conversations are the GSM8K test rationales converted by the data pipeline's
+deterministic converter (`data_pipeline.gsm8k`, the reference's conversion format).
+
+Sides, each in its own subprocess (an OOM or crash loses only that side):
+- `ours`: streaming `EpisodeRunner` over two paged-KV engines (prefix sharing, extension);
+- `reference`: as allenai/lumos `eval/gsm/run_eval.py` — per module turn, HF `generate` over
+  batches of `concurrency` prompts (left-padded to the longest), the whole prompt recomputed
+  every turn, planner and grounder alternating over the whole set (both models stay loaded;
+  the reference reloads them every round, not counted here; finished episodes drop out);
+- `hf_compiled`: the same loop with HF's static cache, whose decoding `generate` compiles
+  with `torch.compile` (prompts padded to multiples of 128 and batches to a fixed size so
+  the compiled graphs are reused).
+
+Figures per (side, concurrency): episodes/hour, generated tokens/s (forced tokens only),
+prefill tokens computed vs prompt tokens seen, peak GPU memory. Timed from the first turn
+to the last episode's end (compilation after the warm-up included).
+
+    python bench/agent_rollouts.py --out $OUT/agent_rollouts.json          # GPU
+    python bench/agent_rollouts.py --tiny --out /tmp/agent_rollouts.json   # CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+RESULT = "RESULT "
+SIDES = ("ours", "reference", "hf_compiled")
+
+
+def emit(**kw) -> None:
+    print(RESULT + json.dumps(kw), flush=True)
+
+
+def first_existing(*paths: Path) -> str:
+    for p in paths:
+        if p.exists():
+            return str(p)
+    return str(paths[-1])
+
+
+DEFAULT_TOKENIZER = first_existing(REPO / ".benchdata/llama2-tokenizer", REPO.parent / "shared/fixtures/llama2-tokenizer")
+DEFAULT_GSM8K = first_existing(REPO / ".benchdata/gsm8k_test.jsonl", REPO.parent / "shared/data/eval/gsm8k_test.jsonl")
+
+
+# -- episodes ----------------------------------------------------------------------------------
+def gold_episodes(path: str, n: int):
+    """(tasks, ScriptedGenerator over their gold plan/ground conversations) for the first n
+    GSM8K test problems that convert."""
+    from data_pipeline.gsm8k import convert_problem
+    from data_pipeline.reference_conversion import convert_rows
+    from lumos_jax.agent.generators import ScriptedGenerator
+
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip() and len(rows) < n:
+                conv = convert_problem(json.loads(line))
+                if conv.row is not None:
+                    rows.append(conv.row)
+    convs = {m: [json.loads(x)["messages"] for x in convert_rows(rows, "maths", m, "iterative")[0]]
+             for m in ("plan", "ground")}
+    tasks = [c[0]["content"].split("Task: ", 1)[1].rsplit("; Initial Environment", 1)[0] for c in convs["plan"]]
+    return tasks, ScriptedGenerator(convs)
+
+
+def episode_config():
+    from lumos_jax.agent.loops import EpisodeConfig
+
+    return EpisodeConfig(domain="maths", formulation="iterative", style="reference", max_rounds=8)
+
+
+def token_counter(tok):
+    """Tokens the reference model would generate for a gold turn: the text, then the newline stop."""
+    return lambda text: len(tok.encode(text.strip())) + 1
+
+
+def plan_for(args) -> list[tuple[int, int]]:
+    """(concurrency, episodes) pairs of a side."""
+    out = []
+    for c in (int(x) for x in args.concurrency.split(",")):
+        n = c * args.episodes_per_slot if args.worker == "ours" else max(c, args.min_reference_episodes)
+        out.append((c, min(n, args.max_episodes)))
+    return out
+
+
+# -- ours ----------------------------------------------------------------------------------------
+def random_model(config, seed: int):
+    """A LlamaForCausalLM with random weights made by one jitted call on the device (eager
+    per-parameter init of a 7B model takes minutes); norms are 1."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from lumos_jax.models.llama import abstract_model
+
+    graphdef, state = nnx.split(abstract_model(config))
+    paths, treedef = jax.tree_util.tree_flatten_with_path(state)
+
+    @jax.jit
+    def init(key):
+        keys = jax.random.split(key, len(paths))
+        out = []
+        for k, (path, leaf) in zip(keys, paths):
+            if "norm" in jax.tree_util.keystr(path):
+                out.append(jnp.ones(leaf.shape, leaf.dtype))
+            else:
+                out.append((0.02 * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype))
+        return out
+
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, init(jax.random.PRNGKey(seed))))
+
+
+def run_ours(args) -> None:
+    import jax
+
+    from lumos_jax.agent.backends import EngineBackend
+    from lumos_jax.agent.execution import Executor
+    from lumos_jax.agent.generators import ChatModelGenerator
+    from lumos_jax.agent.replay import GoldForcing
+    from lumos_jax.agent.runner import EpisodeRunner
+    from lumos_jax.agent.tools.registry import build_registry
+    from lumos_jax.inference import Engine
+    from lumos_jax.tokenization import Tokenizer
+
+    dev = jax.devices()[0]
+    peak = lambda: (dev.memory_stats() or {}).get("peak_bytes_in_use")  # noqa: E731
+    tok = Tokenizer(args.tokenizer)
+    count = token_counter(tok)
+    t0 = time.perf_counter()
+    config = model_config(args)
+    engines = {}
+    for seed, m in enumerate(("plan", "ground")):
+        engines[m] = Engine(random_model(config, seed), num_slots=args.slots, max_len=args.max_len,
+                            steps_per_call=args.steps_per_call, max_prefill_tokens=args.max_prefill_tokens,
+                            kv_memory_gb=args.kv_memory_gb)
+    emit(side="ours", event="setup", device=str(dev.device_kind), seconds=round(time.perf_counter() - t0, 1),
+         blocks=engines["plan"].num_blocks, peak_bytes=peak())
+    registry = build_registry("maths")
+    plan = plan_for(args)
+    tasks, gold = gold_episodes(args.gsm8k, max(n for _, n in plan) + args.warmup)
+
+    def rollout(c: int, chosen: list[str]) -> dict:
+        gens = {m: GoldForcing(ChatModelGenerator(EngineBackend(e), tok, style="reference", max_new_tokens=512),
+                               gold, count) for m, e in engines.items()}
+        before = {m: dict(e.stats) for m, e in engines.items()}
+        runner = EpisodeRunner(gens, lambda i: (Executor(registry), None), episode_config(), max_concurrent=c)
+        t = time.perf_counter()
+        results = runner.run(chosen)
+        seconds = time.perf_counter() - t
+        delta = lambda k: sum(e.stats[k] - before[m][k] for m, e in engines.items())  # noqa: E731
+        return dict(seconds=seconds, episodes=len(results),
+                    failed=sum(not r.ok for r in results), tokens=sum(g.forced_tokens for g in gens.values()),
+                    prefill=delta("prefill_tokens"), prompt=delta("prompt_tokens"),
+                    saved=delta("prefix_saved_tokens"), evictions=delta("evictions"),
+                    preemptions=delta("preemptions"), mismatches=len(gold.mismatches))
+
+    if args.warmup:
+        w = rollout(min(args.warmup, plan[0][0]), tasks[-args.warmup:])
+        emit(side="ours", event="warmup", seconds=round(w["seconds"], 1), episodes=w["episodes"])
+    for c, n in plan:
+        r = rollout(c, tasks[:n])
+        emit(side="ours", **row(c, r, peak()), extra={k: r[k] for k in ("failed", "saved", "evictions",
+                                                                          "preemptions", "mismatches")})
+
+
+def row(c: int, r: dict, peak_bytes) -> dict:
+    return dict(concurrency=c, episodes=r["episodes"], seconds=round(r["seconds"], 2),
+                episodes_per_hour=round(3600 * r["episodes"] / r["seconds"], 1),
+                generated_tok_s=round(r["tokens"] / r["seconds"], 1), prefill_tokens=int(r["prefill"]),
+                prompt_tokens=int(r["prompt"]),
+                peak_gb=round(peak_bytes / 2**30, 2) if peak_bytes else None)
+
+
+def model_config(args):
+    from lumos_jax.models import PRESETS
+
+    c = PRESETS[args.preset].replace(param_dtype=args.dtype, dtype=args.dtype)
+    return c.replace(vocab_size=32001) if args.tiny else c
+
+
+# -- the reference loop (HF transformers) --------------------------------------------------------
+def run_hf(args) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lumos_jax.agent.execution import Executor
+    from lumos_jax.agent.generators import GenOutput, GenRequest
+    from lumos_jax.agent.loops import Generate, episode
+    from lumos_jax.agent.tools.registry import build_registry
+    from lumos_jax.tokenization import Tokenizer, reference_prompt_text
+
+    compiled = args.worker == "hf_compiled"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    c = model_config(args)
+    hf_config = LlamaConfig(**{k: v for k, v in c.to_hf_dict().items()
+                               if k not in ("torch_dtype", "dtype", "architectures")})
+    t0 = time.perf_counter()
+    torch.set_default_dtype(dtype)
+    models = {}
+    for seed, m in enumerate(("plan", "ground")):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            models[m] = LlamaForCausalLM(hf_config).eval()
+    torch.set_default_dtype(torch.float32)
+    htok = AutoTokenizer.from_pretrained(args.tokenizer)
+    htok.padding_side = "left"
+    pad = 0
+    peak = (lambda: torch.cuda.max_memory_allocated()) if device == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    emit(side=args.worker, event="setup", seconds=round(time.perf_counter() - t0, 1), peak_bytes=peak())
+    count = token_counter(Tokenizer(args.tokenizer))
+    registry = build_registry("maths")
+    plan = plan_for(args)
+    tasks, gold = gold_episodes(args.gsm8k, max(n for _, n in plan))
+    stats = {"prefill": 0, "prompt": 0, "tokens": 0}
+
+    def generate(module: str, texts: list[str], n: int, rows: int) -> None:
+        enc = htok(texts, add_special_tokens=False)["input_ids"]
+        longest = max(len(x) for x in enc)
+        width = -(-longest // 128) * 128 if compiled else longest
+        batch = enc + [enc[0]] * (rows - len(enc))
+        ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=device)
+        kw = dict(cache_implementation="static") if compiled else {}
+        with torch.no_grad():
+            models[module].generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                                    eos_token_id=None, pad_token_id=pad, **kw)
+        stats["prefill"] += rows * width
+        stats["prompt"] += sum(len(x) for x in enc)
+
+    def rollout(conc: int, chosen: list[str]) -> dict:
+        """run_eval.py's loop: plan for every live episode (batches of `conc`), then ground,
+        then tools; until every episode has ended."""
+        for k in stats:
+            stats[k] = 0
+        eps = {i: episode(t, episode_config(), Executor(registry)) for i, t in enumerate(chosen)}
+        pending = {i: next(g) for i, g in eps.items()}
+
+        def advance(i: int, value) -> None:
+            try:
+                p = eps[i].send(value)
+                while not isinstance(p, Generate):  # tool work runs inline, as in run_eval.py
+                    p = eps[i].send(p.fn())
+                pending[i] = p
+            except StopIteration:
+                del pending[i]
+
+        t = time.perf_counter()
+        while pending:
+            for module in ("plan", "ground"):
+                live = [i for i, p in pending.items() if isinstance(p, Generate) and p.module == module]
+                for lo in range(0, len(live), conc):
+                    chunk = live[lo: lo + conc]
+                    reqs = [GenRequest(f"{i}/{module}", module, list(pending[i].messages)) for i in chunk]
+                    golds = [gold.answer(r).text for r in reqs]
+                    counts = [count(g) for g in golds]
+                    rows = conc if compiled and len(chunk) > conc // 2 else len(chunk)
+                    generate(module, [reference_prompt_text(r.messages) for r in reqs], max(counts), rows)
+                    stats["tokens"] += sum(counts)
+                    for i, g in zip(chunk, golds):
+                        advance(i, GenOutput(text=g))
+        sync()
+        return dict(seconds=time.perf_counter() - t, episodes=len(chosen), tokens=stats["tokens"],
+                    prefill=stats["prefill"], prompt=stats["prompt"])
+
+    for conc, n in plan:
+        if compiled:  # compile the decode graph for this batch size before timing
+            w = time.perf_counter()
+            generate("plan", ["warm up"], 4, conc)
+            generate("ground", ["warm up"], 4, conc)
+            emit(side=args.worker, event="warmup", concurrency=conc, seconds=round(time.perf_counter() - w, 1))
+        try:
+            r = rollout(conc, tasks[:n])
+        except torch.OutOfMemoryError as e:
+            emit(side=args.worker, concurrency=conc, episodes=n, error=f"out of memory: {str(e)[:120]}")
+            torch.cuda.empty_cache()
+            continue
+        emit(side=args.worker, **row(conc, r, peak()))
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+# -- driver --------------------------------------------------------------------------------------
+def write_json(path: str | None, record: dict) -> None:
+    if not path:
+        return
+    tmp = Path(path + ".partial")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+
+
+def drive(args, argv) -> int:
+    record = {"card": None, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": "llama2_7b"
+              if not args.tiny else "tiny", "command": "python bench/agent_rollouts.py " + " ".join(argv),
+              "rows": [], "events": [], "errors": []}
+    for side in args.sides.split(","):
+        cmd = [sys.executable, __file__, "--worker", side] + argv
+        print(f"== {side}: {' '.join(cmd[1:])}", flush=True)
+        timeout = {"ours": args.timeout_ours}.get(side, args.timeout_hf)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        start, tail = time.time(), []
+        try:
+            for line in proc.stdout:
+                print(line, end="", flush=True)
+                tail = (tail + [line.rstrip()])[-15:]
+                if line.startswith(RESULT):
+                    res = json.loads(line[len(RESULT):])
+                    if res.get("event") == "setup" and res.get("device"):
+                        record["card"] = res["device"]
+                    (record["events"] if "event" in res or "error" in res else record["rows"]).append(res)
+                    write_json(args.out, record)
+                if time.time() - start > timeout:
+                    raise subprocess.TimeoutExpired(cmd, timeout)
+            rc = proc.wait(timeout=max(1, timeout - (time.time() - start)))
+            if rc:
+                record["errors"].append({"side": side, "rc": rc, "tail": tail})
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            record["errors"].append({"side": side, "error": f"timed out after {timeout}s", "tail": tail})
+        write_json(args.out, record)
+    print(json.dumps(record["rows"], indent=1))
+    return 1 if record["errors"] else 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    p.add_argument("--sides", default=",".join(SIDES))
+    p.add_argument("--preset", default="llama2_7b")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--concurrency", default="16,64,256")
+    p.add_argument("--episodes_per_slot", type=int, default=2, help="ours: episodes = concurrency x this")
+    p.add_argument("--min_reference_episodes", type=int, default=16)
+    p.add_argument("--max_episodes", type=int, default=1319)
+    p.add_argument("--warmup", type=int, default=16, help="ours: untimed episodes first (compilation)")
+    p.add_argument("--slots", type=int, default=512, help="ours: engine slots (a slot is a block-table row)")
+    p.add_argument("--max_len", type=int, default=4096)
+    p.add_argument("--steps_per_call", type=int, default=16)
+    p.add_argument("--max_prefill_tokens", type=int, default=16384)
+    p.add_argument("--kv_memory_gb", type=float, default=40.0, help="ours: KV pool per engine")
+    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
+    p.add_argument("--gsm8k", default=DEFAULT_GSM8K)
+    p.add_argument("--timeout_ours", type=float, default=300)
+    p.add_argument("--timeout_hf", type=float, default=200)
+    p.add_argument("--tiny", action="store_true", help="tiny model on CPU, few episodes")
+    p.add_argument("--out", help="JSON results file")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.preset, args.dtype = "tiny", "float32"
+        args.concurrency = "2,4" if args.concurrency == "16,64,256" else args.concurrency
+        args.min_reference_episodes, args.max_episodes, args.warmup = 2, 8, 2
+        args.slots, args.max_len, args.kv_memory_gb = 16, 2048, None
+    if args.worker == "ours":
+        run_ours(args)
+        return 0
+    if args.worker in ("reference", "hf_compiled"):
+        run_hf(args)
+        return 0
+    return drive(args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
