@@ -29,20 +29,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-RESULT = "RESULT "
+from bench.sides import emit, run_side, write_json  # noqa: E402
+
 SIDES = ("ours", "reference", "hf_compiled")
-
-
-def emit(**kw) -> None:
-    print(RESULT + json.dumps(kw), flush=True)
 
 
 def first_existing(*paths: Path) -> str:
@@ -296,43 +291,22 @@ def run_hf(args) -> None:
 
 
 # -- driver --------------------------------------------------------------------------------------
-def write_json(path: str | None, record: dict) -> None:
-    if not path:
-        return
-    tmp = Path(path + ".partial")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
-
-
 def drive(args, argv) -> int:
-    record = {"card": None, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": "llama2_7b"
-              if not args.tiny else "tiny", "command": "python bench/agent_rollouts.py " + " ".join(argv),
+    record = {"card": None, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "model": "tiny" if args.tiny else "llama2_7b", "command": "python bench/agent_rollouts.py " + " ".join(argv),
               "rows": [], "events": [], "errors": []}
+
+    def on_result(res: dict) -> None:
+        if res.get("event") == "setup" and res.get("device"):
+            record["card"] = res["device"]
+        (record["events"] if "event" in res or "error" in res else record["rows"]).append(res)
+        write_json(args.out, record)
+
     for side in args.sides.split(","):
-        cmd = [sys.executable, __file__, "--worker", side] + argv
-        print(f"== {side}: {' '.join(cmd[1:])}", flush=True)
-        timeout = {"ours": args.timeout_ours}.get(side, args.timeout_hf)
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
-        start, tail = time.time(), []
-        try:
-            for line in proc.stdout:
-                print(line, end="", flush=True)
-                tail = (tail + [line.rstrip()])[-15:]
-                if line.startswith(RESULT):
-                    res = json.loads(line[len(RESULT):])
-                    if res.get("event") == "setup" and res.get("device"):
-                        record["card"] = res["device"]
-                    (record["events"] if "event" in res or "error" in res else record["rows"]).append(res)
-                    write_json(args.out, record)
-                if time.time() - start > timeout:
-                    raise subprocess.TimeoutExpired(cmd, timeout)
-            rc = proc.wait(timeout=max(1, timeout - (time.time() - start)))
-            if rc:
-                record["errors"].append({"side": side, "rc": rc, "tail": tail})
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            record["errors"].append({"side": side, "error": f"timed out after {timeout}s", "tail": tail})
+        timeout = args.timeout_ours if side == "ours" else args.timeout_hf
+        err = run_side([sys.executable, __file__, "--worker", side] + argv, REPO, timeout, on_result)
+        if err:
+            record["errors"].append({"side": side, **err})
         write_json(args.out, record)
     print(json.dumps(record["rows"], indent=1))
     return 1 if record["errors"] else 0

@@ -21,18 +21,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-RESULT = "RESULT "
-
-
-def emit(**kw) -> None:
-    print(RESULT + json.dumps(kw), flush=True)
+sys.path.insert(0, str(REPO))
+from bench.sides import emit, run_side, write_json  # noqa: E402
 
 
 def timed(fn, repeats=1):
@@ -146,39 +141,19 @@ def run_hf(args) -> None:
 
 
 # -- driver ----------------------------------------------------------------------------------
-def write_json(path: str | None, record: dict) -> None:
-    if not path:
-        return
-    tmp = Path(path + ".partial")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
-
-
 def drive(args, argv) -> int:
     record = {"args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
               "results": [], "errors": []}
+
+    def on_result(res: dict) -> None:
+        record["results"].append(res)
+        write_json(args.out, record)
+
     for side in args.sides.split(","):
-        cmd = [sys.executable, __file__, "--worker", side] + argv
-        print(f"== {side}: {' '.join(cmd[1:])}", flush=True)
         timeout = args.timeout_ours if side == "ours" else args.timeout_hf
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-        start, tail = time.time(), []
-        try:
-            for line in proc.stdout:
-                print(line, end="", flush=True)
-                tail = (tail + [line.rstrip()])[-15:]
-                if line.startswith(RESULT):
-                    record["results"].append(json.loads(line[len(RESULT):]))
-                    write_json(args.out, record)
-                if time.time() - start > timeout:
-                    raise subprocess.TimeoutExpired(cmd, timeout)
-            rc = proc.wait(timeout=max(1, timeout - (time.time() - start)))
-            if rc:
-                record["errors"].append({"side": side, "rc": rc, "tail": tail})
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            record["errors"].append({"side": side, "error": f"timed out after {timeout}s", "tail": tail})
+        err = run_side([sys.executable, __file__, "--worker", side] + argv, REPO, timeout, on_result)
+        if err:
+            record["errors"].append({"side": side, **err})
         write_json(args.out, record)
     print(json.dumps(record["results"], indent=1))
     return 1 if record["errors"] else 0
