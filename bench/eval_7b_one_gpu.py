@@ -1,0 +1,152 @@
+"""The catalogue's 7B GSM8K evaluation on one GPU, released-checkpoint layout, to completion.
+
+Two separate random-weight Llama-2-7B-shape HF checkpoint directories (bf16 safetensors,
+vocab 32,001, the Llama-2 tokenizer beside the weights) stand in for the released
+`ai2lumos/lumos_maths_{plan,ground}_iterative`; then, unchanged but for the paths, the
+limit and the concurrency:
+
+    lumos-jax eval --gin_file=experiments/eval/lumos_maths_iterative_7b_gsm8k.gin \\
+        --gin.lumos_agent.planner_path=... --gin.lumos_agent.grounder_path=... \\
+        --gin.eval_experiment.limit=256 --gin.eval_experiment.concurrency=256
+
+runs in this process (reference prompt and protocol, as the catalogue sets them). With random
+weights the episodes are short (the planner's output rarely parses), but every one runs its
+turns on the real 7B pair to the end. Writing the checkpoints (torch) and the evaluation
+(JAX) are separate subprocesses. Output JSON: {"card", "date", "episodes", "seconds",
+"peak_gb", ...}.
+
+    python bench/eval_7b_one_gpu.py --out $OUT/eval_7b_one_gpu.json           # GPU
+    python bench/eval_7b_one_gpu.py --tiny --out /tmp/eval_7b.json            # CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from bench.agent_rollouts import DEFAULT_GSM8K, DEFAULT_TOKENIZER  # noqa: E402
+from bench.sides import emit, run_side, write_json  # noqa: E402
+
+GIN = "experiments/eval/lumos_maths_iterative_7b_gsm8k.gin"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
+
+
+def write_checkpoints(args) -> None:
+    """Two HF directories of random bf16 weights (seeds 0, 1), made on the GPU by torch."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lumos_jax.models import PRESETS
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    preset = PRESETS["tiny" if args.tiny else "llama2_7b"]
+    fields = {k: v for k, v in preset.to_hf_dict().items() if k not in ("torch_dtype", "dtype", "architectures")}
+    fields.update(vocab_size=32001, pad_token_id=32000, bos_token_id=1, eos_token_id=2)
+    if args.tiny:
+        fields["max_position_embeddings"] = 4096
+    config = LlamaConfig(**fields)
+    for seed, name in enumerate(("lumos_maths_plan_iterative", "lumos_maths_ground_iterative")):
+        out = Path(args.workdir) / name
+        t0 = time.perf_counter()
+        torch.manual_seed(seed)
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device(device):
+            model = LlamaForCausalLM(config).eval()
+        torch.set_default_dtype(torch.float32)
+        model.save_pretrained(out, safe_serialization=True)
+        for f in TOKENIZER_FILES:
+            if (Path(args.tokenizer) / f).exists():
+                shutil.copy(Path(args.tokenizer) / f, out / f)
+        size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        emit(event="checkpoint", path=str(out), gb=round(size / 2**30, 2), seconds=round(time.perf_counter() - t0, 1))
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_eval(args) -> None:
+    """`lumos-jax eval` in this process, then the device's peak memory and the summary."""
+    import os
+
+    import jax
+
+    from lumos_jax.cli import main as cli
+
+    work = Path(args.workdir)
+    os.environ["LUMOS_EVAL_DATA"] = str(Path(args.gsm8k).parent)
+    out = work / "eval_out"
+    argv = ["eval", f"--gin_file={GIN}", "--quiet", "--overwrite", f"--output_dir={out}",
+            f"--gin.lumos_agent.planner_path='{work / 'lumos_maths_plan_iterative'}'",
+            f"--gin.lumos_agent.grounder_path='{work / 'lumos_maths_ground_iterative'}'",
+            f"--gin.eval_experiment.limit={args.limit}", f"--gin.eval_experiment.concurrency={args.concurrency}",
+            f"--gin.lumos_agent.engine_slots={args.slots}"] + [f"--gin.{b}" for b in args.gin]
+    print("lumos-jax " + " ".join(argv), flush=True)
+    t0 = time.perf_counter()
+    rc = cli(argv)
+    seconds = time.perf_counter() - t0
+    summary = json.loads((out / "summary.json").read_text())
+    dev = jax.devices()[0]
+    peak = (dev.memory_stats() or {}).get("peak_bytes_in_use")
+    emit(event="eval", rc=rc, device=str(dev.device_kind), episodes=summary["n"], seconds=round(seconds, 1),
+         eval_loop_seconds=summary["timing"]["this_run_seconds"],
+         peak_gb=round(peak / 2**30, 2) if peak else None, error_kinds=summary["error_kinds"],
+         score=summary["score"], command="lumos-jax " + " ".join(argv))
+
+
+def drive(args, argv) -> int:
+    record = {"card": None, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "episodes": None,
+              "seconds": None, "peak_gb": None, "events": [], "errors": []}
+
+    def on_result(res: dict) -> None:
+        record["events"].append(res)
+        if res.get("event") == "eval":
+            record.update(card=res["device"], episodes=res["episodes"], seconds=res["seconds"],
+                          peak_gb=res["peak_gb"], command=res["command"])
+        write_json(args.out, record)
+
+    for phase, timeout in (("write", args.timeout_write), ("eval", args.timeout_eval)):
+        err = run_side([sys.executable, __file__, "--phase", phase] + argv, REPO, timeout, on_result)
+        if err:
+            record["errors"].append({"phase": phase, **err})
+            break
+    write_json(args.out, record)
+    print(json.dumps({k: record[k] for k in ("card", "episodes", "seconds", "peak_gb")}))
+    return 1 if record["errors"] else 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--phase", choices=["write", "eval"], help=argparse.SUPPRESS)
+    p.add_argument("--workdir", default="/tmp/lumos_eval_7b")
+    p.add_argument("--limit", type=int, default=256)
+    p.add_argument("--concurrency", type=int, default=256)
+    p.add_argument("--slots", type=int, default=512, help="engine slots (block-table rows) per model")
+    p.add_argument("--gin", action="append", default=[], help="extra gin binding, e.g. engine_settings.kv_memory_gb=80")
+    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
+    p.add_argument("--gsm8k", default=DEFAULT_GSM8K)
+    p.add_argument("--timeout_write", type=float, default=240)
+    p.add_argument("--timeout_eval", type=float, default=420)
+    p.add_argument("--tiny", action="store_true", help="tiny checkpoints on CPU, few questions")
+    p.add_argument("--out", help="JSON results file")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.limit, args.concurrency, args.slots = min(args.limit, 4), min(args.concurrency, 4), 8
+        args.gin = args.gin + ["lumos_agent.max_new_tokens=8", "lumos_agent.engine_max_len=2048"]
+    if args.phase == "write":
+        write_checkpoints(args)
+        return 0
+    if args.phase == "eval":
+        run_eval(args)
+        return 0
+    return drive(args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
