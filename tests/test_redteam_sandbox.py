@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from lumos_jax.agent.parsing import Action
 from lumos_jax.agent.tools import sandbox
 from lumos_jax.agent.tools.base import ToolContext, ToolError, ToolRegistry
 from lumos_jax.agent.tools.code import Code, run_sandboxed
+from lumos_jax.agent.tools.sandbox_kernel import landlock_abi
 
 SECRET = "lumos-redteam-secret-5b1e"
 AGENT_UID = 61999  # an unprivileged uid with no passwd entry, for the run as "an ordinary user"
@@ -131,7 +133,7 @@ def single_attempts() -> list[tuple[str, str, str]]:
     ]
 
 
-VICTIM = "import time\ntime.sleep(1.2)\n'victim-alive'"
+VICTIM = "import time\ntime.sleep(2)\n'victim-alive'"
 SIBLING_KILLER = ("import os\nhits = []\nfor pid in [-1, 0, 1, 2, 3, os.getppid()] + list(range(4, 64)):\n"
                   "    try:\n        os.kill(pid, 9); hits.append(pid)\n    except BaseException as e:\n"
                   "        pass\nresult = 'killed ' + repr(hits) if hits else 1/0")
@@ -161,9 +163,12 @@ def agent_side(world: dict, isolation: str, audit_hook: bool = True) -> dict:
 
     batch = call(_batch_program(batch_attempts(world)))
     jobs = [(name, code) for name, code, _ in single_attempts()] if audit_hook else []
-    jobs += [("sibling victim", VICTIM), ("sibling killer", SIBLING_KILLER)]
     with ThreadPoolExecutor(4) as pool:
         singles = dict(zip([n for n, _ in jobs], pool.map(lambda job: call(job[1]), jobs)))
+        victim = pool.submit(call, VICTIM)  # a concurrent episode's sandbox, alive while the killer runs
+        time.sleep(0.3)
+        singles["sibling killer"] = call(SIBLING_KILLER)
+        singles["sibling victim"] = victim.result()
     return {"batch": batch, "singles": singles, "agent_pid": os.getpid(), "uid": os.geteuid()}
 
 
@@ -288,23 +293,31 @@ def test_escape_attempts_contained_for_an_ordinary_user(world, isolation):
     _check(world, report, isolation)
 
 
-@pytest.mark.skipif(sandbox.isolation() != sandbox.BUBBLEWRAP, reason="no bubblewrap / user namespaces on this host")
-def test_kernel_walls_hold_without_the_audit_hook(world):
-    """With the child's Python-level hook off, bubblewrap + seccomp + rlimits alone still stop
-    each attempt that matters: nothing outside the scratch, no secret, no exec, no socket."""
-    report = agent_side(world, sandbox.BUBBLEWRAP, audit_hook=False)
+IN_PROCESS = {  # touch only the child's own memory: harmless once the kernel walls hold
+    "tamper __main__ lists", "tamper builtins", "tamper os.path", "tamper frames", "finalizers",
+    "import ctypes after tampering", "ctypes via sys.modules", "gc referrers", "load _ctypes by hand"}
+SEES_OWN_WORLD = {  # under bubblewrap these succeed, on the sandbox's own /proc, / and /etc-less root
+    "/proc/1/cmdline", "list /proc", "parent environ", "read /root", "chdir out", "fchdir out",
+    "dir_fd read /etc", "dir_fd climb from scratch", "read /etc/passwd", "hard link"}
+
+
+@pytest.mark.parametrize("isolation", [
+    pytest.param(sandbox.BUBBLEWRAP, marks=pytest.mark.skipif(
+        sandbox.isolation() != sandbox.BUBBLEWRAP, reason="no bubblewrap / user namespaces on this host")),
+    pytest.param(sandbox.RLIMITS_ONLY, marks=pytest.mark.skipif(
+        landlock_abi() == 0, reason="no Landlock in this kernel: the fallback's filesystem wall is the hook"))])
+def test_kernel_walls_hold_without_the_audit_hook(world, isolation):
+    """With the child's Python-level hook off, the walls built outside it (namespaces or
+    Landlock, seccomp, rlimits) still refuse every attempt that reaches beyond the child."""
+    report = agent_side(world, isolation, audit_hook=False)
     outcomes = json.loads(report["batch"]["result"])
-    refused = {  # by seccomp, the read-only root, the missing mounts or the PID namespace
-        "os.system /bin/sh", "os.execv /bin/sh", "posix_spawn", "subprocess", "os.fork", "AF_INET connect",
-        "AF_UNIX connect", "socketpair", "kill parent", "kill -9 -1", "killpg", "signal module",
-        "read ~/.ssh/id_rsa", "append ~/.bashrc", "list home", "dir_fd write outside", "write outside",
-        "relative write outside", "symlink out", "write the library", "/dev/mem", "/dev/tty", "mknod",
-        "chmod outside", "mmap executable page", "host environment"}
-    not_refused = {n: o for n, o in outcomes.items() if n in refused and o.startswith("ESCAPED")}
-    assert not not_refused, not_refused
-    for name, outcome in outcomes.items():  # what the rest reach is the sandbox's own empty world
+    allowed = IN_PROCESS | (SEES_OWN_WORLD if isolation == sandbox.BUBBLEWRAP else set())
+    escaped = {n: o for n, o in outcomes.items() if n not in allowed and o.startswith("ESCAPED")}
+    assert not escaped, escaped
+    for name, outcome in outcomes.items():
         assert SECRET not in outcome and "firecracker" not in outcome, (name, outcome)
-    assert outcomes["read ~/.ssh/id_rsa"].startswith("FileNotFoundError")  # the home is not there at all
+    expected = "FileNotFoundError" if isolation == sandbox.BUBBLEWRAP else "PermissionError"
+    assert outcomes["read ~/.ssh/id_rsa"].startswith(expected), outcomes["read ~/.ssh/id_rsa"]
     assert re.search(r"not permitted|No such file", outcomes["os.execv /bin/sh"]), outcomes["os.execv /bin/sh"]
     assert re.search(r"not permitted|\.so: failed to", outcomes["AF_INET connect"]), outcomes["AF_INET connect"]
     assert report["singles"]["sibling victim"]["observation"] == "victim-alive"

@@ -58,7 +58,7 @@ def run_sandboxed(code: str, cpu_seconds: float = 2.0, wall_seconds: float = 5.0
                   memory_bytes: int = 512 * 2**20, output_bytes: int = 64 * 1024,
                   isolation: str | None = None, audit_hook: bool = True) -> dict:
     """Run `code` in the sandbox; returns the child's answer dict (`ok`, `stdout`, `value`,
-    `error`) plus `isolation` and `seccomp`. `audit_hook=False` leaves only the kernel walls (for
+    `error`) plus `isolation`, `seccomp` and `landlock`. `audit_hook=False` leaves only the kernel walls (for
     tests that check them alone). Raises ToolTimeout / SandboxError (naming the
     isolation) when the child is killed (time, memory, output) or dies."""
     limits = sandbox.Limits(cpu_seconds=cpu_seconds, wall_seconds=wall_seconds, memory_bytes=memory_bytes,
@@ -92,7 +92,7 @@ def run_sandboxed(code: str, cpu_seconds: float = 2.0, wall_seconds: float = 5.0
         raise SandboxError(f"Code: unreadable answer from the child {where}") from None
     if not isinstance(answer, dict):
         raise SandboxError(f"Code: unreadable answer from the child {where}")
-    answer.update(isolation=done.isolation, seccomp=done.seccomp)
+    answer.update(isolation=done.isolation, seccomp=done.seccomp, landlock=done.landlock)
     return answer
 
 

@@ -10,9 +10,12 @@ namespaces; the seccomp `startup` program. When the agent runs as root, bubblewr
 started as `nobody`, so the sandbox is an unprivileged uid to the host kernel too.
 
 `rlimits-only` isolation (fallback, said in every answer and logged once): the same seccomp
-programs and rlimits, `nobody` when the agent is root, a private network namespace when
-root, a host scratch directory, and the child's audit hook. Files the agent's uid can read
-stay readable to the child's kernel-level checks in this mode; only the audit hook stops it.
+programs and rlimits, a Landlock ruleset where the kernel has one (read the interpreter and
+system libraries, write the scratch, no signals out), and the child's audit hook; when the
+agent is root, also `nobody`, a private network namespace and a size-capped tmpfs scratch.
+Without Landlock, files the child's uid can read are refused by the audit hook alone.
+
+The seccomp programs and the Landlock ruleset are built in `sandbox_kernel.py`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import errno
 import functools
 import json
 import logging
@@ -34,150 +36,17 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from lumos_jax.agent.tools.sandbox_kernel import (SeccompUnavailable, landlock_abi, landlock_installer,
+                                                  seccomp_loader, seccomp_programs)
 
 BUBBLEWRAP, RLIMITS_ONLY = "bubblewrap", "rlimits-only"
 NOBODY = 65534
 SANDBOX_SCRATCH = "/scratch"
+SYSTEM_LIBRARIES = ("/usr/lib", "/usr/lib64", "/usr/lib32", "/lib", "/lib64", "/lib32")  # readable in the fallback
 CHILD_SOURCE = Path(__file__).with_name("sandbox_child.py")
 CLONE_NEWNS, CLONE_NEWNET = 0x00020000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
 log = logging.getLogger(__name__)
-
-
-# --- seccomp -------------------------------------------------------------------------------
-# Two classic-BPF programs compiled by libseccomp (the C library, through ctypes) in the trusted
-# parent, once per process:
-# - startup: loaded before the sandboxed interpreter is executed (bubblewrap's --seccomp, or in
-#   the fallback by the launcher just before execve). Denies what a calculator never needs:
-#   ptrace and cross-process memory, every socket family, mount and namespace calls, kexec, bpf,
-#   perf, keyrings, kernel modules, io_uring, signals, and new processes or threads.
-# - lockdown: loaded by the child itself once its modules are imported and before user code: no
-#   execve and no executable memory (mmap/mprotect with PROT_EXEC), so neither a shell nor
-#   injected machine code runs. Filters stack and cannot be removed from inside.
-# A syscall through another architecture's entry (x32/i386) kills the process (libseccomp's
-# default for a foreign architecture).
-
-SCMP_ACT_ALLOW = 0x7FFF0000
-SCMP_CMP_MASKED_EQ = 7
-PROT_EXEC = 0x4
-TIOCSTI = 0x5412
-PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
-
-
-def _errno_action(code: int) -> int:
-    return 0x00050000 | (code & 0xFFFF)
-
-
-STARTUP_DENY = (
-    "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_getfd",
-    "socket", "socketpair",
-    "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen", "fsmount",
-    "fsconfig", "fspick", "mount_setattr", "unshare", "setns",
-    "kexec_load", "kexec_file_load", "bpf", "perf_event_open", "keyctl", "add_key", "request_key",
-    "init_module", "finit_module", "delete_module", "reboot", "swapon", "swapoff", "acct",
-    "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "syslog", "userfaultfd",
-    "io_uring_setup", "io_uring_enter", "io_uring_register", "name_to_handle_at",
-    "open_by_handle_at", "iopl", "ioperm", "quotactl", "vhangup", "personality",
-    "kill", "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_open",
-    "pidfd_send_signal", "fork", "vfork", "clone",
-)
-ENOSYS_STARTUP = ("clone3",)  # ENOSYS, so libc falls back to clone (which is denied)
-LOCKDOWN_DENY = ("execve", "execveat", "memfd_create")
-NO_EXEC_MEMORY = ("mmap", "mprotect", "pkey_mprotect")  # prot is argument 2 of each
-
-
-class _ArgCmp(ctypes.Structure):
-    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
-                ("datum_b", ctypes.c_uint64)]
-
-
-class SeccompUnavailable(RuntimeError):
-    pass
-
-
-@functools.lru_cache(maxsize=1)
-def _lib():
-    for name in ("libseccomp.so.2", "libseccomp.so"):
-        try:
-            lib = ctypes.CDLL(name, use_errno=True)
-        except OSError:
-            continue
-        lib.seccomp_init.restype = ctypes.c_void_p
-        lib.seccomp_init.argtypes = [ctypes.c_uint32]
-        lib.seccomp_release.argtypes = [ctypes.c_void_p]
-        lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
-        lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
-                                               ctypes.POINTER(_ArgCmp)]
-        lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
-        return lib
-    raise SeccompUnavailable("libseccomp.so.2 not found (Debian package libseccomp2)")
-
-
-def _compile(rules: list[tuple[str, int, tuple]]) -> bytes:
-    """rules: (syscall name, action, ((arg index, mask, value), ...)) -> BPF program bytes."""
-    lib = _lib()
-    ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
-    if not ctx:
-        raise SeccompUnavailable("seccomp_init failed")
-    try:
-        for name, action, conds in rules:
-            nr = lib.seccomp_syscall_resolve_name(name.encode())
-            if nr < 0:
-                continue  # not a syscall on this architecture
-            arr = (_ArgCmp * max(1, len(conds)))(*[_ArgCmp(i, SCMP_CMP_MASKED_EQ, m, v) for i, m, v in conds])
-            rc = lib.seccomp_rule_add_array(ctx, action, nr, len(conds), arr)
-            if rc < 0:
-                raise SeccompUnavailable(f"seccomp rule for {name} refused ({os.strerror(-rc)})")
-        fd = os.memfd_create("lumos-seccomp", 0)
-        try:
-            rc = lib.seccomp_export_bpf(ctx, fd)
-            if rc < 0:
-                raise SeccompUnavailable(f"seccomp_export_bpf failed ({os.strerror(-rc)})")
-            os.lseek(fd, 0, os.SEEK_SET)
-            chunks = []
-            while chunk := os.read(fd, 65536):
-                chunks.append(chunk)
-            return b"".join(chunks)
-        finally:
-            os.close(fd)
-    finally:
-        lib.seccomp_release(ctx)
-
-
-@functools.lru_cache(maxsize=1)
-def seccomp_programs() -> tuple[bytes, bytes]:
-    """(startup, lockdown) BPF programs; raises SeccompUnavailable without libseccomp."""
-    eperm = _errno_action(errno.EPERM)
-    startup = [(n, eperm, ()) for n in STARTUP_DENY]
-    startup += [(n, _errno_action(errno.ENOSYS), ()) for n in ENOSYS_STARTUP]
-    startup.append(("ioctl", eperm, ((1, 0xFFFFFFFF, TIOCSTI),)))  # no typing into a terminal
-    lockdown = [(n, eperm, ()) for n in LOCKDOWN_DENY]
-    lockdown += [(n, eperm, ((2, PROT_EXEC, PROT_EXEC),)) for n in NO_EXEC_MEMORY]
-    return _compile(startup), _compile(lockdown)
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-
-def seccomp_loader(program: bytes):
-    """A no-argument function that installs `program` on the calling thread (no_new_privs +
-    PR_SET_SECCOMP). Buffers are built here so that the call itself only makes syscalls (it
-    runs between fork and exec)."""
-    if len(program) % 8:
-        raise ValueError("a BPF program is a whole number of 8-byte instructions")
-    buf = ctypes.create_string_buffer(program, len(program))
-    prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
-    keep = (buf, prog)
-
-    def install():
-        if prctl(PR_SET_NO_NEW_PRIVS, 1, None, 0, 0) != 0 or \
-                prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(keep[1]), 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "seccomp filter refused by the kernel")
-
-    return install
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +76,7 @@ class Finished:
     timed_out: bool
     isolation: str
     seccomp: bool
+    landlock: bool
 
 
 def _python_prefix() -> str:
@@ -279,10 +149,11 @@ def _mount_plan(expose: tuple[str, str, str] | None, scratch_tmpfs: tuple[str, i
     return plan if len(plan) > 1 else []
 
 
-def _preexec(rlimits, drop_to: int | None, mounts: list[tuple], new_netns: bool, install_seccomp):
+def _preexec(rlimits, drop_to: int | None, mounts: list[tuple], new_netns: bool, install_landlock=None,
+             install_seccomp=None):
     """What runs between fork and exec (as root first when the agent is root): the private mount
     namespace of `_mount_plan`, an optional network namespace, the uid drop, rlimits, then
-    (fallback) the seccomp program. Everything it needs is built before fork."""
+    (fallback) Landlock and the seccomp program. Everything it needs is built before fork."""
     libc = _libc() if mounts or new_netns else None
 
     def fail(what):
@@ -306,6 +177,8 @@ def _preexec(rlimits, drop_to: int | None, mounts: list[tuple], new_netns: bool,
             os.setresuid(drop_to, drop_to, drop_to)
         for which, value in rlimits:
             resource.setrlimit(which, value)
+        if install_landlock is not None:
+            install_landlock()
         if install_seccomp is not None:
             install_seccomp()
 
@@ -372,7 +245,7 @@ def _launch(isolation: str, programs, limits: Limits, base: Path, stdout) -> sub
             os.lseek(seccomp_fd, 0, os.SEEK_SET)
             pass_fds.append(seccomp_fd)
         argv = _bwrap_argv(shutil.which("bwrap"), limits, seccomp_fd)
-        preexec = _preexec(rlimits, NOBODY if root else None, _mount_plan(expose, None), False, None)
+        preexec = _preexec(rlimits, NOBODY if root else None, _mount_plan(expose, None), False)
         cwd = "/"
     else:
         scratch = base / "scratch"
@@ -381,7 +254,8 @@ def _launch(isolation: str, programs, limits: Limits, base: Path, stdout) -> sub
             os.chown(scratch, NOBODY, NOBODY)
         install = seccomp_loader(programs[0]) if programs is not None else None
         mounts = _mount_plan(expose, (str(scratch), limits.scratch_bytes) if root else None)
-        preexec = _preexec(rlimits, NOBODY if root else None, mounts, root, install)
+        landlock = landlock_installer([_python_prefix(), *SYSTEM_LIBRARIES], [str(scratch)])
+        preexec = _preexec(rlimits, NOBODY if root else None, mounts, root, landlock, install)
         argv = [_interpreter(), "-I", "-S", "-c", CHILD_SOURCE.read_text()]
         cwd = str(scratch)
     try:
@@ -444,7 +318,8 @@ def run(payload: dict, limits: Limits, isolation_kind: str | None = None) -> Fin
                 _kill(proc)
         with open(out_path, "rb") as f:
             data = f.read(limits.stdout_cap)
-        return Finished(proc.returncode, data, timed_out, kind, programs is not None)
+        return Finished(proc.returncode, data, timed_out, kind, programs is not None,
+                        kind == RLIMITS_ONLY and landlock_abi() > 0)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
