@@ -45,6 +45,8 @@ def test_escape_attempts_are_contained():
     assert env["ok"] and "PATH" not in env["value"] and "HOME" not in env["value"]
     # The scratch directory is writable.
     assert _ask("open('f.txt', 'w').write('hi'); open('f.txt').read()")["value"] == "hi"
+    listing = _ask("import os, pathlib; pathlib.Path('g.txt').write_text('x'); (sorted(os.listdir()), os.getcwd())")
+    assert listing["ok"] and listing["value"].startswith("(['g.txt'], "), listing
 
 
 def test_infinite_loop_and_flood_are_stopped():

@@ -50,7 +50,7 @@ def hook(event, args):
             raise PermissionError("sandbox: reading " + shown(path) + " is not allowed")
         return
     if event in {READ_EVENTS} and args:
-        if args[0].__class__ is not (0).__class__ and place(args[0]) is None:
+        if args[0] is not None and args[0].__class__ is not (0).__class__ and place(args[0]) is None:
             raise PermissionError("sandbox: " + event + " outside the scratch directory")
     if event in {PATH_EVENTS}:
         for a in args:
