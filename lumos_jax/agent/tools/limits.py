@@ -7,7 +7,7 @@ that imports the named modules once (running each one's `warm_up()`), then keeps
 workers forked from itself — pre-forked, so a call costs about a millisecond plus its own
 work. A worker runs one call at a time under `RLIMIT_CPU` (soft limit = CPU used so far +
 the call's allowance: SIGXCPU kills it), `RLIMIT_AS` (its size at birth + the call's
-allowance; the hard cap is `max_memory_mb`), `RLIMIT_FSIZE=0` and `RLIMIT_CORE=0`. The
+allowance; the hard cap is `max_memory_mb`), `RLIMIT_FSIZE=0`, `RLIMIT_CORE=0`, nice 10. The
 server SIGKILLs a worker at the call's wall-clock limit and forks a fresh one for the next
 call; the parent kills the whole server (restarted on the next call) if no answer comes
 within `wall_s + 1.5 s`. Workers retire after 200 calls, a MemoryError, or 256 MiB of growth.
@@ -288,6 +288,7 @@ def _worker(functions: dict, rfd: int, wfd: int, max_memory_mb: int) -> None:
                     pass
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+        os.nice(10)  # a busy worker yields the CPU to the agent's own threads
         _BIRTH_SIZE = _statm(0)
         cap = _BIRTH_SIZE + max_memory_mb * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))

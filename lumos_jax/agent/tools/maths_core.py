@@ -320,7 +320,9 @@ def define(args: str, ctx: _Ctx) -> str:
 
 
 def count(args: str, ctx: _Ctx) -> str:
-    text = _replace(args, ctx, str).strip().strip("[]{}()")
+    text = _replace(args, ctx, str).strip()
+    if len(text) >= 2 and text[0] + text[-1] in ("[]", "{}", "()"):  # one enclosing pair: [1, 2, 3]
+        text = text[1:-1]
     items = [i.strip() for i in text.split(",") if i.strip()]
     if "..." in items:  # an arithmetic sequence a, b, ..., z
         if len(items) < 4 or items.index("...") != len(items) - 2:

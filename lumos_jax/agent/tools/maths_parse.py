@@ -169,6 +169,8 @@ def expansion_terms(e) -> int:
             return 1
         n = int(e.exp)
         return math.comb(n + k - 1, k - 1) if n < 10**6 and k < 10**4 else MAX_TERMS * 10
+    if isinstance(e, sympy.Basic) and e.args:  # equations, comparisons, functions: their parts
+        return max(1, sum(expansion_terms(a) for a in e.args))
     return 1
 
 
