@@ -60,8 +60,9 @@ def encode_fast(messages: Sequence[dict], tokenizer: Tokenizer, max_len: int = 1
     """Same (input_ids, labels) as `encode_conversation`, plus the untruncated length."""
     if not messages:
         raise ValueError("conversation has no messages")
-    if tokenizer.backend != "sentencepiece":
-        full_len = len(tokenizer.encode(concat_messages(messages, tokenizer.eos_token).strip(), add_bos=True))
+    if tokenizer.backend != "sentencepiece" or not tokenizer.chat_bos:
+        full_len = len(tokenizer.encode(concat_messages(messages, tokenizer.eos_token).strip(),
+                                        add_bos=tokenizer.chat_bos))
         ids, labels = encode_conversation(messages, tokenizer, max_len)
         return Encoded(ids, labels, full_len)
     eos = tokenizer.eos_token

@@ -5,10 +5,13 @@ Two backends give the same ids on ordinary text:
   (legacy) Llama tokenizer, which splits text at special-token strings such as
   `</s>` and encodes each piece with SentencePiece (so `</s>\\n` becomes `</s> ▁ \\n`);
 - `PreTrainedTokenizerFast` on a `tokenizer.json` (transformers 5's AutoTokenizer
-  rebuilds the pipeline and drops leading spaces; this class keeps the file's).
+  rebuilds the pipeline and drops leading spaces; this class keeps the file's), e.g. a
+  byte-level BPE vocabulary such as SmolLM2's.
 
 This module is the single place that decides BOS/EOS: `encode(text)` never adds
-them; callers ask for BOS explicitly.
+them; callers ask for BOS explicitly (`chat_bos` says whether the tokenizer itself
+would). `<pad>`: a tokenizer that has a pad token keeps it; one without gets `<pad>`
+appended after its vocabulary, as the reference does for Llama-2.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ class Tokenizer:
             self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
             self.unk_id = self._sp.unk_id()
             self._specials = {self._sp.id_to_piece(i): i for i in (self.bos_id, self.eos_id, self.unk_id)}
+            own_pad = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
+            self.chat_bos = self.bos_id >= 0  # the slow Llama tokenizer's add_bos_token default
         elif backend == "hf":
             if json_file is None or not json_file.exists():
                 raise FileNotFoundError(f"tokenizer: no tokenizer.json in {path}")
@@ -61,34 +66,54 @@ class Tokenizer:
             self.eos_id = self._hf.eos_token_id
             self.unk_id = self._hf.unk_token_id
             self._specials = {t: self._hf.convert_tokens_to_ids(t) for t in self._hf.all_special_tokens}
+            own_pad = self._hf.pad_token_id
+            # What the tokenizer's own post-processor does (open-instruct's encoding relies on it).
+            self.chat_bos = self.bos_id is not None and \
+                self._hf.encode("a", add_special_tokens=True)[:1] == [self.bos_id]
         else:
             raise ValueError(f"tokenizer backend {backend!r}: expected 'auto', 'sentencepiece' or 'hf'")
-        self.pad_id = None
-        if add_pad_token:
+        self.pad_id, self._pad_added = None, False
+        if add_pad_token and own_pad is not None:
+            self.pad_id = own_pad  # e.g. SmolLM2's <|im_end|>: no new embedding row
+        elif add_pad_token:
             # Like the reference: `<pad>` appended after the base vocabulary (id 32000 for Llama-2).
-            self.pad_id = self.base_vocab_size
+            self.pad_id, self._pad_added = self.base_vocab_size, True
             self._specials[PAD_TOKEN] = self.pad_id
         self._split_re = re.compile("(" + "|".join(re.escape(t) for t in
                                                    sorted(self._specials, key=len, reverse=True)) + ")")
 
     @property
     def vocab_size(self) -> int:
-        return self.base_vocab_size + (1 if self.pad_id is not None else 0)
+        return self.base_vocab_size + (1 if self._pad_added else 0)
 
     @property
     def eos_token(self) -> str:
         return self.id_to_piece(self.eos_id)
 
+    @functools.cached_property
+    def newline_ids(self) -> tuple[int, ...]:
+        """Every id whose text holds a newline: the reference's "stop at the first newline
+        token". Llama-2 has one (`<0x0A>`); a byte-level BPE vocabulary has many (`Ċ`, `ĊĊ`,
+        `.Ċ`, ...), any of which can end the first line."""
+        ids = range(self.base_vocab_size)
+        if self.backend == "sentencepiece":
+            texts = [self._sp.id_to_piece(i) if self._sp.is_control(i) else self._sp.decode([i]) for i in ids]
+        else:
+            texts = self._hf.backend_tokenizer.decode_batch([[i] for i in ids], skip_special_tokens=False)
+        return tuple(i for i, t in zip(ids, texts) if "\n" in t)
+
     def id_to_piece(self, i: int) -> str:
-        if i == self.pad_id:
+        if self._pad_added and i == self.pad_id:
             return PAD_TOKEN
         return self._sp.id_to_piece(i) if self.backend == "sentencepiece" else self._hf.convert_ids_to_tokens(i)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of `text`; special-token strings (`</s>`, `<pad>`) become their ids."""
+        if add_bos and (self.bos_id is None or self.bos_id < 0):
+            raise ValueError(f"tokenizer {self.path}: has no BOS token to add")
         ids = [self.bos_id] if add_bos else []
         if self.backend == "hf":
-            pieces = [text] if self.pad_id is None else self._split_re.split(text)
+            pieces = self._split_re.split(text) if self._pad_added else [text]
             for piece in pieces:
                 if piece == PAD_TOKEN:
                     ids.append(self.pad_id)
@@ -171,7 +196,8 @@ def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer,
     """(input_ids, labels) for one conversation; labels are -100 outside assistant turns.
 
     Same rule as the reference (open-instruct's `encode_with_messages_format`): the
-    whole text is stripped, BOS-prefixed and truncated to `max_len`; each non-assistant
+    whole text is stripped, tokenized as the tokenizer does by default (BOS first when it
+    adds one: Llama yes, SmolLM2 no) and truncated to `max_len`; each non-assistant
     turn, and the `<|assistant|>\\n` header after it, is masked, its boundaries found by
     tokenizing the text up to that point (kept literal: the quirks at `</s>\\n` and at
     truncation come from exactly this rule).
@@ -180,7 +206,7 @@ def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer,
         raise ValueError("conversation has no messages")
     eos = tokenizer.eos_token
     text = concat_messages(messages, eos).strip()
-    full = tokenizer.encode(text, add_bos=True)
+    full = tokenizer.encode(text, add_bos=tokenizer.chat_bos)
     input_ids = np.asarray(full[:max_len], dtype=np.int32)
     labels = input_ids.copy()
     for i, m in enumerate(messages):
@@ -196,6 +222,6 @@ def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer,
 
 
 def _prefix_len(messages, tokenizer, eos, suffix=""):
-    return len(tokenizer.encode(concat_messages(messages, eos) + suffix, add_bos=True))
+    return len(tokenizer.encode(concat_messages(messages, eos) + suffix, add_bos=tokenizer.chat_bos))
 
 

