@@ -60,6 +60,14 @@ def batch_attempts(w: dict) -> list[tuple[str, str]]:
          "spec = m.ModuleSpec('_ctypes', m.ExtensionFileLoader('_ctypes', d + '/' + f), origin=d + '/' + f)\n"
          "result = _imp.create_dynamic(spec).dlopen(None, 0)"),
         ("mmap executable page", "import mmap\nresult = mmap.mmap(-1, 4096, prot=7)"),
+        # raw libc through ctypes: the hook refuses ctypes; without the hook, seccomp refuses the call
+        ("ctypes mprotect PROT_EXEC", CTYPES + "buf = (ctypes.c_char * (3 * 4096))()\n"
+         "page = (ctypes.addressof(buf) + 4095) & ~4095\n"
+         "if libc.mprotect(ctypes.c_void_p(page), 4096, 7): raise OSError(ctypes.get_errno(), 'mprotect refused')"),
+        ("ctypes execv /bin/sh", CTYPES + "argv = (ctypes.c_char_p * 2)(b'sh', None)\n"
+         "libc.execv(b'/bin/sh', argv)\nraise OSError(ctypes.get_errno(), 'execv refused')"),
+        ("ctypes kill parent", CTYPES + "import os\n"
+         "if libc.kill(os.getppid(), 9): raise OSError(ctypes.get_errno(), 'kill refused')"),
         # exec
         ("os.system /bin/sh", f"import os\nresult = os.system('/bin/sh -c \"touch {out}/sh\"')\n"
          "if result: raise OSError(f'no shell ran (status {result})')"),
@@ -112,6 +120,7 @@ def batch_attempts(w: dict) -> list[tuple[str, str]]:
     ]
 
 
+CTYPES = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
 TOLERATED = {"tamper __main__ lists", "tamper builtins", "tamper os.path", "tamper frames",
              "finalizers"}  # these may "succeed"; what they aim at is checked after (host, later attempts)
 
@@ -320,6 +329,8 @@ def test_kernel_walls_hold_without_the_audit_hook(world, isolation):
     assert outcomes["read ~/.ssh/id_rsa"].startswith(expected), outcomes["read ~/.ssh/id_rsa"]
     assert re.search(r"not permitted|No such file", outcomes["os.execv /bin/sh"]), outcomes["os.execv /bin/sh"]
     assert re.search(r"not permitted|\.so: failed to", outcomes["AF_INET connect"]), outcomes["AF_INET connect"]
+    for name in ("ctypes mprotect PROT_EXEC", "ctypes execv /bin/sh", "ctypes kill parent"):
+        assert outcomes[name].startswith("PermissionError: [Errno 1]"), (name, outcomes[name])  # seccomp's EPERM
     assert report["singles"]["sibling victim"]["observation"] == "victim-alive"
     _check_host(world)
 
