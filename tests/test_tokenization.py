@@ -1,5 +1,7 @@
 """Tokenizers load exactly (ids equal SentencePiece's) and the chat encoding equals the
-reference's own output (fixtures/chat_encoding/expected.jsonl)."""
+reference's own output (fixtures/chat_encoding/expected.jsonl); with a byte-level BPE
+tokenizer (SmolLM2's), the chat encoding, pad, stop ids and the agent's prompts equal what
+the reference's code does with transformers' tokenizer."""
 
 import json
 
@@ -8,6 +10,8 @@ import sentencepiece as spm
 
 from conftest import DATA, FIXTURES
 from lumos_jax.tokenization import IGNORE_INDEX, Tokenizer, encode_conversation, read_jsonl
+
+ANN = DATA / "lumos" / "annotations"
 
 TEXTS = [
     "Hello world",
@@ -82,3 +86,113 @@ def test_chat_encoding_truncates_and_masks(llama2_tokenizer):
 def test_chat_encoding_rejects_unknown_role(llama2_tokenizer):
     with pytest.raises(ValueError, match="unknown role 'robot'"):
         encode_conversation([{"role": "robot", "content": "x"}], llama2_tokenizer)
+
+
+# -- A byte-level BPE tokenizer (SmolLM2's, rebuilt from its GGUF) ---------------------------
+# The reference here is transformers' own tokenizer of the same GGUF, driven exactly as the
+# reference's open-instruct code drives a tokenizer.
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    from smollm2 import gguf_path
+    from transformers import AutoTokenizer
+
+    from lumos_jax.checkpoints.gguf import write_hf_sidecar
+
+    path = gguf_path()
+    out = tmp_path_factory.mktemp("smollm2_tok")
+    write_hf_sidecar(path, out)
+    return Tokenizer(out, add_pad_token=True), AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def _open_instruct_encode(messages, tok, max_len):
+    """model/finetune.py `encode_with_messages_format` of the Lumos reference, line for line."""
+    def concat(ms):
+        text = ""
+        for m in ms:
+            end = tok.eos_token if m["role"] == "assistant" else ""
+            text += f"<|{m['role']}|>\n" + m["content"].strip() + end + "\n"
+        return text
+
+    def length(text):
+        return len(tok(text, max_length=max_len, truncation=True).input_ids)
+
+    input_ids = tok(concat(messages).strip(), max_length=max_len, truncation=True).input_ids
+    labels = list(input_ids)
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            continue
+        start = 0 if i == 0 else length(concat(messages[:i]))
+        nxt = i < len(messages) - 1 and messages[i + 1]["role"] == "assistant"
+        end = length(concat(messages[: i + 1]) + ("<|assistant|>\n" if nxt else ""))
+        labels[start:end] = [IGNORE_INDEX] * len(labels[start:end])
+        if end >= max_len:
+            break
+    return input_ids, labels
+
+
+def test_bpe_chat_encoding_equals_open_instruct(bpe):
+    from data_pipeline.encoding import encode_fast
+
+    tok, hf = bpe
+    assert not tok.chat_bos and hf("a").input_ids == hf.encode("a", add_special_tokens=False)  # no BOS
+    n = 0
+    for path in sorted(ANN.glob("*.jsonl")):
+        for row in read_jsonl(path):
+            for max_len in (1024, 60):
+                want_ids, want_labels = _open_instruct_encode(row["messages"], hf, max_len)
+                ids, labels = encode_conversation(row["messages"], tok, max_len=max_len)
+                assert ids.tolist() == want_ids and labels.tolist() == want_labels, (path.name, row["id"])
+                fast = encode_fast(row["messages"], tok, max_len=max_len)
+                assert fast.input_ids.tolist() == want_ids and fast.labels.tolist() == want_labels
+            n += 1
+    assert n >= 40
+
+
+def test_bpe_pad_and_stop_ids(bpe):
+    tok, hf = bpe
+    assert (tok.pad_id, tok.vocab_size) == (hf.pad_token_id, len(hf)) == (2, 49152)  # reused, not added
+    with_newline = {i for i in range(len(hf)) if "\n" in hf.decode([i])}
+    assert set(tok.newline_ids) == with_newline and len(with_newline) > 100
+    assert tok.encode("\n") == [hf.convert_tokens_to_ids("Ċ")]
+
+
+def test_bpe_agent_prompts(bpe):
+    """Train style: each turn's prompt is the prefix `encode_conversation` trains on. Reference
+    style: the reference's inference string as transformers tokenizes it; the answer ends at
+    the first newline even when the stop token carries more whitespace."""
+    from lumos_jax.agent.generators import ChatModelGenerator, GenRequest
+    from lumos_jax.tokenization import reference_prompt_text
+
+    tok, hf = bpe
+
+    class Teacher:
+        def __init__(self, answers):
+            self.answers = list(answers)
+
+        def generate_tokens(self, batch, max_new_tokens, stop_ids):
+            return [(self.answers.pop(0), len(ids)) for _, ids in batch]
+
+        def release(self, session):
+            pass
+
+    row = next(r for r in read_jsonl(ANN / "lumos_maths_plan_iterative.jsonl"))
+    msgs = row["messages"]
+    ids, labels = encode_conversation(msgs, tok, max_len=100_000)
+    ids = ids.tolist()
+    turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    spans = [tok.encode(msgs[i]["content"].strip()) + [tok.eos_id] for i in turns]
+    gen = ChatModelGenerator(Teacher(spans), tok, style="train")
+    for k, i in enumerate(turns):
+        out = gen.generate([GenRequest("s", "plan", msgs[:i])])[0]
+        assert out.text == msgs[i]["content"].strip()
+        assert gen._sessions["s"].ids[: out.prompt_tokens] == ids[: out.prompt_tokens], k
+    assert gen._sessions["s"].ids == ids
+
+    first = msgs[:1]
+    prompt = hf.encode(reference_prompt_text(first), add_special_tokens=False)
+    answer = tok.encode("Subgoal 1: Add 2 and 3.") + [hf.convert_tokens_to_ids("ĊĠĠĠ")]
+    gen = ChatModelGenerator(Teacher([answer]), tok, style="reference")
+    out = gen.generate([GenRequest("r", "plan", first)])[0]
+    assert (out.text, out.finish_reason, out.prompt_tokens) == ("Subgoal 1: Add 2 and 3.", "stop", len(prompt))
+    assert gen._sessions["r"].ids[: len(prompt)] == prompt
