@@ -131,12 +131,12 @@ class BatchIterator:
         return 0 if enc is None else len(enc.input_ids) - 1
 
     def example_length(self, source: int, index: int) -> int:
-        """Tokens of one example after truncation (BOS included); cached."""
+        """Tokens of one example after truncation (BOS included when the tokenizer adds one); cached."""
         n = self._lengths[source][index]
         if n < 0:
             messages = self.sources[source][index]["messages"]
             text = concat_messages(messages, self.tokenizer.eos_token).strip()
-            n = min(len(self.tokenizer.encode(text, add_bos=True)), self.max_len)
+            n = min(len(self.tokenizer.encode(text, add_bos=self.tokenizer.chat_bos)), self.max_len)
             self._lengths[source][index] = n
         return int(n)
 

@@ -37,4 +37,4 @@ def chat_prompt_text(messages: Sequence[dict], eos_token: str, fmt: str = "train
 
 def chat_prompt_ids(messages: Sequence[dict], tokenizer, fmt: str = "training") -> list[int]:
     text = chat_prompt_text(messages, tokenizer.eos_token, fmt)
-    return tokenizer.encode(text, add_bos=(fmt == "training"))
+    return tokenizer.encode(text, add_bos=fmt == "training" and tokenizer.chat_bos)  # as trained
