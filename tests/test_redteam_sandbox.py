@@ -125,8 +125,9 @@ TOLERATED = {"tamper __main__ lists", "tamper builtins", "tamper os.path", "tamp
              "finalizers"}  # these may "succeed"; what they aim at is checked after (host, later attempts)
 
 
-def single_attempts() -> list[tuple[str, str, str]]:
+def single_attempts(w: dict) -> list[tuple[str, str, str]]:
     """(name, code, pattern the observation must match): each ends or floods its own sandbox."""
+    out = w["outside"]
     return [
         ("fork bomb", "import os\nwhile True: os.fork()", r"not allowed|not permitted"),
         ("thread bomb", "import _thread, time\nwhile True: _thread.start_new_thread(time.sleep, (30,))",
@@ -137,6 +138,8 @@ def single_attempts() -> list[tuple[str, str, str]]:
          r"No space|output limit|File too large"),
         ("print flood", "print('x' * 10 ** 7)", r"output limit"),
         ("fd 1 flood", "import os\nwhile True: os.write(1, b'x' * 2**20)", r"output limit"),
+        ("flood, then a finalizer", f"import builtins, os\nclass D:\n    def __del__(self): open('{out}/late', 'w')\n"
+         "builtins._keep = D()\ntry:\n    while True: os.write(1, b'x' * 2**20)\nexcept OSError: pass", r"output limit"),
         ("cpu loop", "while True: pass", r"CPU-time limit|wall-clock limit"),  # wall first on a busy host
         ("sleep forever", "import time\ntime.sleep(600)", r"wall-clock limit"),
     ]
@@ -171,7 +174,7 @@ def agent_side(world: dict, isolation: str, audit_hook: bool = True) -> dict:
         return {"observation": rec.observation, "result": rec.result, "error_kind": rec.error_kind}
 
     batch = call(_batch_program(batch_attempts(world)))
-    jobs = [(name, code) for name, code, _ in single_attempts()] if audit_hook else []
+    jobs = [(name, code) for name, code, _ in single_attempts(world)] if audit_hook else []
     with ThreadPoolExecutor(4) as pool:
         singles = dict(zip([n for n, _ in jobs], pool.map(lambda job: call(job[1]), jobs)))
         victim = pool.submit(call, VICTIM)  # a concurrent episode's sandbox, alive while the killer runs
@@ -262,7 +265,7 @@ def _check(world: dict, report: dict, isolation: str) -> None:
     escaped = {n: o for n, o in outcomes.items() if n not in TOLERATED and o.startswith("ESCAPED")}
     assert not escaped, escaped
     singles = report["singles"]
-    for name, _, pattern in single_attempts():
+    for name, _, pattern in single_attempts(world):
         obs = singles[name]["observation"]
         assert obs.startswith("Error ("), (name, obs)
         assert re.search(pattern, obs), (name, obs)
@@ -290,7 +293,7 @@ ISOLATIONS = [pytest.param(sandbox.BUBBLEWRAP, marks=pytest.mark.skipif(
 def test_escape_attempts_contained_for_this_user(world, isolation):
     report = agent_side(world, isolation)
     _check(world, report, isolation)
-    assert len(batch_attempts(world)) - len(TOLERATED) + len(single_attempts()) + 1 >= 40
+    assert len(batch_attempts(world)) - len(TOLERATED) + len(single_attempts(world)) + 1 >= 40
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start the agent as another, unprivileged uid")

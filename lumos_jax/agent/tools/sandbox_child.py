@@ -206,13 +206,15 @@ def main():
             answer.update(ok=False, error=(type_of(e).__name__ + ": " + message)[:500])
         except any_error:
             answer.update(ok=False, error=type_of(e).__name__)
-    answer["stdout"] = "".join(captured.parts)[:limit]
-    # A flat dict of str / bool / None, written with C functions only (json's Python layer
-    # calls builtins that user code may have replaced).
-    fields = [quote(k) + ": " + ("null" if v is None else "true" if v is True else "false" if v is False else quote(v))
-              for k, v in answer.items()]
-    write(1, ("{" + ", ".join(fields) + "}\n").encode())
-    leave(0)
+    try:
+        answer["stdout"] = "".join(captured.parts)[:limit]
+        # A flat dict of str / bool / None, written with C functions only (json's Python layer
+        # calls builtins that user code may have replaced).
+        fields = [quote(k) + ": " + ("null" if v is None else "true" if v is True else "false" if v is False
+                                     else quote(v)) for k, v in answer.items()]
+        write(1, ("{" + ", ".join(fields) + "}\n").encode())
+    finally:
+        leave(0)  # also when the write fails (a full stdout): never reach finalization
 
 
 if __name__ == "__main__":
