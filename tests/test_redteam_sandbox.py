@@ -36,7 +36,6 @@ from lumos_jax.agent.tools.sandbox_kernel import landlock_abi
 SECRET = "lumos-redteam-secret-5b1e"
 AGENT_UID = 61999  # an unprivileged uid with no passwd entry, for the run as "an ordinary user"
 BASHRC = "# the agent user's own .bashrc\n"
-RAISES = "raises"
 
 
 def batch_attempts(w: dict) -> list[tuple[str, str]]:
