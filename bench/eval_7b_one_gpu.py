@@ -114,6 +114,9 @@ def drive(args, argv) -> int:
         err = run_side([sys.executable, __file__, "--phase", phase] + argv, REPO, timeout, on_result)
         if err:
             record["errors"].append({"phase": phase, **err})
+            pred = Path(args.workdir) / "eval_out" / "predictions.jsonl"
+            if phase == "eval" and pred.exists():  # what a killed run finished (each record on disk)
+                record["episodes_finished_before_the_error"] = len(pred.read_text().splitlines())
             break
     write_json(args.out, record)
     print(json.dumps({k: record[k] for k in ("card", "episodes", "seconds", "peak_gb")}))
