@@ -274,14 +274,17 @@ def make_train_iterator(sources: Sequence[str] | str = gin.REQUIRED, tokenizer=g
                         num_epochs: int | None = None, process_index: int | None = None,
                         process_count: int | None = None, max_seq_length: int | None = None,
                         holdout_fraction: float = 0.0, open_rows: int = 8,
-                        skip_bad_records: bool = False, tfds_data_dir: str | None = None) -> BatchIterator:
-    """Shuffled, host-sharded, (optionally) packed training batches; see docs/data.md."""
+                        skip_bad_records: bool = False, tfds_data_dir: str | None = None,
+                        drop_untrained: bool = True) -> BatchIterator:
+    """Shuffled, host-sharded, (optionally) packed training batches; see docs/data.md.
+    drop_untrained=False keeps records with no trained token (counted in summary()["no_target"])."""
     process_index, process_count = _process_info(process_index, process_count)
     return BatchIterator(sources, tokenizer, seq_len=seq_len, batch_size=batch_size, packing=packing,
                          seed=seed, num_epochs=num_epochs, process_index=process_index,
                          process_count=process_count, max_seq_length=max_seq_length, weights=weights,
                          epoch_size=epoch_size, holdout_fraction=holdout_fraction, holdout_side="train",
-                         open_rows=open_rows, skip_bad_records=skip_bad_records, tfds_data_dir=tfds_data_dir)
+                         open_rows=open_rows, skip_bad_records=skip_bad_records, tfds_data_dir=tfds_data_dir,
+                         drop_untrained=drop_untrained)
 
 
 @gin.configurable
