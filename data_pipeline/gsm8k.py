@@ -49,12 +49,19 @@ def parse_number(text: str) -> Fraction | None:
 
 
 def sympy_calculator(expression: str) -> Fraction:
-    """Exact value of an arithmetic expression (numbers, + - * / ( ) and %)."""
+    """Exact value of an arithmetic expression (numbers, + - * / ( ) and %), read by the
+    maths tools' parser (no `sympify`: `9**9**9**9` must be refused, not computed)."""
     import sympy
+
+    from lumos_jax.agent.tools.base import ToolError
+    from lumos_jax.agent.tools.maths_parse import parse_math
 
     if not SAFE_EXPR.match(expression) or "R" in expression:
         raise ValueError(f"not plain arithmetic: {expression!r}")
-    value = sympy.sympify(expression.replace("%", "/100"), rational=True)
+    try:
+        value = parse_math(expression.replace("%", "/100"))
+    except ToolError as e:
+        raise ValueError(f"{e} ({expression[:60]!r})") from None
     if not value.is_number or not value.is_finite:
         raise ValueError(f"no finite value: {expression!r}")
     value = sympy.nsimplify(value)

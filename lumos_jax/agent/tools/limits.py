@@ -2,15 +2,19 @@
 
 A tool that computes on model text (sympy can be made to run for hours or fill memory) must
 not run in the agent's process: a thread cannot be stopped, it keeps the GIL busy and stalls
-every other episode. `ForkServer` starts one small server process (`python -c ...serve`)
-that imports the named modules once (running each one's `warm_up()`), then keeps a pool of
-workers forked from itself — pre-forked, so a call costs about a millisecond plus its own
-work. A worker runs one call at a time under `RLIMIT_CPU` (soft limit = CPU used so far +
+every other episode. `ForkServer` starts one small server process that imports the named
+modules once (running each one's `warm_up()`) and forks workers from that warm state on
+request, handing the agent each worker's pipes and a pidfd over a Unix socket. The agent
+keeps a pool of idle workers (two are forked ahead), writes a request to one, and waits for
+the answer with a timeout in the calling thread: a call costs a pipe round trip plus its own
+work, and other threads never wait on it.
+
+Limits: a worker runs one call at a time under `RLIMIT_CPU` (soft limit = CPU used so far +
 the call's allowance: SIGXCPU kills it), `RLIMIT_AS` (its size at birth + the call's
-allowance; the hard cap is `max_memory_mb`), `RLIMIT_FSIZE=0`, `RLIMIT_CORE=0`, nice 10. The
-server SIGKILLs a worker at the call's wall-clock limit and forks a fresh one for the next
-call; the parent kills the whole server (restarted on the next call) if no answer comes
-within `wall_s + 1.5 s`. Workers retire after 200 calls, a MemoryError, or 256 MiB of growth.
+allowance; hard cap `max_memory_mb`), `RLIMIT_FSIZE=0`, `RLIMIT_CORE=0` and nice 10. At the
+call's wall-clock limit the agent SIGKILLs the worker through its pidfd (no pid reuse race)
+and the next call gets a fresh one. Workers retire after 200 calls, a MemoryError, or
+256 MiB of growth; a dead server is restarted on the next fork.
 
 Requests and answers are JSON lines over pipes (never pickle: the answer comes from a
 process that read hostile text). A call returns the function's JSON-able value or raises a
@@ -23,13 +27,13 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import importlib
-import itertools
 import json
 import math
 import os
 import resource
 import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -39,21 +43,22 @@ from typing import Any
 
 from lumos_jax.agent.tools.base import BadArguments, ToolError, ToolTimeout, UndefinedVariable
 
-_GRACE_S = 1.5  # the parent's backstop beyond the child's wall limit
-_KINDS = {c.kind: c for c in (ToolError, BadArguments, UndefinedVariable, ToolTimeout)}
+MAX_CALLS_PER_WORKER = 200  # a worker retires after this many calls (sympy's caches grow)
+_RSS_GROWTH = 256 * 2**20  # ... or when it has grown this much
+_SPARE = 2  # idle workers kept forked ahead
 
 
 class ResourceLimit(ToolError):
     kind = "resource_limit"
 
 
-_KINDS[ResourceLimit.kind] = ResourceLimit
+_KINDS = {c.kind: c for c in (ToolError, BadArguments, UndefinedVariable, ToolTimeout, ResourceLimit)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """Per-call limits: CPU seconds, wall seconds, memory (MiB above the server's size),
-    bytes of the JSON answer."""
+    """Per-call limits: CPU seconds, wall seconds, memory (MiB above the worker's size at
+    birth), bytes of the JSON answer."""
 
     cpu_s: float = 5.0
     wall_s: float = 10.0
@@ -68,102 +73,158 @@ class Limits:
 def error_from(kind: str, message: str) -> ToolError:
     """A ToolError of the given kind (its class when we have one)."""
     cls = _KINDS.get(kind)
-    if cls is None:
-        err = ToolError(message)
-        err.kind = kind if isinstance(kind, str) and kind.isidentifier() else "tool_error"
-        return err
-    return cls(message)
+    if cls is not None:
+        return cls(message)
+    err = ToolError(message)
+    err.kind = kind if isinstance(kind, str) and kind.isidentifier() else "tool_error"
+    return err
 
 
-class _Slot:
-    """One call waiting for its answer from server process `proc`."""
+@dataclasses.dataclass
+class _Worker:
+    pid: int
+    to: int  # request pipe (write end)
+    back: int  # answer pipe (read end)
+    pidfd: int | None
+    calls: int = 0
 
-    __slots__ = ("event", "answer", "proc")
+    def kill(self) -> None:
+        try:
+            if self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except (ProcessLookupError, OSError):
+            pass
+        self.close()
 
-    def __init__(self, proc):
-        self.event, self.answer, self.proc = threading.Event(), None, proc
+    def close(self) -> None:
+        for fd in (self.to, self.back, self.pidfd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.to = self.back = self.pidfd = None
 
 
 class ForkServer:
     """A process-limit runner shared by threads: `call('pkg.mod:fn', args, limits)`.
 
-    `modules` are imported by the server before it forks (and each one's `warm_up()` run),
-    and only the public functions they define may be called. At most `max_children` calls run at once; more
-    wait for a free place (`queue_s` at most)."""
+    `modules` are imported by the server before it forks, and only the public functions they
+    define may be called. At most `max_children` calls run at once; more wait for a free
+    place (`queue_s` at most)."""
 
     def __init__(self, modules: tuple[str, ...], max_children: int = 4, max_memory_mb: int = 4096,
                  startup_s: float = 120.0, queue_s: float = 300.0):
         self.modules, self.max_children, self.max_memory_mb = tuple(modules), max_children, max_memory_mb
         self.startup_s, self.queue_s = startup_s, queue_s
         self._lock = threading.Lock()
+        self._born = threading.Condition(self._lock)
         self._places = threading.BoundedSemaphore(max_children)
-        self._ids = itertools.count(1)
         self._proc: subprocess.Popen | None = None
-        self._ready = threading.Event()
-        self._pending: dict[int, _Slot] = {}
-        self._stderr = None  # the server's stderr, to say why it did not start
-        self.restarts = 0
+        self._ctrl: socket.socket | None = None
+        self._idle: list[_Worker] = []
+        self._asked = 0  # forks requested and not yet delivered
+        self._exits: dict[int, int] = {}  # pid -> wait status, reported by the server
+        self._stderr = None
         atexit.register(self.close)
 
-    # -- lifecycle
+    # -- the server
     def start(self) -> None:
-        """Start the server now (it warms up in the background); later calls reuse it."""
+        """Start the server now (it warms up and forks spares in the background)."""
         with self._lock:
             self._start_locked()
 
-    def _start_locked(self) -> subprocess.Popen:
+    def _start_locked(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
-            return self._proc
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        code = "from lumos_jax.agent.tools.limits import serve; serve()"
+            return
         if self._stderr is not None:
             self._stderr.close()
         self._stderr = tempfile.TemporaryFile()
-        proc = subprocess.Popen([sys.executable, "-c", code, str(self.max_children), str(self.max_memory_mb),
-                                 *self.modules],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-                                env=env, close_fds=True, start_new_session=True)
-        ready = threading.Event()
-        self._proc, self._ready = proc, ready
-        threading.Thread(target=self._read, args=(proc, ready), daemon=True, name="lumos-forkserver").start()
-        return proc
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        code = "from lumos_jax.agent.tools.limits import serve; serve()"
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(theirs.fileno()), str(self.max_memory_mb), *self.modules],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr, env=env,
+            pass_fds=(theirs.fileno(),), start_new_session=True)
+        theirs.close()
+        self._ctrl, self._asked = ours, 0
+        threading.Thread(target=self._listen, args=(self._proc, ours), daemon=True, name="lumos-forkserver").start()
+        self._ask_locked(_SPARE)
+
+    def _ask_locked(self, n: int) -> None:
+        try:
+            self._ctrl.send(json.dumps({"fork": n}).encode())
+            self._asked += n
+        except OSError:
+            pass  # the listener sees the server gone
+
+    def _listen(self, proc: subprocess.Popen, ctrl: socket.socket) -> None:
+        """Workers and exit statuses from the server; at EOF the server is gone."""
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(ctrl, 1 << 12, 3)
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                break
+            msg = json.loads(data)
+            with self._lock:
+                for fd in fds:
+                    os.set_inheritable(fd, False)
+                if "worker" in msg and len(fds) == 3:
+                    self._idle.append(_Worker(msg["worker"], fds[0], fds[1], fds[2]))
+                    self._asked = max(0, self._asked - 1)
+                elif "exit" in msg:
+                    self._exits[msg["exit"]] = msg["status"]
+                    if len(self._exits) > 10_000:
+                        self._exits.pop(next(iter(self._exits)))
+                self._born.notify_all()
+        with self._lock:
+            if self._proc is proc:
+                self._proc, self._asked = None, 0
+            self._born.notify_all()
+        ctrl.close()
 
     def close(self) -> None:
         with self._lock:
             proc, self._proc = self._proc, None
+            idle, self._idle = self._idle, []
+        for w in idle:
+            w.kill()
         if proc is not None:
-            _kill_group(proc)
-
-    def _kill(self, proc: subprocess.Popen) -> None:
-        with self._lock:
-            if self._proc is proc:
-                self._proc = None
-                self.restarts += 1
-        _kill_group(proc)
-
-    def _read(self, proc: subprocess.Popen, ready: threading.Event) -> None:
-        """Deliver answers by id; at EOF fail whatever is still waiting on this server."""
-        for line in proc.stdout:
             try:
-                msg = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-            if msg.get("ready"):
-                ready.set()
-                continue
-            slot = self._pending.pop(msg.get("id"), None)
-            if slot is not None:
-                slot.answer = msg
-                slot.event.set()
-        ready.set()
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError, OSError):
+                pass
+            proc.wait()
+
+    def _take(self) -> _Worker:
+        """An idle worker, or a freshly forked one (the server is (re)started as needed)."""
+        deadline = time.monotonic() + self.startup_s
         with self._lock:
-            if self._proc is proc:
-                self._proc = None
-        for rid, slot in list(self._pending.items()):
-            if slot.proc is proc:
-                self._pending.pop(rid, None)
-                slot.answer = {"error": {"kind": "resource_limit", "message": "the worker process died"}}
-                slot.event.set()
+            while True:
+                if self._idle:
+                    w = self._idle.pop()
+                    if len(self._idle) + self._asked < 1:
+                        self._ask_locked(1)  # keep one spare warm
+                    return w
+                self._start_locked()
+                if self._asked == 0:
+                    self._ask_locked(1)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ResourceLimit(f"no worker process within {self.startup_s:g}s: {_tail(self._stderr)}")
+                self._born.wait(min(left, 1.0))
+
+    def _exit_status(self, pid: int, wait_s: float = 2.0) -> int | None:
+        deadline = time.monotonic() + wait_s
+        with self._lock:
+            while pid not in self._exits and time.monotonic() < deadline:
+                if self._proc is None:
+                    return None
+                self._born.wait(0.05)
+            return self._exits.pop(pid, None)
 
     # -- calls
     def call(self, fn: str, args: list, limits: Limits = Limits()) -> Any:
@@ -177,36 +238,74 @@ class ForkServer:
             self._places.release()
 
     def _call(self, fn: str, args: list, limits: Limits) -> Any:
-        with self._lock:
-            proc = self._start_locked()
-            ready = self._ready
-        if not ready.wait(self.startup_s):
-            self._kill(proc)
-            raise ResourceLimit(f"the worker process did not start within {self.startup_s:g}s")
-        if proc.poll() is not None:
-            self._kill(proc)
-            raise ResourceLimit(f"the worker process failed to start: {_tail(self._stderr)}")
-        rid, slot = next(self._ids), _Slot(proc)
-        request = json.dumps({"id": rid, "fn": fn, "args": args, "cpu_s": limits.cpu_s, "wall_s": limits.wall_s,
-                              "memory_mb": limits.memory_mb, "output_bytes": limits.output_bytes})
-        self._pending[rid] = slot
+        request = json.dumps({"fn": fn, "args": args, "cpu_s": limits.cpu_s, "memory_mb": limits.memory_mb,
+                              "output_bytes": limits.output_bytes}).encode() + b"\n"
+        w = self._take()
         try:
+            _write_all(w.to, request)
+            line = _read_line(w.back, limits.wall_s, limits.output_bytes + 1024)
+        except TimeoutError:
+            w.kill()
+            raise ToolTimeout(f"wall-clock limit of {limits.wall_s:g}s exceeded (process killed)") from None
+        except (EOFError, OSError):
+            w.close()
+            raise error_from(**_death_reason(self._exit_status(w.pid), limits)) from None
+        except ValueError:  # an oversized answer
+            w.kill()
+            raise ResourceLimit(f"answer exceeds {limits.output_bytes} bytes") from None
+        try:
+            answer = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            w.kill()
+            raise ResourceLimit("unreadable answer from the worker process") from None
+        w.calls += 1
+        if answer.get("retire"):
+            w.close()
+        else:
             with self._lock:
-                proc.stdin.write(request.encode() + b"\n")
-                proc.stdin.flush()
-        except (BrokenPipeError, OSError, ValueError):
-            self._pending.pop(rid, None)
-            self._kill(proc)
-            raise ResourceLimit("the worker process died; it restarts on the next call") from None
-        if not slot.event.wait(limits.wall_s + _GRACE_S):
-            self._pending.pop(rid, None)
-            self._kill(proc)  # a server that does not answer is killed with its children
-            raise ToolTimeout(f"no answer within {limits.wall_s:g}s (worker killed and restarted)")
-        answer = slot.answer
+                self._idle.append(w)
         if "error" in answer:
             err = answer["error"]
             raise error_from(str(err.get("kind")), str(err.get("message"))[:500])
         return answer.get("ok")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_line(fd: int, timeout_s: float, max_bytes: int) -> bytes:
+    """One newline-terminated line from `fd` within `timeout_s` (TimeoutError), at most
+    `max_bytes` (ValueError); EOFError if the writer is gone."""
+    deadline = time.monotonic() + timeout_s
+    buf = b""
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise TimeoutError
+        data = os.read(fd, 1 << 16)
+        if not data:
+            raise EOFError
+        buf += data
+        if len(buf) > max_bytes:
+            raise ValueError
+    return buf.split(b"\n", 1)[0]
+
+
+def _death_reason(status: int | None, limits: Limits) -> dict:
+    if status is not None and os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        if sig == signal.SIGXCPU:
+            return {"kind": "timeout", "message": f"CPU-time limit of {limits.cpu_s:g}s exceeded (process killed)"}
+        if sig == signal.SIGSEGV:
+            return {"kind": "resource_limit", "message": f"crashed (memory limit of {limits.memory_mb} MiB?)"}
+        return {"kind": "resource_limit", "message": f"the worker process was killed by signal {sig}"}
+    if status is not None:
+        return {"kind": "resource_limit", "message": f"the worker process exited with status "
+                                                     f"{os.WEXITSTATUS(status)} and no answer"}
+    return {"kind": "resource_limit", "message": "the worker process died"}
 
 
 def _tail(f) -> str:
@@ -218,26 +317,9 @@ def _tail(f) -> str:
         return "no message"
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError, OSError):
-        pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:  # pragma: no cover
-        pass
-    for f in (proc.stdin, proc.stdout):
-        try:
-            f.close()
-        except (OSError, ValueError):
-            pass
+# ---------------------------------------------------------------- server and workers
 
-
-# ---------------------------------------------------------------- server side
-
-MAX_CALLS_PER_WORKER = 200  # a worker retires after this many calls (sympy's caches grow)
-_RSS_GROWTH = 256 * 2**20  # ... or when it has grown this much
+_BIRTH_SIZE = 0  # a worker's address space when it was forked
 
 
 def _statm(field: int) -> int:
@@ -245,47 +327,45 @@ def _statm(field: int) -> int:
         return int(f.read().split()[field]) * resource.getpagesize()
 
 
-def _answer(req: dict, fn, args: list) -> tuple[dict, bool]:
-    """(answer, retire): the call under this call's CPU and memory limits."""
-    rid = req.get("id")
+def _answer(req: dict, functions: dict) -> tuple[dict, bool]:
+    """(answer, retire): one call under this call's CPU and memory limits."""
+    fn = functions.get(req.get("fn"))
+    if fn is None:
+        return {"error": {"kind": "tool_error", "message": f"unknown function {req.get('fn')!r}"}}, False
     used = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
     resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(used + float(req["cpu_s"])), resource.RLIM_INFINITY))
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     resource.setrlimit(resource.RLIMIT_AS, (min(_BIRTH_SIZE + int(req["memory_mb"]) * 2**20, hard), hard))
     retire = False
     try:
-        answer = {"id": rid, "ok": fn(*args)}
+        answer = {"ok": fn(*list(req.get("args") or []))}
     except ToolError as e:
-        answer = {"id": rid, "error": {"kind": e.kind, "message": str(e) or type(e).__name__}}
+        answer = {"error": {"kind": e.kind, "message": str(e) or type(e).__name__}}
     except MemoryError:
-        answer, retire = {"id": rid, "error": {"kind": "resource_limit",
-                                               "message": f"memory limit of {req['memory_mb']} MiB exceeded"}}, True
+        answer, retire = {"error": {"kind": "resource_limit",
+                                    "message": f"memory limit of {req['memory_mb']} MiB exceeded"}}, True
     except RecursionError:
-        answer, retire = {"id": rid, "error": {"kind": "bad_arguments", "message": "input nested too deeply"}}, True
+        answer, retire = {"error": {"kind": "bad_arguments", "message": "input nested too deeply"}}, True
     except Exception as e:  # noqa: BLE001 - a bug in the function becomes an answer, not a hang
-        answer = {"id": rid, "error": {"kind": "tool_exception", "message": f"{type(e).__name__}: {e}"[:500]}}
+        answer = {"error": {"kind": "tool_exception", "message": f"{type(e).__name__}: {e}"[:500]}}
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
     return answer, retire
 
 
-_BIRTH_SIZE = 0  # the worker's address space when it was forked
-
-
 def _worker(functions: dict, rfd: int, wfd: int, max_memory_mb: int) -> None:
-    """A forked worker: answer requests from `rfd` on `wfd` until told to stop or retired.
-    Only our own code runs here; the limits bound what sympy may do with hostile input."""
+    """A forked worker: answer requests from `rfd` on `wfd` until EOF or retirement. Only our
+    own code runs here; the limits bound what it may do with hostile input."""
     global _BIRTH_SIZE
     try:
+        signal.set_wakeup_fd(-1)  # the server's signal plumbing is not ours
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
-        for fd in range(3, 1 << 10):  # keep only our two pipe ends
-            if fd not in (rfd, wfd):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        os.closerange(3, min(rfd, wfd))  # keep only our two pipe ends
+        os.closerange(min(rfd, wfd) + 1, max(rfd, wfd))
+        os.closerange(max(rfd, wfd) + 1, 1 << 16)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
         os.nice(10)  # a busy worker yields the CPU to the agent's own threads
@@ -299,126 +379,44 @@ def _worker(functions: dict, rfd: int, wfd: int, max_memory_mb: int) -> None:
             if not line:
                 break
             req = json.loads(line)
-            answer, retire = _answer(req, functions[req["fn"]], list(req.get("args") or []))
-            retire = retire or calls == MAX_CALLS_PER_WORKER or _statm(1) - rss0 > _RSS_GROWTH
-            if retire:
-                answer["retire"] = True  # so the server sends it nothing more
+            answer, retire = _answer(req, functions)
+            if retire or calls == MAX_CALLS_PER_WORKER or _statm(1) - rss0 > _RSS_GROWTH:
+                answer["retire"] = retire = True  # the agent sends it nothing more
             try:
                 data = json.dumps(answer).encode()
             except (TypeError, ValueError):
-                data = json.dumps({"id": req["id"], "error": {"kind": "tool_exception",
-                                                              "message": "the result is not JSON data"}}).encode()
+                data = json.dumps({"error": {"kind": "tool_exception", "message": "the result is not JSON data"},
+                                   "retire": retire}).encode()
             if len(data) > int(req["output_bytes"]):
-                data = json.dumps({"id": req["id"], "error": {"kind": "resource_limit", "message":
-                                   f"answer of {len(data)} bytes exceeds {req['output_bytes']}"}}).encode()
-            view = memoryview(data + b"\n")
-            while view:
-                view = view[os.write(wfd, view):]
+                data = json.dumps({"error": {"kind": "resource_limit", "message":
+                                   f"answer of {len(data)} bytes exceeds {req['output_bytes']}"},
+                                   "retire": retire}).encode()
+            _write_all(wfd, data + b"\n")
             if retire:
                 break
     finally:
         os._exit(0)
 
 
-def _death_reason(status: int, req: dict) -> dict:
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        if sig in (signal.SIGXCPU, signal.SIGKILL):
-            return {"kind": "timeout", "message": f"CPU-time limit of {req['cpu_s']:g}s exceeded (process killed)"}
-        if sig == signal.SIGSEGV:
-            return {"kind": "resource_limit", "message": f"crashed (memory limit of {req['memory_mb']} MiB?)"}
-        return {"kind": "resource_limit", "message": f"killed by signal {sig}"}
-    return {"kind": "resource_limit", "message": f"the worker exited with status {os.WEXITSTATUS(status)} "
-                                                 "and no answer (memory limit?)"}
-
-
-class _Server:
-    """Server state: idle and busy workers, the request queue, answers to the parent."""
-
-    def __init__(self, functions: dict, max_children: int, max_memory_mb: int, out):
-        self.functions, self.max_children, self.max_memory_mb, self.out = functions, max_children, max_memory_mb, out
-        self.workers: dict[int, dict] = {}  # reply fd -> {pid, to, req, deadline, buf}
-        self.queue: list[dict] = []
-
-    def send(self, msg: dict) -> None:
-        self.out.write(json.dumps(msg).encode() + b"\n")
-
-    def fork(self) -> dict:
-        req_r, req_w = os.pipe()
-        ans_r, ans_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            _worker(self.functions, req_r, ans_w, self.max_memory_mb)
-        os.close(req_r)
-        os.close(ans_w)
-        w = {"pid": pid, "to": req_w, "req": None, "deadline": None, "buf": b""}
-        self.workers[ans_r] = w
-        return w
-
-    def dispatch(self) -> None:
-        while self.queue:
-            idle = [w for w in self.workers.values() if w["req"] is None]
-            if not idle and len(self.workers) >= self.max_children:
-                return
-            req = self.queue.pop(0)
-            if req.get("fn") not in self.functions:
-                self.send({"id": req.get("id"), "error": {"kind": "tool_error",
-                                                          "message": f"unknown function {req.get('fn')!r}"}})
-                continue
-            w = idle[0] if idle else self.fork()
-            w["req"], w["deadline"], w["buf"] = req, time.monotonic() + float(req["wall_s"]), b""
-            try:
-                os.write(w["to"], json.dumps(req).encode() + b"\n")
-            except OSError:  # it retired or died just now: its EOF answers for it
-                pass
-
-    def reap(self, fd: int, answer: dict | None = None) -> None:
-        w = self.workers.pop(fd)
-        try:
-            os.kill(w["pid"], signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        _, status = os.waitpid(w["pid"], 0)
-        for f in (fd, w["to"]):
-            os.close(f)
-        if w["req"] is not None:
-            self.send(answer or {"id": w["req"]["id"], "error": _death_reason(status, w["req"])})
-
-    def on_reply(self, fd: int) -> None:
-        w = self.workers[fd]
-        data = os.read(fd, 1 << 16)
-        if not data:
-            self.reap(fd)
-            return
-        w["buf"] += data
-        while b"\n" in w["buf"] and w["req"] is not None:
-            line, w["buf"] = w["buf"].split(b"\n", 1)
-            try:
-                answer = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-            if answer.get("id") == w["req"]["id"]:
-                retire = answer.pop("retire", False)
-                self.send(answer)
-                w["req"], w["deadline"] = None, None
-                if retire:
-                    self.reap(fd)
-                    return
-        if w["req"] is not None and len(w["buf"]) > int(w["req"]["output_bytes"]) + 1024:
-            self.reap(fd, {"id": w["req"]["id"], "error": {"kind": "resource_limit", "message": "answer too large"}})
-
-    def expire(self) -> None:
-        now = time.monotonic()
-        for fd, w in list(self.workers.items()):
-            if w["deadline"] is not None and w["deadline"] <= now:
-                self.reap(fd, {"id": w["req"]["id"], "error": {"kind": "timeout", "message":
-                               f"wall-clock limit of {w['req']['wall_s']:g}s exceeded (process killed)"}})
+def _fork_worker(functions: dict, ctrl: socket.socket, max_memory_mb: int) -> None:
+    req_r, req_w = os.pipe()
+    ans_r, ans_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        _worker(functions, req_r, ans_w, max_memory_mb)
+    pidfd = os.pidfd_open(pid)  # before any reaping: it names this very process
+    try:
+        socket.send_fds(ctrl, [json.dumps({"worker": pid}).encode()], [req_w, ans_r, pidfd])
+    finally:
+        for fd in (req_r, req_w, ans_r, ans_w, pidfd):
+            os.close(fd)
 
 
 def serve() -> None:
-    """The server loop; argv = max_children, max_memory_mb, module names. Requests on stdin,
-    answers on stdout; each request goes to an idle pre-forked worker (or a new one)."""
-    max_children, max_memory_mb = int(sys.argv[1]), int(sys.argv[2])
+    """The server; argv = control socket fd, max_memory_mb, module names. Forks workers on
+    request ({"fork": n}) and reports their exit statuses; exits when the agent is gone."""
+    ctrl = socket.socket(fileno=int(sys.argv[1]))
+    max_memory_mb = int(sys.argv[2])
     functions = {}
     for name in sys.argv[3:]:
         module = importlib.import_module(name)
@@ -426,35 +424,32 @@ def serve() -> None:
             module.warm_up()
         functions.update({f"{name}:{k}": v for k, v in vars(module).items()
                           if callable(v) and not k.startswith("_") and getattr(v, "__module__", None) == name})
-    out = os.fdopen(os.dup(1), "wb", buffering=0)
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # stray prints must not corrupt the protocol
-    server = _Server(functions, max_children, max_memory_mb, out)
-    for _ in range(min(2, max_children)):  # pre-forked: the first calls need no fork
-        server.fork()
-    server.send({"ready": True, "pid": os.getpid()})
-    inbuf = b""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
     while True:
-        server.dispatch()
-        now = time.monotonic()
-        deadlines = [w["deadline"] for w in server.workers.values() if w["deadline"] is not None]
-        timeout = max(0.0, min(deadlines) - now) if deadlines else None
-        readable, _, _ = select.select([0, *server.workers], [], [], timeout)
-        for fd in readable:
-            if fd != 0:
-                if fd in server.workers:
-                    server.on_reply(fd)
-                continue
-            data = os.read(0, 1 << 16)
-            if not data:  # the parent is gone: so are its calls
-                for wfd in list(server.workers):
-                    server.workers[wfd]["req"] = None
-                    server.reap(wfd)
-                return
-            inbuf += data
-            *lines, inbuf = inbuf.split(b"\n")
-            for line in lines:
+        readable, _, _ = select.select([ctrl, wake_r], [], [])
+        if wake_r in readable:
+            os.read(wake_r, 1 << 12)
+            while True:
                 try:
-                    server.queue.append(json.loads(line))
-                except (json.JSONDecodeError, UnicodeDecodeError):
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                try:
+                    ctrl.send(json.dumps({"exit": pid, "status": status}).encode())
+                except OSError:
                     pass
-        server.expire()
+        if ctrl in readable:
+            data = ctrl.recv(1 << 12)
+            if not data:  # the agent is gone; its workers see their pipes close
+                return
+            try:
+                n = int(json.loads(data).get("fork", 0))
+            except (ValueError, AttributeError, TypeError):
+                n = 0
+            for _ in range(max(0, min(n, 64))):
+                _fork_worker(functions, ctrl, max_memory_mb)
