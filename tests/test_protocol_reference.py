@@ -201,10 +201,11 @@ def test_iterative_solve_equation_value_is_never_correct_under_reference():
 
 
 @pytest.mark.parametrize("action", ["R1 = Count(3, 4, 5)", "R1 = SolveInequality(x > 3)",
-                                    "R1 = Code(def f(): return 3)"])
+                                    "R1 = Code(def f(): return 3)", "Calculator(1 + 2)"])
 def test_actions_the_reference_cannot_run_void_the_sample(action):
     """#17: gsm:18 dispatches only "", Calculator, SetEquation, SolveEquation and Define; the
-    others return None, the unpack at gsm:165 raises and the sample's results become None."""
+    others return None, the unpack at gsm:165 raises and the sample's results become None.
+    Without " = ", gsm/utils.py:110-113 reads the name from offset 2 ("lculator"): the same."""
     plan = ["Subgoal 1: Count them.", "Yes, I will stop planning."]
     r, _ = run(TASK, "maths", plan, [action], "reference")
     assert r.reason.startswith("voided") and r.answer is None

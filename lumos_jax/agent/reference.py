@@ -136,6 +136,9 @@ class ReferenceExecutor:
     def _maths(self, a: Action, k: int, n: int, ctx: ToolContext, rec: ActionRecord):
         if a.error:
             return a.error, None
+        if not a.outputs:  # gsm/utils.py:109-113 then reads the name from the wrong offset
+            rec.error_kind = "unsupported_tool"
+            return "no ' = ': the reference reads no tool name", None
         if a.tool not in MATHS_TOOLS:
             rec.error_kind = "unsupported_tool"
             return f"the reference runs only {', '.join(t or '=' for t in MATHS_TOOLS)} (gsm:18)", None
@@ -167,7 +170,7 @@ class ReferenceExecutor:
 
     def _complex_qa(self, a: Action, k: int, n: int, ctx: ToolContext, rec: ActionRecord):
         onetime = self.formulation == "onetime"
-        if a.tool not in COMPLEX_QA_TOOLS:
+        if a.tool not in COMPLEX_QA_TOOLS or not a.outputs:  # no " = ": no readable name either
             rec.error_kind = "unsupported_tool"
             return f"the reference runs only {', '.join(t or '=' for t in COMPLEX_QA_TOOLS)}", None
         kw = {}
