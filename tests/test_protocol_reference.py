@@ -226,6 +226,30 @@ def test_an_early_failure_voids_the_sample_even_if_the_last_action_succeeds():
         == (0.0, 1.0)
 
 
+def test_gold_maths_actions_of_the_exemplars_reproduce_under_reference():
+    """The reference's own exemplars (converted/maths.jsonl, WolframAlpha's recorded results)
+    executed action by action under the reference executor and maths_tools(protocol=
+    'reference'): none is voided, and every result equals the recorded text after the
+    reference's normalisation (`.strip()`, gsm:296-299; multi-outputs ", "-joined, gsm:182)."""
+    from lumos_jax.agent.parsing import parse_actions
+    from lumos_jax.agent.reference import ReferenceExecutor
+    from lumos_jax.agent.replay import gold_actions, read_converted
+    from lumos_jax.agent.tools.base import ToolContext
+
+    rows = read_converted(DATA / "lumos" / "converted" / "maths.jsonl")
+    ex = ReferenceExecutor(Executor(build_registry("maths", protocol="reference")), "maths", "onetime")
+    checked = 0
+    for row in rows:
+        ctx = ToolContext(variables={}, task=row["task"], domain="maths")
+        for text, recorded in gold_actions(row["subgoal_plan"]):
+            out = ex.run(parse_actions(text), ctx)
+            value = out.last_value
+            got = ", ".join(v.strip() for v in value) if isinstance(value, list) else str(value).strip()
+            assert out.void is None and got == recorded.strip(), (text, recorded, got, out.void)
+            checked += 1
+    assert checked == 27
+
+
 # -- A5 #25-#29: complex QA -----------------------------------------------------------------
 
 QTASK = "Was Bob born before Ann?"
