@@ -57,30 +57,36 @@ def test_every_saved_step_carries_a_digest_of_its_files(trained):
             assert entry["size"] == p.stat().st_size
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate"])
-def test_damaged_latest_step_falls_back_to_the_previous(trained, tmp_path, capsys, damage):
+def test_damaged_steps_fall_back_to_the_newest_intact_one(trained, tmp_path, capsys):
+    """A byte flipped in the latest step (6) and the previous one (3) truncated: both are
+    found before reading, and the run resumes from step 1 (one run covers both kinds)."""
     work, ckpts = copy_of(trained, tmp_path)
-    victim = biggest_file(ckpts / "6")
-    data = bytearray(victim.read_bytes())
-    if damage == "flip":
-        data[len(data) // 2] ^= 0x01
-    else:
-        data = data[: len(data) // 2]
-    victim.write_bytes(bytes(data))
+    assert steps(ckpts) == [1, 3, 6]
+    flipped, truncated = biggest_file(ckpts / "6"), biggest_file(ckpts / "3")
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     parse_gin(["mesh/single_device.gin"], GIN)
     result = train(workdir=str(work), max_steps=6, save_every=3)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "damaged" in line]
-    assert len(lines) == 1 and "checkpoint step 6 is damaged" in lines[0], err
-    assert victim.name in lines[0]
-    assert ("sha256 differs" if damage == "flip" else "bytes, the digest says") in lines[0]
-    assert (ckpts / "damaged-6").is_dir()
-    # Resumed from step 3: steps 4..6 retrained, the same losses as the undamaged run.
-    assert sorted(result["losses"]) == [4, 5, 6]
-    np.testing.assert_allclose([result["losses"][s] for s in (4, 5, 6)],
-                               [trained[1][s] for s in (4, 5, 6)], rtol=1e-6)
-    assert 6 in steps(ckpts)
-    Checkpointer(ckpts, 3).verify(6)  # the new step 6, sealed
+    assert len(lines) == 2, err
+    assert "checkpoint step 6 is damaged" in lines[0] and flipped.name in lines[0]
+    assert "sha256 differs" in lines[0]
+    assert "checkpoint step 3 is damaged" in lines[1] and truncated.name in lines[1]
+    assert "bytes, the digest says" in lines[1]
+    assert (ckpts / "damaged-6").is_dir() and (ckpts / "damaged-3").is_dir()
+    # Resumed from step 1: steps 2..6 retrained, the same losses as the undamaged run.
+    assert sorted(result["losses"]) == [2, 3, 4, 5, 6]
+    np.testing.assert_allclose([result["losses"][s] for s in range(2, 7)],
+                               [trained[1][s] for s in range(2, 7)], rtol=1e-6)
+    ck = Checkpointer(ckpts, 3)
+    try:
+        for step in (3, 6):  # written again, sealed
+            ck.verify(step)
+    finally:
+        ck.close()
 
 
 def test_no_intact_step_is_a_clear_refusal(trained, tmp_path):
