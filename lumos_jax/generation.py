@@ -43,10 +43,8 @@ def generation_settings(max_new_tokens: int = 128, stop_at_eos: bool = True,
 
 def main(argv: Sequence[str]) -> int:
     from lumos_jax.config import parse_args
-    from lumos_jax.inference import Engine
     from lumos_jax.inference.chat import chat_format, chat_prompt_ids
-    from lumos_jax.inference.settings import engine_settings, make_sampling
-    from lumos_jax.sharding import make_mesh
+    from lumos_jax.inference.settings import load_engines, make_sampling
     from lumos_jax.tokenization import Tokenizer
 
     parser = argparse.ArgumentParser(prog="lumos-jax generate", description=__doc__)
@@ -76,8 +74,7 @@ def main(argv: Sequence[str]) -> int:
             ids.append(chat_prompt_ids(messages, tok, fmt))
         else:
             ids.append(tok.encode(rec["prompt"], add_bos=settings["add_bos"]))
-    mesh = make_mesh()
-    engine = Engine.from_path(args.model, mesh=mesh, tokenizer=tok, **engine_settings())
+    (engine,) = load_engines([args.model], tokenizer=tok).values()
     sampling = make_sampling(settings["max_new_tokens"],
                              [tok.eos_id] if settings["stop_at_eos"] else [])
     results = engine.generate(ids, sampling)

@@ -37,3 +37,12 @@ def random_hf_dir(tmp: Path, seed: int, **cfg) -> Path:
 
 def random_prompts(rng: np.random.Generator, n: int, lo: int, hi: int, vocab: int) -> list[list[int]]:
     return [[1] + rng.integers(3, vocab, size=int(rng.integers(lo, hi))).tolist() for _ in range(n)]
+
+
+def run_until_done(engine, limit: int = 200):
+    """Step `engine` until some turn finishes; its TurnResults."""
+    for _ in range(limit):
+        done = engine.step()
+        if done:
+            return done
+    raise AssertionError("engine did not finish")

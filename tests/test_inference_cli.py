@@ -21,7 +21,8 @@ def test_generate_cli_writes_jsonl_matching_hf(tmp_path):
     rc = cli_main(["generate", "--model", str(STORIES), "--prompts_file", str(prompts),
                    "--output", str(out), "--gin.generation_settings.max_new_tokens=10",
                    "--gin.engine_settings.max_len=128", "--gin.engine_settings.num_slots=4",
-                   "--gin.engine_settings.steps_per_call=8"])
+                   "--gin.engine_settings.steps_per_call=8",
+                   "--gin.inference_dtypes.weights='float32'", "--gin.inference_dtypes.compute='float32'"])
     assert rc == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r.get("id") for r in rows] == [7, None]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from inference_helpers import STORIES, hf_greedy, random_hf_dir, random_prompts
+from inference_helpers import STORIES, hf_greedy, random_hf_dir, random_prompts, run_until_done
 
 from lumos_jax.checkpoints.hf import load_hf_model
 from lumos_jax.inference import Engine, NoFreeSlotError, SamplingParams
@@ -70,10 +70,10 @@ def test_extend_equals_recompute_and_counts_prefill(stories, stories_engine):
     eng = stories_engine
     a, b = [1, 403, 407, 261, 378], [266, 268, 388, 13, 300, 301]
     slot = eng.start(a, SamplingParams(max_new_tokens=7), request_id="ep")
-    (r1,) = _run_until_done(eng)
+    (r1,) = run_until_done(eng)
     assert r1.slot == slot and r1.request_id == "ep" and len(r1.tokens) == 7
     eng.extend(slot, b, SamplingParams(max_new_tokens=9))
-    (r2,) = _run_until_done(eng)
+    (r2,) = run_until_done(eng)
     assert eng.prefilled_tokens(slot) == len(a) + len(b)
     assert eng.sequence(slot) == a + r1.tokens + b + r2.tokens
     eng.release(slot)
@@ -97,12 +97,12 @@ def test_stop_ids_per_row_and_stop_strings_rewind(stories, stories_engine):
         target = "girl"
         assert target in text
         slot = eng.start(prompt, SamplingParams(max_new_tokens=30, stop_strings=(target,)))
-        (r,) = _run_until_done(eng)
+        (r,) = run_until_done(eng)
         assert r.finish_reason == "stop" and r.stop == target and target in r.text
         assert target not in tok.decode(r.tokens[:-1]) and r.tokens == full[: len(r.tokens)]
         # the cache was rewound to the cut: extending equals recomputing the truncated text
         eng.extend(slot, [13], SamplingParams(max_new_tokens=6))
-        (r2,) = _run_until_done(eng)
+        (r2,) = run_until_done(eng)
         eng.release(slot)
         assert r2.tokens == hf_greedy(stories[1], prompt + r.tokens + [13], 6)
     finally:
@@ -150,7 +150,7 @@ def test_decode_returns_to_host_after_k_steps_or_at_a_stop(stories, stories_engi
     eng.release(slot)
     stop = full[3]  # the 4th token: the loop must stop right there, not after 8 steps
     slot = eng.start(prompt, SamplingParams(max_new_tokens=30, stop_ids=(stop,)))
-    (r,) = _run_until_done(eng)
+    (r,) = run_until_done(eng)
     assert r.tokens == full[: full.index(stop) + 1] and eng.sequence(slot) == prompt + r.tokens
     eng.release(slot)
 
@@ -166,11 +166,3 @@ def test_cancel_frees_queued_and_running_requests(stories_engine):
         done += eng.step()
     assert sorted(r.request_id for r in done) == ids[1:-1]
     assert all(len(r.tokens) == 40 for r in done) and eng.free_slots == eng.num_slots
-
-
-def _run_until_done(eng, limit=100):
-    for _ in range(limit):
-        done = eng.step()
-        if done:
-            return done
-    raise AssertionError("engine did not finish")

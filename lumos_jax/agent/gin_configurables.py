@@ -60,7 +60,8 @@ def agent_models(cfg: EpisodeConfig, backend: str = "scripted", plan_model: str 
 
     backend: 'scripted' (replay `lumos_{domain}_{plan,ground}_{formulation}.jsonl` from
     `scripted_dir`), 'greedy' (lumos_jax.generation, recomputes prompts), or 'engine'
-    (lumos_jax.inference.Engine, cache extension). Model paths are HF dirs or our
+    (lumos_jax.inference.Engine, cache extension; loaded by `inference.settings.load_engines`:
+    inference dtypes and mesh, one KV budget for all models). Model paths are HF dirs or our
     checkpoints; one path may serve several modules (a unified model).
     `reference_retokenize` (reference style): True re-tokenizes each whole prompt as the
     reference does; False appends the new turn's tokens (no cache restarts)."""
@@ -73,19 +74,25 @@ def agent_models(cfg: EpisodeConfig, backend: str = "scripted", plan_model: str 
         raise ValueError(f"agent_models.backend={backend!r}: expected 'scripted', 'greedy' or 'engine'")
     if not plan_model or not ground_model:
         raise ValueError("agent_models: set plan_model and ground_model (HF dirs or lumos-jax checkpoints)")
+    from lumos_jax.agent.backends import GreedyBackend
     from lumos_jax.agent.generators import ChatModelGenerator
     from lumos_jax.checkpoints.native import load_model
     from lumos_jax.tokenization import Tokenizer
 
     tok = Tokenizer(tokenizer or plan_model)
+    modules = [(m, str(p)) for m, p in (("plan", plan_model), ("ground", ground_model), ("qa", qa_model)) if p]
     loaded: dict[str, object] = {}
+    if backend == "engine":
+        from lumos_jax.agent.backends import EngineBackend
+        from lumos_jax.inference.settings import load_engines
+
+        engines = load_engines([p for _, p in modules], num_slots=engine_slots, max_len=engine_max_len,
+                               steps_per_call=engine_steps_per_call)
+        loaded = {p: EngineBackend(e) for p, e in engines.items()}
     gens: dict[str, object] = {}
-    for module, path in (("plan", plan_model), ("ground", ground_model), ("qa", qa_model)):
-        if not path:
-            continue
+    for module, path in modules:
         if path not in loaded:
-            model = load_model(path)
-            loaded[path] = _backend(backend, model, engine_slots, engine_max_len, engine_steps_per_call)
+            loaded[path] = GreedyBackend(load_model(path))
         gens[module] = ChatModelGenerator(loaded[path], tok, style=cfg.style if module != "qa" else "train",
                                           max_new_tokens=max_new_tokens if module != "qa" else 100,
                                           retokenize=reference_retokenize)
@@ -101,15 +108,3 @@ def scripted_files(cfg: EpisodeConfig, scripted_dir: str | None = None) -> tuple
         if not p.exists():
             raise FileNotFoundError(f"agent_models.scripted_dir: {p} not found")
     return plan, ground
-
-
-def _backend(kind: str, model, slots: int, max_len: int, steps: int):
-    from lumos_jax.agent.backends import EngineBackend, GreedyBackend
-
-    if kind == "greedy":
-        return GreedyBackend(model)
-    try:
-        from lumos_jax.inference import Engine
-    except ImportError as e:
-        raise ValueError(f"agent_models.backend='engine': the inference engine is not available ({e})") from None
-    return EngineBackend(Engine(model, num_slots=slots, max_len=max_len, steps_per_call=steps))

@@ -145,8 +145,7 @@ class Engine:
         self._queue: deque = deque()
         self._ids = itertools.count()
         self._clock = itertools.count(1)
-        self.stats = {k: 0 for k in STAT_KEYS}
-        self._refresh_stats()
+        self._stats = {k: 0 for k in STAT_KEYS}
 
     def resized(self, **changes) -> "Engine":
         """A fresh engine sharing these weights, with other sizes (num_slots, max_len,
@@ -268,7 +267,7 @@ class Engine:
             self._claim(ids, sampling, rid, auto_release=True, checked=True)
         finished: list[TurnResult] = []
         for _ in range(2 * self.num_slots + 1):
-            moved = self._prefill(finished)
+            moved = self._prefill(self._reserve(), finished)
             if any(s.state == "generating" for s in self._slots.values()):
                 moved = self._decode(finished) or moved
             if moved or not any(s.state != "idle" for s in self._slots.values()):
@@ -277,7 +276,6 @@ class Engine:
         for r in finished:
             if self._slots[r.slot].auto_release:
                 self._free(r.slot)
-        self._refresh_stats()
         return finished
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | None = None
@@ -378,10 +376,14 @@ class Engine:
                                f"pool of {self.memory.capacity_tokens} tokens")
         self._finish(slot, s, "length", None, finished)
 
-    def _refresh_stats(self) -> None:
+    @property
+    def stats(self) -> dict:
+        """Counters (STAT_KEYS) and the pool now: blocks_total / used (held by slots) /
+        cached (unreferenced stored prefixes) / free."""
         pool = self.memory.pool
-        self.stats.update(blocks_total=pool.num_blocks, blocks_used=pool.used,
-                          blocks_cached=pool.cached, blocks_free=pool.available - pool.cached)
+        self._stats.update(blocks_total=pool.num_blocks, blocks_used=pool.used,
+                           blocks_cached=pool.cached, blocks_free=pool.available - pool.cached)
+        return self._stats
 
     # -- device calls -----------------------------------------------------------------------
     def _controls(self, rows: Sequence[_Slot | None]) -> RowControls:
@@ -408,15 +410,28 @@ class Engine:
         """Blocks per row a call reads: a power of two covering `tokens` (max_blocks cap)."""
         return min(self.memory.max_blocks, pow2_at_least(-(-tokens // self.block_size)))
 
-    def _prefill(self, finished: list[TurnResult]) -> bool:
-        """Prefill every waiting slot that gets its blocks (oldest first); False if none."""
+    def _decode_need(self, s: _Slot) -> int:
+        """Positions a generating slot may fill in one decode call."""
+        want = min(self.steps_per_call, s.params.max_new_tokens - len(s.generated))
+        return min(s.cache_len + want, self.max_len)
+
+    def _reserve(self) -> list[int]:
+        """Blocks for this round, oldest slot first: decode room for generating slots, all
+        blocks (after prefix reuse) or none for slots to prefill. Returns those to prefill."""
         ready = []
         for i, s in sorted(self._slots.items(), key=lambda kv: kv[1].order):
-            if s.state != "prefill":
-                continue
-            self.stats["prefix_saved_tokens"] += self.memory.match(s)
-            if self._grow(s, len(s.history)):
-                ready.append(i)
+            if s.state == "generating":
+                self._grow(s, self._decode_need(s))
+            elif s.state == "prefill":
+                self.stats["prefix_saved_tokens"] += self.memory.match(s)
+                if self._grow(s, len(s.history)):
+                    ready.append(i)
+                else:
+                    self.memory.trim(s)
+        return ready
+
+    def _prefill(self, ready: list[int], finished: list[TurnResult]) -> bool:
+        """Prefill the slots that got their blocks; False if none."""
         groups: dict[int, list[int]] = {}
         for i in ready:
             s = self._slots[i]
@@ -463,8 +478,7 @@ class Engine:
         for i, s in sorted(self._slots.items(), key=lambda kv: kv[1].order):
             if s.state != "generating":
                 continue
-            want = min(self.steps_per_call, s.params.max_new_tokens - len(s.generated))
-            self._grow(s, min(s.cache_len + want, self.max_len))
+            self._grow(s, self._decode_need(s))       # slots prefilled in this round
             if len(s.blocks) * self.block_size > s.cache_len:
                 runnable.append(i)
         if not runnable:

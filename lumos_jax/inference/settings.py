@@ -1,21 +1,91 @@
-"""gin-configurable engine and sampling settings shared by `generate` and `serve`."""
+"""gin-configurable inference settings and the one loader of `agent`, `eval`, `generate`
+and `serve`: weights in inference dtypes on the inference mesh, KV pools sized from one
+memory budget."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 import gin
+import jax
 
+from lumos_jax.inference.engine import Engine
+from lumos_jax.inference.paged import free_device_bytes
+from lumos_jax.inference.params import decode_params
 from lumos_jax.inference.sampling import SamplingParams
+from lumos_jax.sharding import make_mesh
 
 
 @gin.configurable
 def engine_settings(num_slots: int = 8, max_len: int = 2048, steps_per_call: int = 16,
-                    max_prefill_tokens: int = 16384) -> dict:
-    """Engine size: slots (concurrent sequences), cache length per slot, decode steps per
-    device call, and the most tokens one prefill call may process."""
+                    max_prefill_tokens: int = 16384, block_size: int = 16,
+                    kv_memory_gb: float | None = None, kv_memory_fraction: float | None = 0.8,
+                    decode_attention: str = "dot") -> dict:
+    """Engine size: slots (concurrent sequences; a slot costs only a block-table row),
+    the longest sequence, decode steps per device call, the most tokens one prefill call
+    may process, and the KV pool: `block_size` tokens per block, `kv_memory_gb` GiB per
+    device for all engines together, else `kv_memory_fraction` of the free device memory
+    after the weights (backends that report no memory, e.g. CPU: num_slots x max_len)."""
     return dict(num_slots=num_slots, max_len=max_len, steps_per_call=steps_per_call,
-                max_prefill_tokens=max_prefill_tokens)
+                max_prefill_tokens=max_prefill_tokens, block_size=block_size,
+                kv_memory_gb=kv_memory_gb, kv_memory_fraction=kv_memory_fraction,
+                decode_attention=decode_attention)
+
+
+@gin.configurable
+def inference_dtypes(weights: str = "bfloat16", compute: str = "bfloat16",
+                     cache: str | None = None) -> dict:
+    """dtypes for inference (whatever the checkpoint stores): weights, activations and the
+    KV cache (None: the compute dtype)."""
+    return dict(param_dtype=weights, dtype=compute, cache_dtype=cache or compute)
+
+
+def _mesh_bound() -> bool:
+    for name in ("data", "fsdp", "tensor", "devices"):
+        try:
+            gin.query_parameter(f"make_mesh.{name}")
+            return True
+        except ValueError:
+            continue
+    return False
+
+
+def inference_mesh():
+    """The gin mesh when a `mesh/*.gin` (or any `make_mesh.*`) is bound; otherwise tensor
+    parallelism over every device (decode is bound by reading weights: split them)."""
+    if _mesh_bound():
+        return make_mesh()
+    return make_mesh(data=1, fsdp=1, tensor=len(jax.devices()))
+
+
+def load_engines(paths: Sequence[str], tokenizer=None, mesh=None, **overrides) -> dict[str, Engine]:
+    """One engine per distinct path (HF directory or lumos-jax checkpoint), all weights
+    placed first, then the KV budget (`engine_settings`, `overrides` win) split evenly
+    between the engines' pools. Weights are read straight into their shards in
+    `inference_dtypes`; the model copy is dropped once regrouped for decoding."""
+    from lumos_jax.checkpoints.native import load_model
+
+    mesh = mesh if mesh is not None else inference_mesh()
+    settings = {**engine_settings(), **overrides}
+    dtypes = inference_dtypes()
+    cache_dtype = dtypes.pop("cache_dtype")
+    built = {}
+    for path in dict.fromkeys(str(p) for p in paths):
+        model = load_model(path, mesh, **dtypes)
+        params, spec = decode_params(model, mesh)
+        built[path] = (model.config, params, spec)
+        del model
+    share = max(1, len(built))
+    if settings.get("kv_memory_gb") is not None:
+        settings["kv_memory_gb"] = settings["kv_memory_gb"] / share
+    elif settings.get("kv_memory_fraction") is not None:
+        free = free_device_bytes(list(mesh.devices.flat))
+        if free is not None:
+            settings["kv_memory_gb"] = settings["kv_memory_fraction"] * free / share / 2**30
+    settings.pop("kv_memory_fraction", None)
+    return {path: Engine.from_params(config, params, spec, mesh=mesh, tokenizer=tokenizer,
+                                     cache_dtype=cache_dtype, **settings)
+            for path, (config, params, spec) in built.items()}
 
 
 @gin.configurable

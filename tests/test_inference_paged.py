@@ -1,0 +1,195 @@
+"""Paged KV cache vs Hugging Face transformers: logits through scattered blocks, greedy
+tokens under eviction, preemption and prefix sharing, and the block pool's bookkeeping."""
+
+import jax
+import numpy as np
+import pytest
+
+from inference_helpers import hf_greedy, random_hf_dir, random_prompts, run_until_done
+
+from lumos_jax.checkpoints.hf import load_hf_model
+from lumos_jax.inference import Engine, SamplingParams
+from lumos_jax.inference.blocks import BlockPool, block_key
+from lumos_jax.inference.forward import PagedCache, decode_forward, prefill_forward
+from lumos_jax.inference.params import decode_params
+
+VOCAB = 300
+# One shape family for every engine here, so they share compiled programs.
+SMALL = dict(num_slots=4, max_len=64, steps_per_call=4, block_size=4, num_blocks=12)  # 48 tokens
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from transformers import LlamaForCausalLM
+
+    hf_dir = random_hf_dir(tmp_path_factory.mktemp("paged"), seed=11)
+    return load_hf_model(hf_dir), LlamaForCausalLM.from_pretrained(hf_dir).eval()
+
+
+def _hf_logits(hf, seq):
+    import torch
+
+    with torch.no_grad():
+        return hf(torch.tensor([seq])).logits[0].numpy()
+
+
+def test_logits_through_scattered_blocks_equal_hf_full_forward(models):
+    ours, hf = models
+    params, spec = decode_params(ours)
+    bs = 4
+    cache = PagedCache.init(spec, num_blocks=16, block_size=bs, dtype=np.float32)
+    seq = random_prompts(np.random.default_rng(3), 1, 24, 25, VOCAB)[0]   # 25 tokens
+    row_blocks = [13, 2, 9, 0, 7, 15, 4, 11]                               # out of order
+    table = np.array([row_blocks], np.int32)
+    prefill = jax.jit(prefill_forward, static_argnums=2)
+    decode = jax.jit(decode_forward, static_argnums=2)
+    want = _hf_logits(hf, seq)
+    got = {}
+    a, b = 9, 18                                  # prefill 9, extend by 9 (crosses blocks), decode
+    for lo, hi in ((0, a), (a, b)):
+        toks = np.zeros((1, 16), np.int32)
+        toks[0, : hi - lo] = seq[lo:hi]
+        lg, cache = prefill(params, cache, spec, table, toks, np.array([lo], np.int32),
+                            np.array([hi - lo], np.int32))
+        got[hi - 1] = np.asarray(lg[0, :VOCAB])
+    for pos in range(b, len(seq)):
+        lg, cache = decode(params, cache, spec, table, np.array([seq[pos]], np.int32),
+                           np.array([pos], np.int32), np.array([True]))
+        got[pos] = np.asarray(lg[0, :VOCAB])
+    for pos, lg in got.items():
+        np.testing.assert_allclose(lg, want[pos], atol=2e-4, rtol=1e-4, err_msg=f"position {pos}")
+    # blocks the row does not use were never written
+    unused = sorted(set(range(16)) - set(row_blocks[: -(-len(seq) // bs)]))
+    assert not np.asarray(cache.k[0])[:, unused].any()
+
+
+def _drive_sessions(engine, hf, prompts, turns, new_tokens, extend_len, rng, tool_steps=2):
+    """Agent-style: each session runs `turns` turns, waiting `tool_steps` engine steps
+    (a tool call) between them; every turn's tokens are checked against HF greedy on the
+    whole sequence so far (a full recompute)."""
+    turn = {engine.start(p, SamplingParams(max_new_tokens=new_tokens)): 1 for p in prompts}
+    tools: dict[int, int] = {}
+    checked = 0
+    while turn:
+        for slot in [s for s, left in tools.items() if left == 0]:
+            del tools[slot]
+            turn[slot] += 1
+            engine.extend(slot, rng.integers(3, VOCAB, size=extend_len).tolist())
+        tools = {s: left - 1 for s, left in tools.items()}
+        for r in engine.step():
+            seq = engine.sequence(r.slot)
+            prompt = seq[: len(seq) - len(r.tokens)]
+            assert r.tokens == hf_greedy(hf, prompt, new_tokens), f"slot {r.slot} turn {turn[r.slot]}"
+            checked += 1
+            if turn[r.slot] == turns:
+                engine.release(r.slot)
+                del turn[r.slot]
+            else:
+                tools[r.slot] = tool_steps
+    return checked
+
+
+def test_pool_smaller_than_all_sessions_evicts_and_recomputes_exactly(models):
+    ours, hf = models
+    rng = np.random.default_rng(5)
+    prompts = random_prompts(rng, 4, 8, 12, VOCAB)
+    # 4 sessions end at ~35 tokens each (~140 in all); the pool holds 48 tokens
+    engine = Engine(ours, **SMALL)
+    assert _drive_sessions(engine, hf, prompts, turns=3, new_tokens=6, extend_len=4, rng=rng) == 12
+    s = engine.stats
+    assert s["evictions"] > 0 and s["preemptions"] > 0, s
+    assert s["prefill_tokens"] > s["prefilled_tokens"]        # recomputed after eviction
+    assert s["blocks_used"] == 0 and engine.free_slots == 4
+
+
+def test_many_requests_through_a_small_pool_none_fails(models):
+    ours, hf = models
+    prompts = random_prompts(np.random.default_rng(6), 8, 5, 14, VOCAB)
+    engine = Engine(ours, **SMALL)
+    results = engine.generate(prompts, SamplingParams(max_new_tokens=12))
+    for p, r in zip(prompts, results):
+        assert r.tokens == hf_greedy(hf, p, 12) and r.finish_reason == "length"
+    assert engine.stats["preemptions"] > 0
+
+
+def test_one_request_larger_than_the_pool(models):
+    ours, hf = models
+    engine = Engine(ours, **SMALL)
+    with pytest.raises(ValueError, match="whole KV pool"):
+        engine.start([1] * 49)
+    prompt = random_prompts(np.random.default_rng(7), 1, 39, 40, VOCAB)[0]     # 40 tokens
+    (r,) = engine.generate([prompt], SamplingParams(max_new_tokens=20))
+    # 48 cache entries: the prompt, 8 generated tokens written, the 9th sampled from them
+    assert r.finish_reason == "length" and r.tokens == hf_greedy(hf, prompt, 9)
+
+
+def test_shared_prefixes_are_computed_once_and_equal_hf(models):
+    ours, hf = models
+    rng = np.random.default_rng(8)
+    shared = random_prompts(rng, 1, 20, 21, VOCAB)[0]                           # 21 tokens
+    prompts = [shared + rng.integers(3, VOCAB, size=2).tolist() for _ in range(4)]
+    engine = Engine(ours, **SMALL)
+    params = SamplingParams(max_new_tokens=5)
+    results = [engine.generate([p], params)[0] for p in prompts]   # one at a time: no preemption
+    for p, r in zip(prompts, results):
+        assert r.tokens == hf_greedy(hf, p, 5)
+    assert engine.stats["preemptions"] == engine.stats["evictions"] == 0
+    assert engine.stats["prefix_saved_tokens"] == 3 * 20          # 5 full blocks of the prefix
+    # reference style: the whole conversation re-tokenized and started afresh each turn
+    slot = engine.start(prompts[0], params)
+    (r1,) = run_until_done(engine)
+    seq = engine.sequence(slot)
+    engine.release(slot)
+    saved = engine.stats["prefix_saved_tokens"]
+    computed = engine.stats["prefill_tokens"]
+    turn2 = seq + [17, 18, 19]
+    slot = engine.start(turn2, params)
+    (r2,) = run_until_done(engine)
+    assert r2.tokens == hf_greedy(hf, turn2, 5)
+    full_cached = (len(seq) - 1) // 4 * 4            # the previous turn's full blocks
+    assert engine.stats["prefix_saved_tokens"] - saved == full_cached
+    assert engine.stats["prefill_tokens"] - computed == len(turn2) - full_cached
+    assert engine.stats["prompt_tokens"] >= engine.stats["prefill_tokens"]
+
+
+def test_stop_string_rewind_then_extend_leaves_a_twin_sessions_blocks_intact(models):
+    ours, hf = models
+
+    class Tok:  # each token id decodes to one character; 'z' is the stop string
+        def decode(self, ids):
+            return "".join("z" if i == stop else "a" for i in ids)
+
+    prompt = random_prompts(np.random.default_rng(9), 1, 6, 7, VOCAB)[0]        # 7 tokens
+    full = hf_greedy(hf, prompt, 12)
+    stop = full[9]
+    cut = full.index(stop) + 1
+    engine = Engine(ours, **SMALL, tokenizer=Tok())
+    # a twin sequence shares the prompt's first block; the stopped row is rewound after it
+    twin = engine.start(prompt, SamplingParams(max_new_tokens=12))
+    run_until_done(engine)
+    slot = engine.start(prompt, SamplingParams(max_new_tokens=12, stop_strings=("z",)))
+    (r,) = run_until_done(engine)
+    assert r.tokens == full[:cut]
+    engine.extend(slot, [5, 6], SamplingParams(max_new_tokens=6))
+    (r2,) = run_until_done(engine)
+    assert r2.tokens == hf_greedy(hf, prompt + full[:cut] + [5, 6], 6)
+    engine.extend(twin, [7], SamplingParams(max_new_tokens=4))
+    (r3,) = run_until_done(engine)
+    assert r3.tokens == hf_greedy(hf, prompt + full + [7], 4)
+
+
+def test_block_pool_refcounts_lru_and_hash_chain():
+    pool = BlockPool(3)
+    a, b, c = pool.alloc(), pool.alloc(), pool.alloc()
+    assert pool.alloc() is None and pool.available == 0
+    ka = block_key(b"", [1, 2])
+    assert block_key(ka, [3, 4]) != block_key(block_key(b"", [9, 9]), [3, 4])   # parent matters
+    assert pool.register(a, ka) and not pool.register(b, ka)
+    pool.register(b, block_key(ka, [3, 4]))
+    pool.decref(a), pool.decref(b), pool.decref(c)
+    assert pool.available == 3 and pool.cached == 2
+    assert pool.alloc() == c                      # free blocks before cached ones
+    pool.incref(pool.lookup(ka))                  # a shared prefix comes back from the cache
+    assert pool.cached == 1 and pool.alloc() == b and pool.lookup(block_key(ka, [3, 4])) is None
+    with pytest.raises(RuntimeError, match="released more often"):
+        pool.decref(c), pool.decref(c)
