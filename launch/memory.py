@@ -80,8 +80,23 @@ def sharded_param_elements(config, mesh: Mesh) -> tuple[int, int]:
     return per_device, layer
 
 
+def attention_bytes(config, seq_len: int, micro_batch: int = 1, tensor: int = 1,
+                    attention: str = "xla") -> float:
+    """HBM for one recomputed layer's attention. XLA's plain path holds fp32 scores,
+    probabilities and their gradient (3 x heads x T^2); a flash-style kernel (splash on
+    TPU, cuDNN on GPU) keeps its blocks on chip and saves only the fp32 log-sum-exp and the
+    backward's row sums per query (2 x heads x T)."""
+    heads = config.num_attention_heads
+    heads_local = heads // tensor if heads % tensor == 0 else heads
+    if attention == "xla":
+        return 3 * micro_batch * heads_local * seq_len * seq_len * 4
+    if attention in ("splash", "cudnn"):
+        return 2 * micro_batch * heads_local * seq_len * 4
+    raise ValueError(f"attention={attention!r}; expected 'xla', 'splash' or 'cudnn'")
+
+
 def estimate(config, mesh: Mesh, seq_len: int = 1024, micro_batch: int = 1,
-             global_batch: int = GLOBAL_BATCH) -> MemoryEstimate:
+             global_batch: int = GLOBAL_BATCH, attention: str = "xla") -> MemoryEstimate:
     """Bytes per device for one full fine-tuning step of `config` on `mesh`."""
     per_device, layer_params = sharded_param_elements(config, mesh)
     batch_shards = mesh.data * mesh.fsdp
@@ -103,9 +118,9 @@ def estimate(config, mesh: Mesh, seq_len: int = 1024, micro_batch: int = 1,
     kv_local = q_local * config.num_key_value_heads // heads
     # one recomputed layer: activations and their gradients (x2), bf16
     layer_work = 2 * b * t * (2 * h + q_local + 2 * kv_local + q_local + 4 * inter_local) * bf16
-    attention = 3 * b * heads_local * t * t * f32  # scores, probabilities, their gradient
+    attn = attention_bytes(config, t, b, tp, attention)
     logits = 2 * b * t * vocab_local * f32
-    activations = saved_inputs + layer_work + attention + logits
+    activations = saved_inputs + layer_work + attn + logits
     gathered = 2 * layer_params * f32 / tp
     return MemoryEstimate(params, optimizer, gradients, activations, gathered, accumulation)
 
@@ -135,12 +150,38 @@ def memory_table(models=("llama2_7b", "llama2_13b")) -> str:
     return "\n".join(rows)
 
 
+def attention_table(models=("llama2_7b", "llama2_13b"), seqs=(1024, 2048),
+                    presets=("tpu_v4_32", "tpu_v5e_16")) -> str:
+    """Markdown: attention memory of one recomputed layer and GiB per device on two TPU
+    presets, XLA's plain attention against Pallas splash, one sequence per device."""
+    from lumos_jax.models import PRESETS
+
+    targets = {t.preset: t for t in tpu_presets()}
+    head = ["model", "seq", "attention", "one layer's attention MiB"] + [f"`{p}` GiB/device" for p in presets]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model in models:
+        for seq in seqs:
+            for impl in ("xla", "splash"):
+                cells = [model, str(seq), impl, f"{attention_bytes(PRESETS[model], seq, attention=impl) / 2**20:.1f}"]
+                for p in presets:
+                    t = targets[p]
+                    gib = estimate(PRESETS[model], t.mesh, seq_len=seq, attention=impl).total / GIB
+                    cells.append(f"{gib:.1f}{'' if gib <= 0.9 * t.hbm_gib else ' ✗'}")
+                rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.memory", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a lumos_jax.models preset; with --mesh prints the breakdown")
     parser.add_argument("--mesh", help="data,fsdp,tensor, e.g. 1,16,1")
     parser.add_argument("--seq_len", type=int, default=1024)
+    parser.add_argument("--attention", default="xla", choices=("xla", "splash", "cudnn"))
+    parser.add_argument("--attention_table", action="store_true", help="print docs/launch.md's attention table")
     args = parser.parse_args(argv)
+    if args.attention_table:
+        print(attention_table())
+        return 0
     if not args.model:
         print(memory_table())
         return 0
@@ -152,7 +193,7 @@ def main(argv=None) -> int:
         mesh = Mesh(*(int(x) for x in (args.mesh or "1,8,1").split(",")))
     except (TypeError, ValueError):
         parser.error(f"--mesh={args.mesh!r}: expected three integers data,fsdp,tensor")
-    est = estimate(PRESETS[args.model], mesh, seq_len=args.seq_len)
+    est = estimate(PRESETS[args.model], mesh, seq_len=args.seq_len, attention=args.attention)
     for field in ("params", "optimizer", "gradients", "activations", "gathered_weights", "total"):
         print(f"{field:>17}: {getattr(est, field) / GIB:7.2f} GiB")
     print(f"{'accumulation':>17}: {est.accumulation_steps} microbatches")

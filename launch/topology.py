@@ -166,6 +166,9 @@ def preset_gin_text(target: TpuSlice | GpuCluster) -> str:
         f"make_mesh.fsdp = {mesh.fsdp}",
         f"make_mesh.tensor = {mesh.tensor}",
     ]
+    if isinstance(target, TpuSlice):
+        lines += ["# Pallas splash attention block sizes for this generation (docs/launch.md).",
+                  f"splash_attention.generation = '{target.generation.name}'"]
     return "\n".join(lines) + "\n"
 
 

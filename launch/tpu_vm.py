@@ -139,6 +139,10 @@ class TpuLauncher:
         if self.args.entry == cli_args.DEFAULT_ENTRY:
             # TPU: JAX finds the coordinator and process ids itself (lumos_jax.training.distributed).
             train.append("--gin.initialize_distributed.auto=True")
+            if not any(a.startswith("--gin.model_config.attention_impl") for a in self.forwarded):
+                # Pallas splash attention (lumos_jax/models/attention_tpu.py); 'auto' picks it on
+                # TPU as well, this makes the choice visible in the command and the operative config.
+                train.append("--gin.model_config.attention_impl='splash'")
         self.shell.note(f"start on all {self.slice.hosts} worker(s) at once (attempt {self.attempt})")
         self.shell.run(self._ssh(f"cd {d} && bash launch/tpu_worker.sh start {logs} {shlex.join(train)}"))
 

@@ -27,6 +27,7 @@ GIN_DIR = REPO_ROOT / "gin"
 CONFIGURABLE_MODULES = [
     "lumos_jax.sharding",
     "lumos_jax.models.config",
+    "lumos_jax.models.attention_tpu",
     "lumos_jax.tokenization",
     "lumos_jax.generation",
 ]
@@ -70,6 +71,20 @@ class _QuietGinSearch(logging.Filter):
 
 
 
+def _without_gin_lookalikes(paths: Sequence[str]) -> list[str]:
+    """sys.path minus folders holding a plain `runs/`, `models/`, ... folder. gin also looks
+    for `include 'runs/x.gin'` inside a Python package `runs`; such a folder (our own `runs/`
+    outputs) is then a namespace package with no file and gin's lookup crashes (TypeError).
+    Configurables are imported before parsing, so nothing needs these entries meanwhile."""
+    names = [d.name for d in GIN_DIR.iterdir() if d.is_dir()]
+
+    def lookalike(entry: str) -> bool:
+        base = Path(entry or ".")
+        return any((base / n).is_dir() and not (base / n / "__init__.py").exists() for n in names)
+
+    return [p for p in paths if not lookalike(p)]
+
+
 def parse_gin(gin_files: Sequence[str] = (), bindings: Sequence[str] = ()) -> None:
     """Parse files then bindings; any problem becomes one ConfigError line."""
     import_configurables()
@@ -80,6 +95,8 @@ def parse_gin(gin_files: Sequence[str] = (), bindings: Sequence[str] = ()) -> No
     files = [resolve_gin_file(f) for f in gin_files]
     quiet = _QuietGinSearch()
     logging.getLogger().addFilter(quiet)  # only while gin searches; not on import
+    saved_path = sys.path[:]
+    sys.path[:] = _without_gin_lookalikes(sys.path)
     try:
         for f in files:
             try:
@@ -87,6 +104,7 @@ def parse_gin(gin_files: Sequence[str] = (), bindings: Sequence[str] = ()) -> No
             except Exception as e:  # gin raises several types; report them as one line
                 raise ConfigError(_gin_error(e, f)) from None
     finally:
+        sys.path[:] = saved_path
         logging.getLogger().removeFilter(quiet)
     for b in bindings:
         try:

@@ -72,3 +72,16 @@ def test_catalogue_experiment_gets_past_parsing(exp, tmp_path, monkeypatch, caps
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert ".gin:" not in err and ("not found" in err or "does not exist" in err), err
+
+
+def test_experiments_load_from_a_folder_holding_runs_and_models(tmp_path, monkeypatch):
+    """A folder with our own `runs/` outputs (and a `models/` folder) in it: includes such as
+    'runs/finetune.gin' still resolve to the shipped files, with the folder on sys.path."""
+    import sys
+
+    for d in ("runs/eval", "models", "mesh"):
+        (tmp_path / d).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "path", ["", *sys.path])
+    parse_gin(["experiments/lumos_maths_plan_iterative_7b.gin"])

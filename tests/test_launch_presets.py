@@ -53,3 +53,10 @@ def test_docs_table_is_current():
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "launch.md").read_text()
     assert memory_table() in doc, "docs/launch.md memory table is stale: python -m launch.memory"
+
+
+def test_docs_attention_table_is_current():
+    from launch.memory import attention_table
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "launch.md").read_text()
+    assert attention_table() in doc, "docs/launch.md attention table is stale: python -m launch.memory --attention_table"

@@ -210,3 +210,24 @@ def test_ready_slice_is_reused(tmp_path, monkeypatch):
     after = json.loads(state.read_text())
     assert code == 0 and after["creates"] == 1
     assert not [c for c in after["calls"] if c[3] == "create"]
+
+
+@pytest.mark.parametrize("golden", sorted(CASES))
+def test_dry_run_selects_the_pallas_kernel(golden):
+    """The command each worker runs, parsed the way the worker parses it, gives a model
+    config whose attention is Pallas splash, with the slice's generation for block sizes."""
+    import shlex
+
+    from lumos_jax.config import parse_gin, split_gin_args
+    from lumos_jax.models.attention_tpu import splash_block_sizes
+    from lumos_jax.models.config import model_config
+
+    out = dry_run_output(tpu_vm.main, CASES[golden])
+    start = next(line for line in out.splitlines() if "tpu_worker.sh start" in line)
+    command = shlex.split(shlex.split(start)[-1].split("=", 1)[1])
+    argv = command[command.index("train") + 1:]
+    rest, bindings = split_gin_args(argv)
+    parse_gin([a.split("=", 1)[1] for a in rest if a.startswith("--gin_file=")], bindings)
+    assert model_config().attention_impl == "splash"
+    gen = golden.split("_")[1]
+    assert splash_block_sizes(8192).block_kv == {"v4": 512, "v5e": 1024, "v5p": 1024, "v6e": 1024}[gen]

@@ -9,9 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import gin
+import jax
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+
+
+def resolve_attention_impl(impl: str) -> str:
+    """'auto' → 'splash' on TPU (Pallas), 'xla' elsewhere; other names as given."""
+    if impl != "auto":
+        return impl
+    return "splash" if jax.default_backend() == "tpu" else "xla"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +48,11 @@ class LlamaConfig:
     dtype: str = "float32"
     # "none", "full" (recompute each layer) or "dots" (save matmul outputs only).
     remat_policy: str = "none"
-    # "xla" (einsum + mask, any backend) or "cudnn" (cuDNN flash attention on NVIDIA
-    # GPUs, same segment/causal mask; bf16/fp16 only). Used without a KV cache (training,
-    # prefill-free scoring); decoding with a cache always takes the "xla" path.
-    attention_impl: str = "xla"
+    # "xla" (einsum + mask, any backend), "cudnn" (cuDNN flash attention on NVIDIA GPUs,
+    # same segment/causal mask; bf16/fp16 only), "splash" (Pallas splash attention on TPU;
+    # interpret mode elsewhere, for tests) or "auto" (splash on TPU, xla otherwise). Used
+    # without a KV cache (training, prefill-free scoring); decoding has its own path.
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -59,10 +69,10 @@ class LlamaConfig:
         if self.remat_policy not in ("none", "full", "dots"):
             raise ValueError(f"LlamaConfig.remat_policy={self.remat_policy!r}; "
                              "expected 'none', 'full' or 'dots'")
-        if self.attention_impl not in ("xla", "cudnn"):
+        if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"LlamaConfig.attention_impl={self.attention_impl!r}; "
-                             "expected 'xla' or 'cudnn'")
-        if self.attention_impl != "xla" and self.dtype == "float32":
+                             f"expected one of {ATTENTION_IMPLS}")
+        if self.attention_impl == "cudnn" and self.dtype == "float32":
             raise ValueError(f"LlamaConfig.attention_impl={self.attention_impl!r} needs "
                              "dtype 'bfloat16' or 'float16' (cuDNN flash attention has no fp32)")
 

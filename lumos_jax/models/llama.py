@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lumos_jax.models.config import LlamaConfig
+from lumos_jax.models.attention_tpu import splash_attention
+from lumos_jax.models.config import LlamaConfig, resolve_attention_impl
 from lumos_jax.sharding import constrain
 
 _NEG_INF = -1e30
@@ -146,8 +147,12 @@ class LlamaAttention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
         q = constrain(apply_rope(q, positions, inv_freq), ("batch", "length", "q_heads", "head_dim"))
         k = constrain(apply_rope(k, positions, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
-        if layer_cache is None and c.attention_impl != "xla":
-            out = fused_attention(q, k, v, segment_ids, positions, c)
+        impl = resolve_attention_impl(c.attention_impl)
+        if layer_cache is None and impl != "xla":
+            if impl == "cudnn":
+                out = fused_attention(q, k, v, segment_ids, positions, c)
+            else:
+                out = splash_attention(q, k, v, segment_ids)
             return self.o_proj(out.reshape(b, t, c.num_attention_heads * c.head_dim)), None
         if layer_cache is None:
             mask = attention_mask(segment_ids, positions, segment_ids, positions)
