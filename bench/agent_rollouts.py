@@ -35,7 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench.sides import emit, run_side, write_json  # noqa: E402
+from bench.sides import CompileClock, emit, run_side, write_json  # noqa: E402
 
 SIDES = ("ours", "reference", "hf_compiled")
 
@@ -131,6 +131,7 @@ def run_ours(args) -> None:
     from lumos_jax.inference import Engine
     from lumos_jax.tokenization import Tokenizer
 
+    clock = CompileClock()
     dev = jax.devices()[0]
     peak = lambda: (dev.memory_stats() or {}).get("peak_bytes_in_use")  # noqa: E731
     tok = Tokenizer(args.tokenizer)
@@ -143,7 +144,7 @@ def run_ours(args) -> None:
                             steps_per_call=args.steps_per_call, max_prefill_tokens=args.max_prefill_tokens,
                             kv_memory_gb=args.kv_memory_gb)
     emit(side="ours", event="setup", device=str(dev.device_kind), seconds=round(time.perf_counter() - t0, 1),
-         blocks=engines["plan"].num_blocks, peak_bytes=peak())
+         blocks=engines["plan"].num_blocks, peak_bytes=peak(), **clock.read())
     registry = build_registry("maths")
     plan = plan_for(args)
     tasks, gold = gold_episodes(args.gsm8k, max(n for _, n in plan) + args.warmup)
@@ -165,11 +166,15 @@ def run_ours(args) -> None:
 
     if args.warmup:
         w = rollout(min(args.warmup, plan[0][0]), tasks[-args.warmup:])
-        emit(side="ours", event="warmup", seconds=round(w["seconds"], 1), episodes=w["episodes"])
+        emit(side="ours", event="warmup", seconds=round(w["seconds"], 1), episodes=w["episodes"], **clock.read())
     for c, n in plan:
+        before = clock.read()
         r = rollout(c, tasks[:n])
-        emit(side="ours", **row(c, r, peak()), extra={k: r[k] for k in ("failed", "saved", "evictions",
-                                                                          "preemptions", "mismatches")})
+        after = clock.read()
+        extra = {k: r[k] for k in ("failed", "saved", "evictions", "preemptions", "mismatches")}
+        extra.update(compiles=after["compiles"] - before["compiles"],
+                     compile_s=round(after["compile_s"] - before["compile_s"], 1))
+        emit(side="ours", **row(c, r, peak()), extra=extra)
 
 
 def row(c: int, r: dict, peak_bytes) -> dict:

@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from bench.agent_rollouts import DEFAULT_GSM8K, DEFAULT_TOKENIZER  # noqa: E402
-from bench.sides import emit, run_side, write_json  # noqa: E402
+from bench.sides import CompileClock, emit, run_side, write_json  # noqa: E402
 
 GIN = "experiments/eval/lumos_maths_iterative_7b_gsm8k.gin"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
@@ -78,10 +78,11 @@ def run_eval(args) -> None:
 
     from lumos_jax.cli import main as cli
 
+    clock = CompileClock()
     work = Path(args.workdir)
     os.environ["LUMOS_EVAL_DATA"] = str(Path(args.gsm8k).parent)
     out = work / "eval_out"
-    argv = ["eval", f"--gin_file={GIN}", "--quiet", "--overwrite", f"--output_dir={out}",
+    argv = ["eval", f"--gin_file={GIN}", "--overwrite", f"--output_dir={out}",
             f"--gin.lumos_agent.planner_path='{work / 'lumos_maths_plan_iterative'}'",
             f"--gin.lumos_agent.grounder_path='{work / 'lumos_maths_ground_iterative'}'",
             f"--gin.eval_experiment.limit={args.limit}", f"--gin.eval_experiment.concurrency={args.concurrency}",
@@ -96,7 +97,7 @@ def run_eval(args) -> None:
     emit(event="eval", rc=rc, device=str(dev.device_kind), episodes=summary["n"], seconds=round(seconds, 1),
          eval_loop_seconds=summary["timing"]["this_run_seconds"],
          peak_gb=round(peak / 2**30, 2) if peak else None, error_kinds=summary["error_kinds"],
-         score=summary["score"], command="lumos-jax " + " ".join(argv))
+         score=summary["score"], command="lumos-jax " + " ".join(argv), **clock.read())
 
 
 def drive(args, argv) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -34,17 +34,40 @@ def run_side(cmd: list[str], cwd: Path, timeout: float, on_result: Callable[[dic
     print(f"== {' '.join(cmd[1:])}", flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
                             env={**os.environ, "PYTHONPATH": str(cwd)})
-    start, tail = time.time(), []
+    tail: list[str] = []
+    watchdog = threading.Timer(timeout, proc.kill)  # fires even while the side prints nothing
+    watchdog.start()
     try:
         for line in proc.stdout:
             print(line, end="", flush=True)
             tail = (tail + [line.rstrip()])[-15:]
             if line.startswith(RESULT):
                 on_result(json.loads(line[len(RESULT):]))
-            if time.time() - start > timeout:
-                raise subprocess.TimeoutExpired(cmd, timeout)
-        rc = proc.wait(timeout=max(1, timeout - (time.time() - start)))
-        return {"rc": rc, "tail": tail} if rc else None
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        rc = proc.wait()
+    finally:
+        fired = not watchdog.is_alive() and proc.returncode is not None and proc.returncode < 0
+        watchdog.cancel()
+    if fired:
         return {"error": f"timed out after {timeout}s", "tail": tail}
+    return {"rc": rc, "tail": tail} if rc else None
+
+
+class CompileClock:
+    """Counts XLA compilations and their seconds in this process (JAX's monitoring events),
+    so a figure can say how much of its time was first-call compilation."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        import jax
+
+        self.count, self.seconds = 0, 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **_) -> None:
+        if event == self.EVENT:
+            self.count += 1
+            self.seconds += duration
+
+    def read(self) -> dict:
+        return {"compiles": self.count, "compile_s": round(self.seconds, 1)}

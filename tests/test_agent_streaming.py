@@ -222,3 +222,34 @@ def test_engine_sessions_beyond_its_slots_are_evicted_and_recomputed_not_failed(
     assert sum(g.backend.evicted_sessions for g in gens.values()) > 0
     alone, _ = run(2, 1)
     assert outputs(small) == outputs(alone)
+
+
+def test_gold_forcing_generates_each_gold_turns_token_count_and_continues_with_the_gold_text():
+    """The benchmark generator: a real backend generates exactly count(gold) tokens with no
+    stop ids, and the episode goes on with the annotation's text (same answers as replay)."""
+    from lumos_jax.agent.replay import GoldForcing
+    from lumos_jax.tokenization import Tokenizer
+
+    calls = []
+
+    class Recording:
+        def generate_tokens(self, batch, max_new_tokens, stop_ids):
+            calls.append((len(batch), max_new_tokens, list(stop_ids)))
+            return [([7] * max_new_tokens, len(ids)) for _, ids in batch]
+
+        def release(self, session):
+            pass
+
+    tok = Tokenizer(FIXTURES / "stories260k")
+    scripted = _scripted()
+    count = lambda text: 3 + len(text) % 5  # noqa: E731 - any deterministic count will do
+    gens = {m: GoldForcing(ChatModelGenerator(Recording(), tok, style="reference"), scripted, count)
+            for m in ("plan", "ground")}
+    reg = build_registry("maths")
+    res = EpisodeRunner(gens, lambda i: (Executor(reg), None), EpisodeConfig(domain="maths", style="reference"),
+                        max_concurrent=6).run(TASKS)
+    assert [r.answer for r in res] == ["6", "11", "1000", "110", "990", "45"] and scripted.mismatches == []
+    turns = [e for r in res for e in r.trace.events if e["event"] == "generate"]
+    assert all(stops == [] for _, _, stops in calls)
+    assert sorted(n for b, n, _ in calls for _ in range(b)) == sorted(count(e["raw_output"]) for e in turns)
+    assert sum(g.forced_tokens for g in gens.values()) == sum(count(e["raw_output"]) for e in turns)
