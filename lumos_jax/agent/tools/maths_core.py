@@ -344,7 +344,10 @@ def run_tool(tool: str, args: str, variables: dict, protocol: str = "robust"):
         raise BadArguments(f"unknown maths tool {tool!r}")
     if not isinstance(args, str) or not all(isinstance(v, str) for v in variables.values()):
         raise BadArguments("maths tools take text arguments and text variable values")
-    return TOOLS[tool](args, _Ctx(dict(variables), protocol))
+    value = TOOLS[tool](args, _Ctx(dict(variables), protocol))
+    for v in value if isinstance(value, list) else [value]:
+        _bounded(v, "the result")
+    return value
 
 
 def warm_up() -> None:
