@@ -6,6 +6,7 @@ agent's (voided samples, QA format, final-QA rule, step cap)."""
 
 import json
 
+import gin
 import pytest
 
 from conftest import DATA
@@ -20,6 +21,14 @@ from test_eval_lumos import ExtractiveQA, TemplateQAGenerator, gold_plans  # noq
 from test_eval_mind2web import GoldWebModel
 
 EVAL = DATA / "eval"
+
+
+@pytest.fixture(autouse=True)
+def _no_gin_bindings():
+    """Earlier tests may leave gin bindings (agent_tools.doc_store, ...) behind."""
+    gin.clear_config()
+    yield
+    gin.clear_config()
 
 
 def _records(folder):

@@ -9,6 +9,7 @@ the protocol, not about WolframAlpha's arithmetic (that is tests/test_agent_math
 
 import json
 
+import gin
 import pytest
 
 from conftest import DATA
@@ -25,6 +26,14 @@ from lumos_jax.evaluation.mind2web_agent import Mind2WebStepAgent
 from lumos_jax.evaluation.runner import evaluate
 from lumos_jax.evaluation.scoring import get_scorer, rescore
 from lumos_jax.tokenization import reference_prompt_text
+
+@pytest.fixture(autouse=True)
+def _no_gin_bindings():
+    """Earlier tests may leave gin bindings (agent_tools.doc_store, ...) behind."""
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
 
 # gsm:89-93 and hotpotqa:219-223, as the reference writes them.
 PLAN_PREFIX = "Please provide a reasonable subgoal-based plan to solve the given task.\n"
