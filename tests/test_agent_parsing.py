@@ -52,6 +52,14 @@ def _random_output(rng: random.Random) -> str:
     return good[:i] + rng.choice(pieces) + good[i + rng.randint(0, 5):]
 
 
+def test_reference_split_breaks_semicolons_inside_brackets():
+    """gsm:163 / hotpotqa:296 split on every "; " (`actions[j].strip().split('; ')`); robust keeps
+    a bracketed "; " inside its action."""
+    text = "R1 = QA([R2], Question: a; b); R3 = Calculator(1 + 2)"
+    assert [a.raw for a in parse_actions(text, plain_split=True)] == text.split("; ")
+    assert [a.raw for a in parse_actions(text)] == ["R1 = QA([R2], Question: a; b)", "R3 = Calculator(1 + 2)"]
+
+
 def test_fuzz_10000_malformed_grounding_outputs_never_raise():
     rng = random.Random(1234)
     registry = build_registry("complex_qa")  # no store / QA backend: those calls are error observations
