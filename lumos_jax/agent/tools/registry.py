@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 import gin
 
 from lumos_jax.agent.tools.base import Tool, ToolRegistry
@@ -36,7 +34,7 @@ def build_registry(domain: str, doc_store: str | None = None, knowledge_top_k: i
     code = Code(code_cpu_seconds, code_wall_seconds, code_memory_mb)
     tools: list[Tool]
     if domain == "maths":
-        tools = _maths_tools(protocol) + [code]
+        tools = maths_tools(protocol=protocol) + [code]
     elif domain == "complex_qa":
         if ranker not in ("bm25", "dense"):
             raise ValueError(f"agent_tools.ranker={ranker!r}: expected 'bm25' or 'dense'")
@@ -57,13 +55,6 @@ def build_registry(domain: str, doc_store: str | None = None, knowledge_top_k: i
     else:
         raise ValueError(f"agent_tools: unknown domain {domain!r}")
     return ToolRegistry(tools + list(extra_tools or []), default_timeout_s=timeout_s)
-
-
-def _maths_tools(protocol: str) -> list[Tool]:
-    """maths_tools(protocol=...) where the maths module takes it (WolframAlpha-form outputs)."""
-    if "protocol" in inspect.signature(maths_tools).parameters:
-        return maths_tools(protocol=protocol)
-    return maths_tools()
 
 
 def _web_search(wiki: WikipediaClient, retrieve: ParagraphRetrieve):
