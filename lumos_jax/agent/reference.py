@@ -25,7 +25,7 @@ import re
 import time
 from typing import Any
 
-from lumos_jax.agent.execution import ActionRecord, Executor, _clip
+from lumos_jax.agent.execution import ActionRecord, Executor, _clip, call_with_timeout
 from lumos_jax.agent.parsing import Action
 from lumos_jax.agent.tools.base import ToolContext, ToolError, value_text
 
@@ -124,7 +124,8 @@ class ReferenceExecutor:
         try:
             if kw:
                 tool = self.executor.registry.get(a.tool)
-                return tool.reference_call(a.args, ctx, **kw) if a.tool == "QA" else tool(a.args, ctx, **kw), None
+                fn = tool.reference_call if a.tool == "QA" else tool
+                return call_with_timeout(lambda: fn(a.args, ctx, **kw), self.executor.registry.timeout_for(a.tool)), None
             return self.executor.call(a, ctx), None
         except ToolError as e:
             rec.error_kind = e.kind
