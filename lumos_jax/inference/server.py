@@ -22,7 +22,6 @@ import json
 import os
 import queue
 import socket
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,8 +32,8 @@ from lumos_jax.inference.http_body import BodyError, read_body
 from lumos_jax.inference.openai_api import (RequestError, chunk, completion_text, cut_at_stop,
                                             decode_json, error_body, new_id, parse_request,
                                             response)
+from lumos_jax.inference.serve_worker import EngineWorker, _Job
 
-_POLL_S = 0.05
 _LINGER_S, _LINGER_BYTES = 1.0, 8 << 20  # draining a refused request's unread body
 
 
@@ -45,100 +44,6 @@ class Limits:
     request_timeout_s: float = 30.0     # to send a whole request (headers + body), idle included
     io_timeout_s: float = 60.0          # one socket read/write with no progress (slow readers)
     max_connections: int = 256          # open connections; more get 503 at once
-
-
-class _Job:
-    def __init__(self, ids, parsed):
-        self.ids, self.parsed = ids, parsed
-        self.events: queue.Queue = queue.Queue()
-        self.cancelled = False
-
-
-class EngineWorker(threading.Thread):
-    """The only thread that touches the engine: admits jobs, steps, reports progress.
-
-    A failure is confined to the requests it can be pinned on: a job the engine refuses
-    gets its own error; a failing `step()` (no request to blame) fails the requests in
-    flight, which are cancelled, and the worker keeps serving. Only when the engine cannot
-    even be cleared does the worker stop, with `fatal` set (then /health says 503)."""
-
-    def __init__(self, engine):
-        super().__init__(daemon=True, name="engine-worker")
-        self.engine = engine
-        self.inbox: queue.Queue = queue.Queue()
-        self._stop_event = threading.Event()
-        self._live: set[_Job] = set()
-        self.fatal: str | None = None
-        self.step_failures = 0
-
-    @property
-    def healthy(self) -> bool:
-        return self.is_alive() and self.fatal is None
-
-    def submit(self, job: _Job) -> None:
-        self.inbox.put(job)
-
-    def cancel(self, job: _Job) -> None:
-        """Free the request's slot (the client went away); done on the engine thread."""
-        job.cancelled = True
-        self.inbox.put(job)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-
-    def run(self) -> None:
-        try:
-            while not self._stop_event.is_set():
-                self._admit()
-                if self.engine.busy:
-                    self._step()
-        except Exception as e:  # the engine could not be cleared: nothing can be served
-            self.fatal = f"{type(e).__name__}: {e}"
-            print(f"lumos-jax serve: engine thread stopped ({self.fatal})", file=sys.stderr, flush=True)
-        for job in list(self._live):
-            job.events.put(("error", (503, "the engine thread stopped")))
-
-    def _admit(self) -> None:
-        try:
-            job = self.inbox.get(timeout=_POLL_S) if not self.engine.busy else self.inbox.get_nowait()
-        except queue.Empty:
-            return
-        while job is not None:
-            try:
-                if job.cancelled:
-                    self._live.discard(job)
-                    self.engine.cancel(job)
-                else:
-                    self.engine.submit(job.ids, job.parsed.sampling, request_id=job)
-                    self._live.add(job)
-            except ValueError as e:
-                job.events.put(("error", (400, str(e))))
-            except Exception as e:  # noqa: BLE001 - this request only
-                job.events.put(("error", (500, f"the engine refused the request ({type(e).__name__}: {e})")))
-            try:
-                job = self.inbox.get_nowait()
-            except queue.Empty:
-                job = None
-
-    def _step(self) -> None:
-        try:
-            finished = self.engine.step()
-        except Exception as e:  # noqa: BLE001 - fail what is in flight, keep serving
-            self.step_failures += 1
-            message = f"engine failure: {type(e).__name__}: {e}"
-            print(f"lumos-jax serve: {message}", file=sys.stderr, flush=True)
-            for job in list(self._live):
-                job.events.put(("error", (500, message)))
-                self.engine.cancel(job)  # raises when the engine is beyond repair -> fatal
-            self._live.clear()
-            if self.engine.busy:
-                raise RuntimeError(f"engine still busy after cancelling every request ({message})")
-            return
-        for job, tokens in self.engine.progress().items():
-            job.events.put(("tokens", tokens))
-        for r in finished:
-            self._live.discard(r.request_id)
-            r.request_id.events.put(("done", r))
 
 
 class OpenAIServer(ThreadingHTTPServer):
