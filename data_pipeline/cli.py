@@ -179,6 +179,10 @@ def _inspect(argv: list[str]) -> int:
     full = [len(it.tokenizer.encode(concat_messages(source[i]["messages"], it.tokenizer.eos_token).strip(),
                                     add_bos=True)) for source in it.sources for i in range(len(source))]
     rows = it.num_batches * it.batch_size
+    if not rows:
+        raise ValueError(f"inspect: {len(lengths)} examples fill no batch of {it.batch_size} rows of {it.seq_len} "
+                         "tokens (an example whose trained tokens lie past seq_len is dropped): raise --seq_len "
+                         "or lower --batch_size")
     slots = sum(n - 1 for n in lengths)
     stats = {"sources": [s.name for s in it.sources], "examples": len(lengths), "tokens": sum(lengths),
              "mean_tokens": round(sum(lengths) / len(lengths), 1), "max_tokens_before_truncation": max(full),

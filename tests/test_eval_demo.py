@@ -15,7 +15,9 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert "| demo_tiny_lumos_i | gsm8k | exact match (%) |" in out and "| 47.1 | 2 |" in out
     for module in ("plan", "ground"):
         assert (tmp_path / module / "checkpoints" / "2").is_dir()           # orbax, from the trainer
-        assert (tmp_path / f"{module}_model" / "config.json").exists()       # the model the agent loads
+        model = tmp_path / module / "model"                                  # the model the agent loads:
+        assert (model / "config.json").exists() and (model / "tokenizer.model").exists()  # with its tokenizer
+        assert not (tmp_path / f"{module}_model").exists()                   # saved once
     lines = (tmp_path / "data" / "gsm8k_ground_iterative.jsonl").read_text().splitlines()
     assert len(lines) == 8 and json.loads(lines[0])["messages"][1]["content"] == "R1 = Calculator(48/2)"
     records = [json.loads(x) for x in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
