@@ -5,7 +5,9 @@ with one line when none is left); a diverging run stops non-zero without saving 
 import hashlib
 import json
 import shutil
+import time
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -126,5 +128,25 @@ def test_divergence_stops_nonzero_and_keeps_the_last_good_checkpoint(trained, tm
     try:
         for step in saved:
             ck.verify(step)
+    finally:
+        ck.close()
+
+
+def test_a_finished_save_is_sealed_without_waiting_for_the_next(tmp_path):
+    """Sealing happens while training goes on (each step's save call), not only at the next
+    save or at exit, so a SIGKILLed run leaves its last finished step verifiable."""
+    ck = Checkpointer(tmp_path / "ckpts", save_every=1000)
+    try:
+        assert ck.save(1000, {"w": jnp.arange(4.0)}, {"epoch": 0})
+        manifest = tmp_path / "ckpts" / "1000" / DIGEST_FILE
+        step = 1001
+        deadline = time.monotonic() + 60
+        while not manifest.exists() and time.monotonic() < deadline:
+            assert not ck.save(step, {"w": jnp.arange(4.0)}, {"epoch": 0})  # not due: no save
+            step += 1
+            time.sleep(0.01)
+        assert manifest.exists()
+        ck._sealer.join()
+        ck.verify(1000)
     finally:
         ck.close()

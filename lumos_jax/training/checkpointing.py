@@ -45,6 +45,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data"), item_handlers=handlers)
         self._unsealed: list[int] = []
+        self._sealer: threading.Thread | None = None
         self._lead = jax.process_index() == 0
 
     def latest_step(self) -> int | None:
@@ -55,6 +56,9 @@ class Checkpointer:
         return self.manager.should_save(step)
 
     def save(self, step: int, state: dict, data_state: dict | None, force: bool = False) -> bool:
+        """Called every step: seals a finished save in the background as soon as orbax has
+        committed it (so a killed run loses at most the save in flight), then saves if due."""
+        self._seal_in_background()
         if not (force or self.due(step)):
             return False
         self.wait()  # orbax waits for the previous save anyway; seal it first
@@ -66,19 +70,37 @@ class Checkpointer:
         return saved
 
     # -- integrity --------------------------------------------------------------------
+    def _seal_in_background(self) -> None:
+        """Hash committed steps off the training thread (a 7B state is tens of GB)."""
+        if not self._unsealed or (self._sealer is not None and self._sealer.is_alive()):
+            return
+        if self.manager.is_saving_in_progress():
+            return
+        steps, self._unsealed = self._unsealed, []
+        self._sealer = threading.Thread(target=self._seal_steps, args=(steps,), daemon=True,
+                                        name="checkpoint-sealer")
+        self._sealer.start()
+
     def _seal(self) -> None:
         """Write the digest of every finished, unsealed step (after orbax committed it)."""
+        if self._sealer is not None:
+            self._sealer.join()
+            self._sealer = None
         steps, self._unsealed = self._unsealed, []
+        self._seal_steps(steps)
+
+    def _seal_steps(self, steps) -> None:
         if not self._lead:
             return
         for step in steps:
             step_dir = self.directory / str(step)
-            if not step_dir.exists():  # already rotated away (max_to_keep)
+            try:
+                digest = json.dumps({"step": step, "files": _digest(step_dir)}, indent=1, sort_keys=True)
+                tmp = step_dir / (DIGEST_FILE + ".tmp")
+                tmp.write_text(digest)
+                tmp.rename(step_dir / DIGEST_FILE)
+            except FileNotFoundError:  # rotated away meanwhile (max_to_keep)
                 continue
-            digest = json.dumps({"step": step, "files": _digest(step_dir)}, indent=1, sort_keys=True)
-            tmp = step_dir / (DIGEST_FILE + ".tmp")
-            tmp.write_text(digest)
-            tmp.rename(step_dir / DIGEST_FILE)
 
     def verify(self, step: int, legacy_ok: bool = False) -> None:
         """DamagedCheckpoint naming the first file that differs from the step's digest."""
