@@ -67,13 +67,22 @@ class _Slot:
     last_used: int = 0               # idle slots are evicted least recently used first
 
 
-# Decode attention reads a power-of-two window of positions (at least this many) covering
-# every active row's length plus the steps of one call, i.e. that many blocks per row.
+# Attention reads a window of positions (at least this many) covering every row of a call:
+# its length plus the steps of one decode call. The window is rounded up to a quarter
+# octave (2^k x 1, 1.25, 1.5, 1.75): few compiled shapes, at most 25% read for nothing.
 WINDOW_MIN = 256
 
 
 def attention_window(longest: int, steps: int, max_len: int) -> int:
-    return min(max_len, max(WINDOW_MIN, pow2_at_least(longest + steps)))
+    return min(max_len, max(WINDOW_MIN, quarter_octave(longest + steps)))
+
+
+def quarter_octave(n: int) -> int:
+    """The smallest 2^k x (4 + j) / 4 (j = 0..3) that is >= n."""
+    if n <= 4:
+        return pow2_at_least(n)
+    step = pow2_at_least(n) // 8
+    return -(-n // step) * step
 
 
 def length_bucket(n: int, max_len: int, minimum: int = 16) -> int:
@@ -407,8 +416,9 @@ class Engine:
         return min(pow2_at_least(n), pow2_at_least(self.num_slots))
 
     def _table_width(self, tokens: int) -> int:
-        """Blocks per row a call reads: a power of two covering `tokens` (max_blocks cap)."""
-        return min(self.memory.max_blocks, pow2_at_least(-(-tokens // self.block_size)))
+        """Blocks per row a call reads: covering a window of `tokens` positions."""
+        window = attention_window(tokens, 0, self.max_len)
+        return min(self.memory.max_blocks, -(-window // self.block_size))
 
     def _decode_need(self, s: _Slot) -> int:
         """Positions a generating slot may fill in one decode call."""
@@ -485,7 +495,7 @@ class Engine:
             return False
         b = self._row_count(len(runnable))
         longest = max(self._slots[i].cache_len for i in runnable)
-        width = self._table_width(attention_window(longest, self.steps_per_call, self.max_len))
+        width = self._table_width(longest + self.steps_per_call)
         last, lengths, generated = (np.zeros(b, np.int32) for _ in range(3))
         capacity = np.zeros(b, np.int32)
         active = np.zeros(b, bool)
