@@ -13,7 +13,7 @@ import re
 import sympy
 
 from lumos_jax.agent.tools.base import BadArguments, ToolError, UndefinedVariable, VARIABLE_RE
-from lumos_jax.agent.tools.maths_parse import clean, parse_math, parse_system
+from lumos_jax.agent.tools.maths_parse import parse_math, parse_system
 
 MAX_VALUE = 5_000  # characters of a result or a Define/SetEquation value
 PROTOCOLS = ("robust", "reference")
@@ -363,4 +363,3 @@ def warm_up() -> None:
                 run_tool(tool, args, variables, protocol)
             except ToolError:
                 pass
-    clean("")
