@@ -134,6 +134,11 @@ def test_shared_prefixes_are_computed_once_and_equal_hf(models):
     for p, r in zip(prompts, results):
         assert r.tokens == hf_greedy(hf, p, 5)
     assert engine.stats["preemptions"] == engine.stats["evictions"] == 0
+    # started together: the first computes the common blocks, the others wait a round for them
+    together = Engine(ours, **SMALL)
+    assert [r.tokens for r in together.generate(prompts[:3], params)] == [r.tokens for r in results[:3]]
+    assert together.stats["prefix_saved_tokens"] == 2 * 20
+    assert together.stats["preemptions"] == 0
     assert engine.stats["prefix_saved_tokens"] == 3 * 20          # 5 full blocks of the prefix
     # reference style: the whole conversation re-tokenized and started afresh each turn
     slot = engine.start(prompts[0], params)

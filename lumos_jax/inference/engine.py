@@ -427,15 +427,22 @@ class Engine:
 
     def _reserve(self) -> list[int]:
         """Blocks for this round, oldest slot first: decode room for generating slots, all
-        blocks (after prefix reuse) or none for slots to prefill. Returns those to prefill."""
-        ready = []
+        blocks (after prefix reuse) or none for slots to prefill. A slot whose next block an
+        older slot computes in this round waits one round and takes it from the prefix
+        table (sessions started together share their common prompt). Returns those to
+        prefill."""
+        ready, upcoming = [], set()
         for i, s in sorted(self._slots.items(), key=lambda kv: kv[1].order):
             if s.state == "generating":
                 self._grow(s, self._decode_need(s))
             elif s.state == "prefill":
                 self.stats["prefix_saved_tokens"] += self.memory.match(s)
+                todo = [self.memory.key(s, j) for j in self.memory.shareable(s)]
+                if todo and todo[0] in upcoming:
+                    continue
                 if self._grow(s, len(s.history)):
                     ready.append(i)
+                    upcoming.update(todo)
                 else:
                     self.memory.trim(s)
         return ready

@@ -99,7 +99,7 @@ class PagedMemory:
         if row.cache_len % bs or len(row.blocks) != row.cache_len // bs:
             return 0
         j, saved = row.cache_len // bs, 0
-        while j < (len(row.history) - 1) // bs:
+        while j in self.shareable(row):
             block = self.pool.lookup(self.key(row, j))
             if block is None:
                 break
@@ -110,6 +110,14 @@ class PagedMemory:
             j += 1
         row.registered = max(row.registered, j)
         return saved
+
+    def shareable(self, row) -> range:
+        """Indices of the full blocks a prefill of the row computes that `match` could take
+        from the table (every full block before the last token)."""
+        bs = self.block_size
+        if row.cache_len % bs:
+            return range(0)
+        return range(row.cache_len // bs, (len(row.history) - 1) // bs)
 
     def grow(self, row, tokens: int, evict: Callable[[], bool]) -> bool:
         """Give the row blocks for `tokens` positions; `evict()` frees memory elsewhere and
