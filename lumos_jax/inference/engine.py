@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import jax
@@ -26,9 +26,11 @@ from jax.sharding import Mesh, NamedSharding
 
 from lumos_jax.inference.forward import DECODE_ATTENTION, PagedCache
 from lumos_jax.inference.paged import PagedMemory, pool_blocks
+from lumos_jax.inference.paged_slots import (Slot, attention_window, length_bucket, pow2_at_least,
+                                             row_controls)
 from lumos_jax.inference.params import decode_params
-from lumos_jax.inference.sampling import SamplingParams, row_keys
-from lumos_jax.inference.steps import RowControls, decode_loop, prefill_step
+from lumos_jax.inference.sampling import SamplingParams
+from lumos_jax.inference.steps import decode_loop, prefill_step
 from lumos_jax.inference.stops import find_stop_string
 from lumos_jax.sharding import logical_to_spec
 
@@ -46,52 +48,6 @@ class TurnResult:
     stop: int | str | None = None
     prompt_tokens: int = 0
     text: str | None = None
-
-
-@dataclass
-class _Slot:
-    params: SamplingParams
-    request_id: Any
-    auto_release: bool
-    history: list[int] = field(default_factory=list)   # every token of the sequence
-    cache_len: int = 0               # leading history tokens whose K/V are in `blocks`
-    blocks: list[int] = field(default_factory=list)    # block table
-    keys: list[bytes] = field(default_factory=list)    # prefix keys of history's full blocks
-    registered: int = 0              # leading full blocks offered to the prefix table
-    generated: list[int] = field(default_factory=list)
-    turn_prompt: int = 0             # tokens the caller supplied for this turn
-    new_turn: bool = True            # the turn's first prefill has not run yet
-    prefilled: int = 0
-    state: str = "prefill"           # prefill | generating | idle
-    order: int = 0                   # admission order: older slots get memory first
-    last_used: int = 0               # idle slots are evicted least recently used first
-
-
-# Attention reads a window of positions (at least this many) covering every row of a call:
-# its length plus the steps of one decode call. The window is rounded up to a quarter
-# octave (2^k x 1, 1.25, 1.5, 1.75): few compiled shapes, at most 25% read for nothing.
-WINDOW_MIN = 256
-
-
-def attention_window(longest: int, steps: int, max_len: int) -> int:
-    return min(max_len, max(WINDOW_MIN, quarter_octave(longest + steps)))
-
-
-def quarter_octave(n: int) -> int:
-    """The smallest 2^k x (4 + j) / 4 (j = 0..3) that is >= n."""
-    if n <= 4:
-        return pow2_at_least(n)
-    step = pow2_at_least(n) // 8
-    return -(-n // step) * step
-
-
-def length_bucket(n: int, max_len: int, minimum: int = 16) -> int:
-    """Power-of-two buckets (capped at max_len) so prefill compiles for few lengths."""
-    return min(max_len, max(minimum, pow2_at_least(n)))
-
-
-def pow2_at_least(n: int) -> int:
-    return 1 << (max(n, 1) - 1).bit_length()
 
 
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
@@ -150,7 +106,7 @@ class Engine:
                 mesh, logical_to_spec(PagedCache.logical_axes(), shape, mesh, rules))
         self.cache = PagedCache.init(spec, blocks, block_size, jnp.dtype(self.cache_dtype),
                                      self.cache_sharding)
-        self._slots: dict[int, _Slot] = {}
+        self._slots: dict[int, Slot] = {}
         self._queue: deque = deque()
         self._ids = itertools.count()
         self._clock = itertools.count(1)
@@ -306,7 +262,7 @@ class Engine:
         return out  # type: ignore[return-value]
 
     # -- validation -------------------------------------------------------------------------
-    def _slot(self, slot: int) -> _Slot:
+    def _slot(self, slot: int) -> Slot:
         if slot not in self._slots:
             raise ValueError(f"slot {slot} is not in use (released or never started)")
         return self._slots[slot]
@@ -342,7 +298,7 @@ class Engine:
         if not free:
             raise NoFreeSlotError(f"all {self.num_slots} slots are in use; release one first")
         slot = free[0]
-        self._slots[slot] = _Slot(sampling, request_id, auto_release, history=list(ids),
+        self._slots[slot] = Slot(sampling, request_id, auto_release, history=list(ids),
                                   turn_prompt=len(ids), order=next(self._clock))
         self.stats["prompt_tokens"] += len(ids)
         return slot
@@ -351,7 +307,7 @@ class Engine:
     def _free(self, slot: int) -> None:
         self.memory.drop(self._slots.pop(slot))
 
-    def _evict_idle(self, keep: _Slot) -> bool:
+    def _evict_idle(self, keep: Slot) -> bool:
         """Free the blocks of the least recently used idle slot (its tokens stay on the
         host and are recomputed, or found in the prefix table, on its next turn)."""
         idle = [s for s in self._slots.values() if s.state == "idle" and s.blocks and s is not keep]
@@ -362,7 +318,7 @@ class Engine:
         self.stats["evictions"] += 1
         return True
 
-    def _grow(self, s: _Slot, tokens: int) -> bool:
+    def _grow(self, s: Slot, tokens: int) -> bool:
         return self.memory.grow(s, tokens, lambda: self._evict_idle(s))
 
     def _preempt(self, finished: list[TurnResult]) -> None:
@@ -395,23 +351,6 @@ class Engine:
         return self._stats
 
     # -- device calls -----------------------------------------------------------------------
-    def _controls(self, rows: Sequence[_Slot | None]) -> RowControls:
-        n_stop = pow2_at_least(max([len(s.params.stop_ids) for s in rows if s] + [4]))
-        stop = np.full((len(rows), n_stop), -1, np.int32)
-        temp = np.zeros(len(rows), np.float32)
-        top_k = np.zeros(len(rows), np.int32)
-        top_p = np.ones(len(rows), np.float32)
-        max_new = np.ones(len(rows), np.int32)
-        seeds = np.zeros(len(rows), np.uint32)
-        for i, s in enumerate(rows):
-            if s is None:
-                continue
-            p = s.params
-            stop[i, : len(p.stop_ids)] = p.stop_ids
-            temp[i], top_k[i], top_p[i] = p.temperature, p.top_k, p.top_p
-            max_new[i], seeds[i] = p.max_new_tokens, p.seed & 0xFFFFFFFF
-        return RowControls(temp, top_k, top_p, row_keys(seeds), stop, max_new)
-
     def _row_count(self, n: int) -> int:
         return min(pow2_at_least(n), pow2_at_least(self.num_slots))
 
@@ -420,7 +359,7 @@ class Engine:
         window = attention_window(tokens, 0, self.max_len)
         return min(self.memory.max_blocks, -(-window // self.block_size))
 
-    def _decode_need(self, s: _Slot) -> int:
+    def _decode_need(self, s: Slot) -> int:
         """Positions a generating slot may fill in one decode call."""
         want = min(self.steps_per_call, s.params.max_new_tokens - len(s.generated))
         return min(s.cache_len + want, self.max_len)
@@ -464,7 +403,7 @@ class Engine:
         ids = np.zeros((n, t), np.int32)
         starts = np.zeros(n, np.int32)
         valid = np.zeros(n, np.int32)                      # padding rows write nothing
-        rows: list[_Slot | None] = [None] * n
+        rows: list[Slot | None] = [None] * n
         for r, i in enumerate(slots):
             s = self._slots[i]
             toks = s.history[s.cache_len:]
@@ -473,7 +412,7 @@ class Engine:
         width = self._table_width(max(len(self._slots[i].history) for i in slots))
         table = self.memory.table(rows, width)
         first, self.cache = prefill_step(self.params, self.cache, table, ids, starts, valid,
-                                         self._controls(rows), spec=self.spec,
+                                         row_controls(rows), spec=self.spec,
                                          cache_sharding=self.cache_sharding)
         first = np.asarray(jax.device_get(first))
         self.stats["prefill_calls"] += 1
@@ -506,7 +445,7 @@ class Engine:
         last, lengths, generated = (np.zeros(b, np.int32) for _ in range(3))
         capacity = np.zeros(b, np.int32)
         active = np.zeros(b, bool)
-        rows: list[_Slot | None] = [None] * b
+        rows: list[Slot | None] = [None] * b
         for r, i in enumerate(runnable):
             s = self._slots[i]
             last[r], lengths[r], generated[r] = s.history[s.cache_len], s.cache_len, len(s.generated)
@@ -515,7 +454,7 @@ class Engine:
             active[r], rows[r] = True, s
         table = self.memory.table(rows, width)
         out, self.cache = decode_loop(self.params, self.cache, table, last, lengths, generated,
-                                      active, capacity, self._controls(rows), spec=self.spec,
+                                      active, capacity, row_controls(rows), spec=self.spec,
                                       steps=self.steps_per_call, cache_sharding=self.cache_sharding,
                                       attention=self.decode_attention)
         out = jax.device_get(out)
@@ -527,7 +466,7 @@ class Engine:
                          room=int(capacity[r]))
         return True
 
-    def _accept(self, slot: int, s: _Slot, new: list[int], cache_len: int, still_active: bool,
+    def _accept(self, slot: int, s: Slot, new: list[int], cache_len: int, still_active: bool,
                 finished: list[TurnResult], room: int | None = None) -> None:
         """Record new tokens (the last one not yet in the cache), offer completed blocks to
         the prefix table and finish the turn if it ended."""
@@ -559,7 +498,7 @@ class Engine:
         if reason is not None:
             self._finish(slot, s, reason, stop, finished)
 
-    def _finish(self, slot: int, s: _Slot, reason: str, stop, finished: list[TurnResult]) -> None:
+    def _finish(self, slot: int, s: Slot, reason: str, stop, finished: list[TurnResult]) -> None:
         s.state = "idle"
         s.last_used = next(self._clock)
         self.memory.trim(s)

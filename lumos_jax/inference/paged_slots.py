@@ -1,0 +1,80 @@
+"""The host's record of one engine slot, and the shape buckets that bound compilation.
+
+A slot's paging fields (history, cache_len, blocks, keys, registered) are the ones
+`paged.PagedMemory` works on; the rest is the engine's turn bookkeeping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from lumos_jax.inference.sampling import SamplingParams, row_keys
+from lumos_jax.inference.steps import RowControls
+
+
+@dataclass
+class Slot:
+    params: SamplingParams
+    request_id: Any
+    auto_release: bool
+    history: list[int] = field(default_factory=list)   # every token of the sequence
+    cache_len: int = 0               # leading history tokens whose K/V are in `blocks`
+    blocks: list[int] = field(default_factory=list)    # block table
+    keys: list[bytes] = field(default_factory=list)    # prefix keys of history's full blocks
+    registered: int = 0              # leading full blocks offered to the prefix table
+    generated: list[int] = field(default_factory=list)
+    turn_prompt: int = 0             # tokens the caller supplied for this turn
+    new_turn: bool = True            # the turn's first prefill has not run yet
+    prefilled: int = 0
+    state: str = "prefill"           # prefill | generating | idle
+    order: int = 0                   # admission order: older slots get memory first
+    last_used: int = 0               # idle slots are evicted least recently used first
+
+
+# Attention reads a window of positions (at least this many) covering every row of a call:
+# its length plus the steps of one decode call. The window is rounded up to a quarter
+# octave (2^k x 1, 1.25, 1.5, 1.75): few compiled shapes, at most 25% read for nothing.
+WINDOW_MIN = 256
+
+
+def attention_window(longest: int, steps: int, max_len: int) -> int:
+    return min(max_len, max(WINDOW_MIN, quarter_octave(longest + steps)))
+
+
+def quarter_octave(n: int) -> int:
+    """The smallest 2^k x (4 + j) / 4 (j = 0..3) that is >= n."""
+    if n <= 4:
+        return pow2_at_least(n)
+    step = pow2_at_least(n) // 8
+    return -(-n // step) * step
+
+
+def length_bucket(n: int, max_len: int, minimum: int = 16) -> int:
+    """Power-of-two buckets (capped at max_len) so prefill compiles for few lengths."""
+    return min(max_len, max(minimum, pow2_at_least(n)))
+
+
+def pow2_at_least(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+def row_controls(rows: Sequence[Slot | None]) -> RowControls:
+    """Per-row sampling settings of one device call (None rows: padding)."""
+    n_stop = pow2_at_least(max([len(s.params.stop_ids) for s in rows if s] + [4]))
+    stop = np.full((len(rows), n_stop), -1, np.int32)
+    temp = np.zeros(len(rows), np.float32)
+    top_k = np.zeros(len(rows), np.int32)
+    top_p = np.ones(len(rows), np.float32)
+    max_new = np.ones(len(rows), np.int32)
+    seeds = np.zeros(len(rows), np.uint32)
+    for i, s in enumerate(rows):
+        if s is None:
+            continue
+        p = s.params
+        stop[i, : len(p.stop_ids)] = p.stop_ids
+        temp[i], top_k[i], top_p[i] = p.temperature, p.top_k, p.top_p
+        max_new[i], seeds[i] = p.max_new_tokens, p.seed & 0xFFFFFFFF
+    return RowControls(temp, top_k, top_p, row_keys(seeds), stop, max_new)
