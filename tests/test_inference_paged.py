@@ -198,3 +198,23 @@ def test_block_pool_refcounts_lru_and_hash_chain():
     assert pool.cached == 1 and pool.alloc() == b and pool.lookup(block_key(ka, [3, 4])) is None
     with pytest.raises(RuntimeError, match="released more often"):
         pool.decref(c), pool.decref(c)
+
+
+def test_loader_defaults_bf16_tensor_parallel_and_one_budget_for_all_engines(tmp_path):
+    import shutil
+
+    from inference_helpers import STORIES
+
+    from lumos_jax.inference.settings import load_engines
+
+    twin = shutil.copytree(STORIES, tmp_path / "twin")
+    gb = 0.001
+    engines = load_engines([str(STORIES), str(twin), str(STORIES)], kv_memory_gb=gb,
+                           num_slots=4, max_len=128)
+    assert list(engines) == [str(STORIES), str(twin)]              # one engine per distinct path
+    for e in engines.values():
+        assert dict(e.mesh.shape) == {"data": 1, "fsdp": 1, "tensor": len(jax.devices())}
+        assert e.params["layers"][0]["wqkv"].dtype == e.cache.k[0].dtype == jax.numpy.bfloat16
+        c = e.config         # K and V, every layer, 16 positions, bf16; 4 kv heads do not split 8 ways
+        per_block = 2 * c.num_hidden_layers * c.num_key_value_heads * 16 * c.head_dim * 2
+        assert e.num_blocks == int(gb / 2 * 2**30 // per_block)    # the budget split in two
