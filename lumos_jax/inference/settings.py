@@ -52,10 +52,12 @@ def _mesh_bound() -> bool:
 
 def inference_mesh():
     """The gin mesh when a `mesh/*.gin` (or any `make_mesh.*`) is bound; otherwise tensor
-    parallelism over every device (decode is bound by reading weights: split them)."""
+    parallelism over each host's devices (decode is bound by reading weights: split them
+    over fast links), hosts as `data` replicas."""
     if _mesh_bound():
         return make_mesh()
-    return make_mesh(data=1, fsdp=1, tensor=len(jax.devices()))
+    local = jax.local_device_count()
+    return make_mesh(data=len(jax.devices()) // local, fsdp=1, tensor=local)
 
 
 def load_engines(paths: Sequence[str], tokenizer=None, mesh=None, **overrides) -> dict[str, Engine]:
