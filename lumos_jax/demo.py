@@ -139,7 +139,8 @@ def main(argv: Sequence[str]) -> int:
                         "must learn the action syntax, so it gets more)")
     parser.add_argument("--steps", type=int, default=None, help="sets both --plan_steps and --ground_steps")
     parser.add_argument("--batch", type=int, default=4, help="training batch (conversations per step)")
-    parser.add_argument("--seq_len", type=int, default=1024)
+    parser.add_argument("--seq_len", type=int, default=1024, help="training row length; the grounding "
+                        "prompts take ~800 tokens of the 512-piece tokenizer, so keep it >= 1024")
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--train_examples", type=int, default=500, help="GSM8K rationales to train on")
     parser.add_argument("--num_questions", type=int, default=20, help="GSM8K test questions (max 50 bundled)")

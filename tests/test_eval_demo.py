@@ -6,7 +6,7 @@ from lumos_jax.cli import main as lumos_main
 
 
 def test_demo_runs_every_stage(tmp_path, capsys):
-    rc = lumos_main(["demo", f"--workdir={tmp_path}", "--steps=2", "--batch=8", "--seq_len=512",
+    rc = lumos_main(["demo", f"--workdir={tmp_path}", "--steps=2", "--batch=8", "--seq_len=1024",
                      "--train_examples=8", "--num_questions=2", "--max_new_tokens=6", "--no_color"])
     assert rc == 0
     out = capsys.readouterr().out
