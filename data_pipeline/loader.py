@@ -72,6 +72,7 @@ class BatchIterator:
         self.drop_untrained = drop_untrained
         self.untrained: list[str] = []  # file:line of the first few, this epoch
         self.untrained_epoch = 0
+        self._seen_epoch = self._kept_epoch = 0  # this process, this epoch: stops a hopeless loop
         self.process_index, self.process_count = process_index, process_count
         self._lengths = [np.full(len(s), -1, np.int32) for s in self.sources]
         self._has_target = [np.full(len(s), -1, np.int8) for s in self.sources]  # -1: not known yet
@@ -162,6 +163,12 @@ class BatchIterator:
         """Feed one example to the packer; False when the data is exhausted."""
         order_len = len(self._host_order(self.epoch))
         if self.pos >= order_len:
+            if self.drop_untrained and order_len and self._seen_epoch == order_len and not self._kept_epoch:
+                raise ValueError(
+                    f"training data: none of the {order_len} records on this host has a trained token within "
+                    f"max_len {self.max_len} (first: {', '.join(self.untrained[:3]) or 'n/a'}); "
+                    "raise train.seq_len / training_data.max_seq_length")
+            self._seen_epoch = self._kept_epoch = 0
             self._report_untrained()
             self.epoch, self.pos = self.epoch + 1, 0
             if self.num_epochs is not None and self.epoch >= self.num_epochs:
@@ -170,6 +177,7 @@ class BatchIterator:
                 return False
         key = (self.epoch, self.pos)
         self.pos += 1
+        self._seen_epoch += 1
         enc = self._encode(key)
         if enc is not None:
             self.stats["examples"] += 1
@@ -187,6 +195,7 @@ class BatchIterator:
                               file=sys.stderr, flush=True)
                     self._encoded.pop(key, None)
                     return True
+        self._kept_epoch += 1
         self._ready.extend(self._packer.add(key, self._slots(key)))
         return True
 

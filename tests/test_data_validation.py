@@ -113,3 +113,16 @@ def test_memory_source_through_training_data(tmp_path, capsys):
     path.write_bytes(line(GOOD) + BAD["empty_assistant"][0])
     with pytest.raises(BadRecordError, match=rf"^{path}:2: message 1 \(assistant\) has empty content\n"):
         training_data(seq_len=64, global_batch=1, source="memory", files=[str(path)], tokenizer=TOK)
+
+
+def test_pipeline_with_no_trainable_record_stops_in_one_line(tmp_path, tok):
+    """Every record loses its assistant turn to truncation: a clear error, not an endless
+    loop of empty epochs (num_epochs=None trains forever otherwise)."""
+    long = {"role": "user", "content": "word " * 200}
+    path = tmp_path / "all_long.jsonl"
+    path.write_bytes(b"".join(with_messages(long, {"role": "assistant", "content": "ok"}) for _ in range(3)))
+    it = make_train_iterator(sources=[str(path)], tokenizer=tok, seq_len=64, batch_size=1,
+                             packing=False, num_epochs=None, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match=r"none of the 3 records .* trained token within max_len 64") as e:
+        next(it)
+    assert f"{path}:1" in str(e.value) and "\n" not in str(e.value)
