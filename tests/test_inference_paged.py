@@ -218,3 +218,35 @@ def test_loader_defaults_bf16_tensor_parallel_and_one_budget_for_all_engines(tmp
         c = e.config         # K and V, every layer, 16 positions, bf16; 4 kv heads do not split 8 ways
         per_block = 2 * c.num_hidden_layers * c.num_key_value_heads * 16 * c.head_dim * 2
         assert e.num_blocks == int(gb / 2 * 2**30 // per_block)    # the budget split in two
+
+
+def test_reference_style_episodes_compute_under_half_the_prompt_tokens():
+    """Reference prompt style (the whole conversation re-tokenized every turn, the slot
+    restarted): prefix blocks of earlier turns and of other episodes' identical instruction
+    are reused, so far fewer prefill tokens are computed than the prompts hold."""
+    import json
+
+    from conftest import DATA, FIXTURES
+
+    from lumos_jax.agent.backends import EngineBackend
+    from lumos_jax.agent.execution import Executor
+    from lumos_jax.agent.generators import ChatModelGenerator
+    from lumos_jax.agent.loops import EpisodeConfig
+    from lumos_jax.agent.runner import EpisodeRunner
+    from lumos_jax.agent.tools.registry import build_registry
+    from lumos_jax.models import PRESETS
+    from lumos_jax.models.llama import create_model
+    from lumos_jax.tokenization import Tokenizer
+
+    tok = Tokenizer(FIXTURES / "stories260k")
+    tasks = [json.loads(x)["question"] for x in (DATA / "eval/gsm8k_test.jsonl").read_text().splitlines()[:6]]
+    cfg = EpisodeConfig(domain="maths", max_rounds=3, style="reference")
+    engines = {m: Engine(create_model(PRESETS["tiny"], seed), num_slots=4, max_len=1024, steps_per_call=8)
+               for seed, m in enumerate(("plan", "ground"))}
+    gens = {m: ChatModelGenerator(EngineBackend(e), tok, style="reference", max_new_tokens=4)
+            for m, e in engines.items()}
+    results = EpisodeRunner(gens, lambda i: (Executor(build_registry("maths")), None), cfg).run(tasks)
+    assert all(r.trace.complete for r in results)
+    for m, e in engines.items():
+        s = e.stats
+        assert s["prefix_saved_tokens"] > 0 and s["prefill_tokens"] <= 0.5 * s["prompt_tokens"], (m, s)

@@ -26,8 +26,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from lumos_jax.inference.forward import DECODE_ATTENTION, PagedCache
 from lumos_jax.inference.paged import PagedMemory, pool_blocks
-from lumos_jax.inference.paged_slots import (Slot, attention_window, length_bucket, pow2_at_least,
-                                             row_controls)
+from lumos_jax.inference.paged_slots import (WINDOW_MIN, Slot, attention_window, length_bucket,
+                                             pow2_at_least, row_controls)
 from lumos_jax.inference.params import decode_params
 from lumos_jax.inference.sampling import SamplingParams
 from lumos_jax.inference.steps import decode_loop, prefill_step
@@ -354,9 +354,12 @@ class Engine:
     def _row_count(self, n: int) -> int:
         return min(pow2_at_least(n), pow2_at_least(self.num_slots))
 
-    def _table_width(self, tokens: int) -> int:
-        """Blocks per row a call reads: covering a window of `tokens` positions."""
-        window = attention_window(tokens, 0, self.max_len)
+    def _table_width(self, tokens: int, fine: bool) -> int:
+        """Blocks per row a call reads: covering a window of `tokens` positions, rounded to
+        a quarter octave (`fine`: decode, bound by reading the cache) or a power of two
+        (prefill, bound by compute: fewer compiled shapes)."""
+        window = attention_window(tokens, 0, self.max_len) if fine else \
+            min(self.max_len, max(WINDOW_MIN, pow2_at_least(tokens)))
         return min(self.memory.max_blocks, -(-window // self.block_size))
 
     def _decode_need(self, s: Slot) -> int:
@@ -409,7 +412,7 @@ class Engine:
             toks = s.history[s.cache_len:]
             ids[r, : len(toks)] = toks
             starts[r], valid[r], rows[r] = s.cache_len, len(toks), s
-        width = self._table_width(max(len(self._slots[i].history) for i in slots))
+        width = self._table_width(max(len(self._slots[i].history) for i in slots), fine=False)
         table = self.memory.table(rows, width)
         first, self.cache = prefill_step(self.params, self.cache, table, ids, starts, valid,
                                          row_controls(rows), spec=self.spec,
@@ -441,7 +444,7 @@ class Engine:
             return False
         b = self._row_count(len(runnable))
         longest = max(self._slots[i].cache_len for i in runnable)
-        width = self._table_width(longest + self.steps_per_call)
+        width = self._table_width(longest + self.steps_per_call, fine=True)
         last, lengths, generated = (np.zeros(b, np.int32) for _ in range(3))
         capacity = np.zeros(b, np.int32)
         active = np.zeros(b, bool)
