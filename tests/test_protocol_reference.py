@@ -476,3 +476,45 @@ def test_webshop_mangle_and_average_over_finished():
     assert sum(s["correct"] for s in scores) / sum(s["total"] for s in scores) == 0.75
     robust = [get_scorer("webshop_reward", "robust")(Example("i", "q", None, ""), p) for p in preds]
     assert sum(s["correct"] for s in robust) / len(robust) == 0.375
+
+
+class _Recording(_StopAtStops):
+    def __init__(self, tokens):
+        super().__init__(tokens)
+        self.prompts = []
+
+    def generate_tokens(self, batch, max_new_tokens, stop_ids):
+        self.prompts += [ids for _, ids in batch]
+        return super().generate_tokens(batch, max_new_tokens, stop_ids)
+
+
+def test_webshop_first_grounding_turn_is_prefilled_with_r1(llama2_tokenizer):
+    """#42 webshop:145: the first grounding prompt is the string ending "<|assistant|>\\n" plus
+    "R1 = ", tokenized as one; the model's continuation is then mangled (webshop:194) and that
+    mangled action is what later prompts carry (webshop:148 `ground_prompts[j] += actions[j]`)."""
+    tok = llama2_tokenizer
+    ground = [{"role": "user", "content": "Task: buy socks \nSubgoal to be grounded: Subgoal 1: Search."}]
+    newline = tok.encode("\n")[-1]
+    backend = _Recording(tok.encode("Search(socks)") + [newline])
+    gen = ChatModelGenerator(backend, tok, style="reference")
+    out = gen.generate([GenRequest("s", "ground", ground, prefill="R1 = ")])[0]
+    reference_string = "<|user|>\n" + ground[0]["content"] + "\n<|assistant|>\n" + "R1 = "
+    assert backend.prompts[0] == tok.encode(reference_string)
+    assert out.text == "Search(socks)"
+
+    g = Seq(plan=["Subgoal 1: Search socks.", "Yes, I will stop planning."], ground=["R1 = Search(socks)"])
+    seen = []
+
+    class Spy(Seq):
+        def generate(self, requests):
+            seen.extend((r.module, r.prefill) for r in requests)
+            return g.generate(requests)
+
+    cfg = EpisodeConfig(domain="webshop", formulation="iterative", style="reference", max_rounds=2,
+                        protocol="reference")
+    reg = build_registry("webshop", protocol="reference",
+                         extra_tools=[FunctionTool("Search", lambda args, ctx: f"found {args}")])
+    spy = Spy()
+    res = run_episode(episode("buy socks", cfg, Executor(reg)), {"plan": spy, "ground": spy})
+    assert ("ground", "R1 = ") in seen and [p for m, p in seen if m == "plan"] == ["", ""]
+    assert res.reason == "stopped", res.reason

@@ -35,6 +35,9 @@ class GenRequest:
     messages: list[dict]        # the conversation so far; the last turn is the user's
     max_new_tokens: int | None = None   # this turn's cap (None: the generator's own)
     ignore_stop: bool = False   # no stop ids: exactly max_new_tokens tokens (benchmarks)
+    # Text the assistant turn already starts with (the reference's WebShop "R1 = ",
+    # webshop:145): put after the prompt, not part of the returned text.
+    prefill: str = ""
 
 
 @dataclasses.dataclass
@@ -197,6 +200,8 @@ class ScriptedGenerator(Polling):
                                         "expected": conv[i] if i < len(conv) else None, "got": m})
                 break
         text = conv[n]["content"] if n < len(conv) and conv[n]["role"] == "assistant" else ""
+        if r.prefill and text.startswith(r.prefill):  # a model continues after the prefill
+            text = text[len(r.prefill):]
         if self.override is not None:
             text = self.override(r, text)
         return GenOutput(text=text)
@@ -315,6 +320,14 @@ class ChatModelGenerator(Polling):
         self.closed: list[tuple[int, int]] = []
 
     def _prompt_ids(self, r: GenRequest) -> list[int]:
+        if not r.prefill:
+            return self._turn_ids(r)
+        if self.style == "reference" and (r.session not in self._sessions or not self.incremental):
+            # one string, as the reference tokenizes prompt + "R1 = " (webshop:145)
+            return self.tok.encode(reference_prompt_text(r.messages) + r.prefill)
+        return self._turn_ids(r) + self._encode_continuation(r.prefill)
+
+    def _turn_ids(self, r: GenRequest) -> list[int]:
         s = self._sessions.get(r.session)
         if self.style == "train":
             if s is None:

@@ -27,6 +27,7 @@ from lumos_jax.agent.trace import Trace
 class Generate:
     module: str
     messages: list[dict]
+    prefill: str = ""   # text the assistant turn starts with (GenRequest.prefill)
 
 
 @dataclasses.dataclass
@@ -137,9 +138,10 @@ def lumos_iterative(task: str, cfg: EpisodeConfig, executor: Executor, ctx: Tool
             ground.append(_user(prompts.ground_next_reference_qa(subgoal, subgoal_results)))
         else:
             ground.append(_user(prompts.ground_next(d, style, subgoal, earlier)))
-        gout = yield Generate("ground", ground)
+        prefill = WEBSHOP_PREFILL if ref and d == "webshop" and k == 1 else ""
+        gout = yield Generate("ground", ground, prefill=prefill)
         text = gout.text
-        if ref and d == "webshop" and k == 1:  # the prefill itself needs generator support: not done
+        if prefill:
             text = webshop_mangle(text)
         ground.append(_assistant(text))
         actions = parse_actions(text, plain_split=ref)
@@ -280,4 +282,5 @@ def run_episode(ep, generators: dict) -> EpisodeResult:
 def _request(req: Generate, episode_id: str):
     from lumos_jax.agent.generators import GenRequest
 
-    return GenRequest(session=f"{episode_id}/{req.module}", module=req.module, messages=list(req.messages))
+    return GenRequest(session=f"{episode_id}/{req.module}", module=req.module, messages=list(req.messages),
+                      prefill=req.prefill)

@@ -126,7 +126,7 @@ class EpisodeRunner:
             return
         extra = self.request_options(ep.index, ep.pending) if self.request_options else {}
         req = GenRequest(session=f"{ep.index}/{module}", module=module, messages=list(ep.pending.messages),
-                         **extra)
+                         prefill=ep.pending.prefill, **extra)
         try:
             ep.handle = (gen, gen.submit(req))
         except Exception as e:  # noqa: BLE001 - this episode alone fails
