@@ -209,3 +209,23 @@ def test_block_sizes_and_auto_selection():
     with pytest.raises(ValueError, match="splash_attention.generation='v9'"):
         splash_block_sizes(1024, generation="v9")
     assert attention_tpu.tpu_generation() == "cpu"
+
+
+def test_engine_with_the_pallas_decode_kernel_equals_hf_greedy():
+    """The engine's decode on the paged pool through the Pallas kernel (interpret mode):
+    greedy tokens equal transformers' on stories260k, prompts spanning several blocks."""
+    pytest.importorskip("torch")
+    from inference_helpers import hf_greedy
+    from transformers import LlamaForCausalLM
+
+    from lumos_jax.checkpoints.hf import load_hf_model
+    from lumos_jax.inference import Engine, SamplingParams
+
+    model = load_hf_model(STORIES)
+    hf = LlamaForCausalLM.from_pretrained(STORIES).eval()
+    engine = Engine(model, num_slots=2, max_len=64, steps_per_call=4, block_size=8,
+                    decode_attention="pallas")
+    assert engine.decode_attention == "pallas"
+    prompts = [[1, 403, 407, 261, 378], [1] + list(range(300, 320))]
+    for p, r in zip(prompts, engine.generate(prompts, SamplingParams(max_new_tokens=10))):
+        assert r.tokens == hf_greedy(hf, p, 10)

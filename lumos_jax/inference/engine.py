@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from lumos_jax.inference.forward import DECODE_ATTENTION, PagedCache
+from lumos_jax.inference.forward import PagedCache, resolve_decode_attention
 from lumos_jax.inference.paged import PagedMemory, pool_blocks
 from lumos_jax.inference.paged_slots import (WINDOW_MIN, Slot, attention_window, length_bucket,
                                              pow2_at_least, row_controls)
@@ -74,15 +74,13 @@ class Engine:
 
     def _setup(self, config, params, spec, mesh, rules, *, num_slots: int = 8, max_len: int = 2048,
                steps_per_call: int = 16, tokenizer=None, max_prefill_tokens: int = 16384,
-               decode_attention: str = "dot", block_size: int = 16, num_blocks: int | None = None,
+               decode_attention: str = "auto", block_size: int = 16, num_blocks: int | None = None,
                kv_memory_gb: float | None = None, kv_memory_fraction: float | None = None,
                cache_dtype: str | None = None):
         if num_slots < 1 or max_len < 2 or steps_per_call < 1:
             raise ValueError(f"Engine: num_slots={num_slots}, max_len={max_len}, "
                              f"steps_per_call={steps_per_call} must be positive (max_len >= 2)")
-        if decode_attention not in DECODE_ATTENTION:
-            raise ValueError(f"Engine: decode_attention={decode_attention!r}; expected one of "
-                             f"{sorted(DECODE_ATTENTION)}")
+        decode_attention = resolve_decode_attention(decode_attention)
         if cache_dtype not in (None, *CACHE_DTYPES):
             raise ValueError(f"Engine: cache_dtype={cache_dtype!r}; expected one of {CACHE_DTYPES}")
         self.config, self.params, self.spec, self.mesh, self._rules = config, params, spec, mesh, rules

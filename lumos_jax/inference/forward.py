@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from lumos_jax.inference.params import ForwardSpec
+from lumos_jax.models.attention_tpu import paged_decode_attention
 from lumos_jax.models.llama import apply_rope
 
 _NEG = -1e30
@@ -99,7 +100,25 @@ def _attend_decode_reduce(q, k, v, mask, spec: ForwardSpec):
     return out.astype(q.dtype)[:, None]                                 # (B, 1, KV, G, D)
 
 
-DECODE_ATTENTION = {"dot": _attend, "reduce": _attend_decode_reduce}
+def _attend_pallas(q, kc, vc, lengths, table, active):
+    """The Pallas paged decode kernel (lumos_jax.models.attention_tpu) on the pool itself:
+    it reads only each row's blocks, no gather. q (B, 1, KV, G, D) -> same shape."""
+    b, _, kv, g, d = q.shape
+    n = jnp.where(active, lengths + 1, 0)  # the new token is already written
+    out = paged_decode_attention(q[:, 0].reshape(b, kv * g, d), kc, vc, n, table)
+    return out.reshape(b, 1, kv, g, d)
+
+
+# "pallas" is the TPU kernel (interpret mode elsewhere: tests only); "auto" picks it on TPU.
+DECODE_ATTENTION = {"dot": _attend, "reduce": _attend_decode_reduce, "pallas": _attend_pallas}
+
+
+def resolve_decode_attention(name: str) -> str:
+    if name == "auto":
+        return "pallas" if jax.default_backend() == "tpu" else "dot"
+    if name not in DECODE_ATTENTION:
+        raise ValueError(f"decode_attention={name!r}; expected 'auto' or one of {sorted(DECODE_ATTENTION)}")
+    return name
 
 
 def _out(lyr, attn, x):
@@ -193,6 +212,10 @@ def decode_forward(params, cache: PagedCache, spec: ForwardSpec, table, tokens, 
         vc = _write(cache.v[i], v, blocks, offsets, cache_sharding)
         new_k.append(kc)
         new_v.append(vc)
-        x = _out(lyr, attend(q, _gather(kc, table, dtype), _gather(vc, table, dtype), mask, spec), x)
+        if attention == "pallas":
+            a = _attend_pallas(q, kc, vc, lengths, table, active)
+        else:
+            a = attend(q, _gather(kc, table, dtype), _gather(vc, table, dtype), mask, spec)
+        x = _out(lyr, a, x)
         x = x + _mlp(lyr, x, spec)
     return logits(params, x[:, 0], spec), PagedCache(tuple(new_k), tuple(new_v))

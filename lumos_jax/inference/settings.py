@@ -20,12 +20,14 @@ from lumos_jax.sharding import make_mesh
 def engine_settings(num_slots: int = 8, max_len: int = 2048, steps_per_call: int = 16,
                     max_prefill_tokens: int = 16384, block_size: int = 16,
                     kv_memory_gb: float | None = None, kv_memory_fraction: float | None = 0.8,
-                    decode_attention: str = "dot") -> dict:
+                    decode_attention: str = "auto") -> dict:
     """Engine size: slots (concurrent sequences; a slot costs only a block-table row),
     the longest sequence, decode steps per device call, the most tokens one prefill call
     may process, and the KV pool: `block_size` tokens per block, `kv_memory_gb` GiB per
     device for all engines together, else `kv_memory_fraction` of the free device memory
-    after the weights (backends that report no memory, e.g. CPU: num_slots x max_len)."""
+    after the weights (backends that report no memory, e.g. CPU: num_slots x max_len).
+    `decode_attention`: 'auto' (the Pallas paged kernel on TPU, 'dot' elsewhere), 'dot',
+    'reduce' or 'pallas'."""
     return dict(num_slots=num_slots, max_len=max_len, steps_per_call=steps_per_call,
                 max_prefill_tokens=max_prefill_tokens, block_size=block_size,
                 kv_memory_gb=kv_memory_gb, kv_memory_fraction=kv_memory_fraction,
