@@ -24,6 +24,17 @@ from lumos_jax.sharding import axis_rules, make_mesh
 STORIES = REPO / "lumos_jax" / "assets" / "stories260k"
 
 
+@pytest.fixture(autouse=True)
+def _no_gin_bindings():
+    """Earlier tests' gin bindings (e.g. make_mesh.devices of mesh/single_device.gin) must
+    not reach make_mesh or the block sizes here."""
+    import gin
+
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
 def _packed_batch(rng, b=2, t=40, vocab=512):
     """Rows of several conversations (segments 1..k, positions restart at 0) and padding."""
     ids = rng.integers(3, vocab, (b, t)).astype(np.int32)

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from conftest import DATA
+from conftest import DATA, FIXTURES
 from lumos_jax.config import parse_gin
 from lumos_jax.generation import greedy_generate
 from lumos_jax.tokenization import encode_conversation, read_jsonl
@@ -24,6 +24,7 @@ def test_tiny_model_memorises_and_reproduces_assistant_turns(tmp_path, llama2_to
         "model_config.preset = 'tiny'",
         "model_config.overrides = {'vocab_size': 32001, 'pad_token_id': 32000}",
         "training_data.source = 'pipeline'", f"training_data.files = ['{data}']",
+        f"training_data.tokenizer = '{FIXTURES / 'llama2-tokenizer'}'",
         "training_data.packing = False",
         "optimizer_settings.learning_rate = 1e-2", "optimizer_settings.schedule = 'constant'",
         "optimizer_settings.warmup_steps = 0"])

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO
+from conftest import REPO, FIXTURES
 from lumos_jax.config import parse_gin
 from lumos_jax.training.checkpointing import Checkpointer
 from lumos_jax.training.loop import train
@@ -23,6 +23,7 @@ FILES = [ANN.format(t, f) for t in ("maths", "complex_qa") for f in ("iterative"
 # its iterator state goes into every checkpoint.
 GIN = ["model_config.preset = 'tiny'", "model_config.overrides = {'vocab_size': 32001}",
        "make_mesh.fsdp = -1", "training_data.source = 'pipeline'", f"training_data.files = {FILES}",
+       f"training_data.tokenizer = '{FIXTURES / 'llama2-tokenizer'}'",
        "training_data.max_seq_length = 128", "training_data.packing = True",
        "optimizer_settings.learning_rate = 1e-3", "train.seq_len = 128", "train.global_batch = 8",
        f"train.max_steps = {STEPS}", "train.save_every = 3", "train.log_every = 1",

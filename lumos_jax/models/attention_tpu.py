@@ -81,9 +81,12 @@ def _padded_length(t: int, blocks: int = 128) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _splash_kernel(groups: int, seq_len: int, interpret: bool):
+    """Cached per shape; built as concrete arrays (the mask tables) even when first asked
+    for inside a trace, so a cached kernel never holds another trace's values."""
     mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((seq_len, seq_len)) for _ in range(groups)])
-    return splash.make_splash_mqa_single_device(mask, block_sizes=splash_block_sizes(seq_len),
-                                                interpret=interpret)
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mqa_single_device(mask, block_sizes=splash_block_sizes(seq_len),
+                                                    interpret=interpret)
 
 
 def _splash_local(q, k, v, segment_ids, interpret: bool):
