@@ -75,7 +75,7 @@ def test_catalogue_gin_parses(name):
 
     parse_gin([f"experiments/eval/{name}.gin"])
     cfg = eval_experiment()
-    assert cfg.name == name and cfg.batch_size == 16
+    assert cfg.name == name and cfg.concurrency == 64 and cfg.batch_size is None
 
 
 def test_changed_settings_never_reuse_old_predictions(tmp_path, capsys):

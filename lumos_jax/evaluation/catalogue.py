@@ -114,7 +114,7 @@ def gin_text(exp: Experiment) -> str:
         _binding("eval_experiment.paper_score", paper),
         _binding("eval_experiment.paper_note", note),
         _binding("eval_experiment.output_dir", f"runs/eval/{exp.name}"),
-        _binding("eval_experiment.batch_size", 16),
+        _binding("eval_experiment.concurrency", 64),  # episodes in flight, streamed
         "# 'reference': the reference's inference and scoring, so the score compares with the paper's",
         "# (docs/evaluation.md); 'robust' for our error-tolerant agent and lenient scoring.",
         _binding("eval_experiment.protocol", "reference"),
