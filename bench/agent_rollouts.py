@@ -35,7 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench.sides import CompileClock, emit, run_side, write_json  # noqa: E402
+from bench.sides import CompileClock, emit, run_sides, write_json  # noqa: E402
 
 SIDES = ("ours", "reference", "hf_compiled")
 
@@ -307,14 +307,9 @@ def drive(args, argv) -> int:
         (record["events"] if "event" in res or "error" in res else record["rows"]).append(res)
         write_json(args.out, record)
 
-    for side in args.sides.split(","):
-        timeout = args.timeout_ours if side == "ours" else args.timeout_hf
-        err = run_side([sys.executable, __file__, "--worker", side] + argv, REPO, timeout, on_result)
-        if err:
-            record["errors"].append({"side": side, **err})
-        write_json(args.out, record)
+    status = run_sides(__file__, args, argv, REPO, record, on_result)
     print(json.dumps(record["rows"], indent=1))
-    return 1 if record["errors"] else 0
+    return status
 
 
 def main(argv=None) -> int:

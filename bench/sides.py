@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Callable
@@ -50,6 +51,20 @@ def run_side(cmd: list[str], cwd: Path, timeout: float, on_result: Callable[[dic
     if fired:
         return {"error": f"timed out after {timeout}s", "tail": tail}
     return {"rc": rc, "tail": tail} if rc else None
+
+
+def run_sides(script: str, args, argv: list[str], cwd: Path, record: dict,
+              on_result: Callable[[dict], None]) -> int:
+    """Each of `args.sides` (comma-separated) as `script --worker SIDE argv` with its timeout
+    (`args.timeout_ours` for ours, `args.timeout_hf` otherwise); errors go to
+    record["errors"], the file is rewritten after each side. Exit status: 1 if any failed."""
+    for side in args.sides.split(","):
+        timeout = args.timeout_ours if side == "ours" else args.timeout_hf
+        err = run_side([sys.executable, script, "--worker", side] + argv, cwd, timeout, on_result)
+        if err:
+            record["errors"].append({"side": side, **err})
+        write_json(args.out, record)
+    return 1 if record["errors"] else 0
 
 
 class CompileClock:

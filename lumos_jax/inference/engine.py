@@ -26,8 +26,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from lumos_jax.inference.forward import PagedCache, resolve_decode_attention
 from lumos_jax.inference.paged import PagedMemory, pool_blocks
-from lumos_jax.inference.paged_slots import (WINDOW_MIN, Slot, attention_window, length_bucket,
-                                             pow2_at_least, row_controls)
+from lumos_jax.inference.paged_slots import (WINDOW_MIN, Slot, attention_window, checked_token_ids,
+                                             length_bucket, pow2_at_least, row_controls)
 from lumos_jax.inference.params import decode_params
 from lumos_jax.inference.sampling import SamplingParams
 from lumos_jax.inference.steps import decode_loop, prefill_step
@@ -266,14 +266,7 @@ class Engine:
         return self._slots[slot]
 
     def _check_ids(self, ids: Sequence[int], what: str) -> list[int]:
-        ids = [int(i) for i in ids]
-        if not ids:
-            raise ValueError(f"{what}: needs at least one token")
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"{what}: token id {bad[0]} is outside the vocabulary "
-                             f"[0, {self.vocab_size})")
-        return ids
+        return checked_token_ids(ids, self.vocab_size, what)
 
     def _check_fits(self, n: int, what: str) -> None:
         if n > self.max_len:

@@ -40,6 +40,17 @@ class Slot:
 WINDOW_MIN = 256
 
 
+def checked_token_ids(ids: Sequence[int], vocab_size: int, what: str) -> list[int]:
+    """ids as ints, or one line saying which is empty or outside the vocabulary."""
+    ids = [int(i) for i in ids]
+    if not ids:
+        raise ValueError(f"{what}: needs at least one token")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"{what}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    return ids
+
+
 def attention_window(longest: int, steps: int, max_len: int) -> int:
     return min(max_len, max(WINDOW_MIN, quarter_octave(longest + steps)))
 
