@@ -1,0 +1,174 @@
+"""int8 weights and an int8 KV cache for decoding: half the bytes a decode step reads.
+
+A decode step is bound by memory bandwidth (every weight and every cached K/V is read once
+per token), so storing them as int8 with float scales moves about half the bytes of bf16.
+
+Weights: symmetric, per output channel (one scale per output element of the matmul, over
+all of the contracted axes), or per group of `group_size` rows along a single contracted
+axis. `qeinsum` dequantizes inside the matmul: the int8 operand is converted to the
+activation dtype in the dot's operand (XLA fuses the convert, so no dequantized copy of the
+weight is ever written) and the scale multiplies the fp32 *output*, which is exact:
+    sum_e x_e (q_e s) = s * sum_e x_e q_e   (s constant over the contracted axes).
+
+KV cache: one scale per token per kv head, the layout of the GPU Pallas kernel's
+`k_scales_pages` (kv_heads, num_blocks, block_size) beside int8 pages
+(kv_heads, num_blocks, block_size, head_dim): k = k_int8 * scale.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+QMAX = 127.0
+WEIGHT_DTYPES = ("bf16", "int8")
+
+
+class QTensor(NamedTuple):
+    """An int8 weight and its fp32 scales. `scale` has the weight's rank: contracted axes
+    have size 1 (per channel) or `size // group_size` (per group); a pytree, so it jits,
+    scans (stacked layers) and shards like the weight (same logical axes: size-1 axes are
+    replicated)."""
+    q: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scale.nbytes
+
+
+def quantize_weight(w, in_axes: Sequence[int], group_size: int | None = None) -> QTensor:
+    """Symmetric int8 over `in_axes` (the axes the matmul contracts). With `group_size`,
+    `in_axes` must be one axis divisible by it; each group of rows gets its own scale."""
+    w = jnp.asarray(w, jnp.float32)
+    axes = tuple(a % w.ndim for a in in_axes)
+    if group_size is None:
+        amax = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
+        scale = jnp.maximum(amax, jnp.finfo(jnp.float32).tiny) / QMAX
+        q = jnp.clip(jnp.round(w / scale), -QMAX, QMAX).astype(jnp.int8)
+        return QTensor(q, scale)
+    if len(axes) != 1 or w.shape[axes[0]] % group_size:
+        raise ValueError(f"quantize_weight: group_size={group_size} needs one contracted axis "
+                         f"divisible by it; got axes {axes} of shape {w.shape}")
+    a = axes[0]
+    groups = w.shape[a] // group_size
+    wg = w.reshape(w.shape[:a] + (groups, group_size) + w.shape[a + 1:])
+    amax = jnp.max(jnp.abs(wg), axis=a + 1, keepdims=True)
+    scale = jnp.maximum(amax, jnp.finfo(jnp.float32).tiny) / QMAX
+    q = jnp.clip(jnp.round(wg / scale), -QMAX, QMAX).astype(jnp.int8).reshape(w.shape)
+    return QTensor(q, jnp.squeeze(scale, a + 1))
+
+
+def dequantize_weight(w: QTensor, dtype=jnp.float32) -> jax.Array:
+    """The weight int8 stands for (tests and conversions; the forward never builds it)."""
+    return (w.q.astype(jnp.float32) * _expand_scale(w.scale, w.q.shape)).astype(dtype)
+
+
+def _expand_scale(scale, shape):
+    for axis, (n, s) in enumerate(zip(shape, scale.shape)):
+        if s not in (1, n):
+            scale = jnp.repeat(scale, n // s, axis=axis)
+    return scale
+
+
+def _parse(subscripts: str):
+    ins, out = subscripts.replace(" ", "").split("->")
+    xs, ws = ins.split(",")
+    if "." in subscripts:
+        raise ValueError(f"qeinsum: {subscripts!r}: write every axis (no '...')")
+    return xs, ws, out
+
+
+def _broadcast_to_output(scale, ws: str, out: str, drop: str):
+    """scale (ws's axes, `drop` axes of size 1) -> an array that broadcasts against `out`."""
+    keep = [c for c in ws if c not in drop]
+    s = jnp.squeeze(scale, tuple(i for i, c in enumerate(ws) if c in drop))
+    s = jnp.transpose(s, sorted(range(len(keep)), key=lambda i: out.index(keep[i])))
+    shape = [s.shape[sorted(keep, key=out.index).index(c)] if c in keep else 1 for c in out]
+    return s.reshape(shape)
+
+
+def qeinsum(subscripts: str, x, w, preferred_element_type=None):
+    """`jnp.einsum(subscripts, x, w)` for a plain or a `QTensor` weight (second operand).
+    For int8 the weight converts to x's dtype inside the dot, the dot accumulates in fp32
+    and the scale multiplies its output; the result is `preferred_element_type` or x's
+    dtype."""
+    if not isinstance(w, QTensor):
+        return jnp.einsum(subscripts, x, w, preferred_element_type=preferred_element_type)
+    out_dtype = preferred_element_type or x.dtype
+    xs, ws, out = _parse(subscripts)
+    contracted = "".join(c for c in ws if c not in out)
+    grouped = [c for c in contracted if w.scale.shape[ws.index(c)] != 1]
+    if not grouped:
+        y = jnp.einsum(subscripts, x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)
+        return (y * _broadcast_to_output(w.scale, ws, out, contracted)).astype(out_dtype)
+    # per group: split the grouped axis into (groups, group_size), keep groups in the dot's
+    # output, scale each group's partial sums, then add the groups up.
+    (c,) = grouped
+    g = next(ch for ch in string.ascii_letters if ch not in subscripts)
+    ia, wa = xs.index(c), ws.index(c)
+    groups = w.scale.shape[wa]
+    xg = x.reshape(x.shape[:ia] + (groups, x.shape[ia] // groups) + x.shape[ia + 1:])
+    wq = w.q.reshape(w.q.shape[:wa] + (groups, w.q.shape[wa] // groups) + w.q.shape[wa + 1:])
+    xs_g, ws_g = xs.replace(c, g + c), ws.replace(c, g + c)
+    y = jnp.einsum(f"{xs_g},{ws_g}->{g}{out}", xg, wq.astype(x.dtype),
+                   preferred_element_type=jnp.float32)
+    ws_s = ws.replace(c, g)
+    drop = "".join(ch for ch in contracted if ch != c)
+    s = _broadcast_to_output(w.scale, ws_s, g + out, drop)
+    return jnp.sum(y * s, axis=0).astype(out_dtype)
+
+
+# -- the KV cache --------------------------------------------------------------------------
+def quantize_kv(x) -> tuple[jax.Array, jax.Array]:
+    """x (..., head_dim) -> (int8 (..., head_dim), fp32 scale (...)): one scale per token
+    per head, so a row's stored K/V never depend on other rows or later tokens (the cache
+    extension equals a recomputation)."""
+    x = jnp.asarray(x, jnp.float32)
+    amax = jnp.max(jnp.abs(x), axis=-1)
+    scale = jnp.maximum(amax, jnp.finfo(jnp.float32).tiny) / QMAX
+    q = jnp.clip(jnp.round(x / scale[..., None]), -QMAX, QMAX).astype(jnp.int8)
+    return q, scale
+
+
+def dequantize_kv(q, scale, dtype) -> jax.Array:
+    return (q.astype(jnp.float32) * scale[..., None]).astype(dtype)
+
+
+# -- decode params -------------------------------------------------------------------------
+# The contracted axes of each matmul weight of the decode params (lumos_jax.inference.params),
+# counted from the end so that a leading stacked-layer axis (L, ...) changes nothing.
+CONTRACTED = {"wqkv": (-4,), "wo": (-4, -3, -2), "w_gate_up": (-3,), "w_down": (-2,),
+              "lm_head": (-2,)}
+
+
+def quantize_params(params: dict, group_size: int | None = None) -> dict:
+    """bf16 decode params -> the same tree with every matmul weight (attention, MLP, logits)
+    a `QTensor`; norms, the embedding table (only gathered) and RoPE stay as they are.
+    `layers` may be a tuple of per-layer dicts or one dict of stacked (L, ...) arrays."""
+    def layer(lyr):
+        return {k: quantize_weight(v, CONTRACTED[k], _group(k, group_size)) if k in CONTRACTED else v
+                for k, v in lyr.items()}
+
+    layers = params["layers"]
+    layers = tuple(layer(lyr) for lyr in layers) if isinstance(layers, (tuple, list)) else layer(layers)
+    out = {**params, "layers": layers}
+    out["lm_head"] = quantize_weight(params["lm_head"], CONTRACTED["lm_head"], group_size)
+    return out
+
+
+def _group(name: str, group_size: int | None) -> int | None:
+    """Groups need one contracted axis; `wo` contracts three (heads, groups, head_dim) and
+    stays per channel."""
+    return group_size if len(CONTRACTED[name]) == 1 else None
+
+
+def params_bytes(params) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(params))
