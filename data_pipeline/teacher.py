@@ -1,11 +1,12 @@
 """The LLM-teacher path: natural-language plans → subgoal plans via any OpenAI-compatible API.
 
 Sends the reference's conversion prompt (system line + instruction + worked examples +
-`Task: …` + `Natural language plan: …`, temperature 0) to `{endpoint}/chat/completions`.
-Requests are retried with exponential backoff on network errors, HTTP 429/5xx, malformed
-responses and empty answers. Results are appended one JSON line per item (flushed), keyed
-by `source_index`, so an interrupted run resumes where it stopped; a half-written last
-line from a crash is dropped on resume.
+`Task: …` + `Natural language plan: …`, temperature 0) to `{endpoint}/chat/completions`
+through the `openai` package (lumos_jax.openai_chat.ChatClient). Requests are retried with
+exponential backoff on network errors, HTTP 429/5xx, malformed responses and answers without
+"Subgoal 1". Results are appended one JSON line per item (flushed), keyed by `source_index`,
+so an interrupted run resumes where it stopped; a half-written last line from a crash is
+dropped on resume.
 
 The worked examples are the reference's in-context exemplars, rebuilt from a converted
 file (`../shared/data/lumos/converted/<domain>.jsonl` by default) with uniform spacing.
@@ -15,13 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple
+from typing import Iterable, NamedTuple
 
 from lumos_jax.jsonl import iter_jsonl
+from lumos_jax.openai_chat import ChatClient, ChatError
 
 SYSTEM = ("You are a helpful assist to convert natural language plans or structural action list"
           "into subgoal-based plans and their corresponding structured actions.")
@@ -58,52 +57,8 @@ def build_messages(instruction_text: str, task: str, natural_language_plan) -> l
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
-class TeacherError(RuntimeError):
-    """A request that kept failing after all retries."""
-
-
-class ChatClient:
-    """Minimal OpenAI-compatible chat client (stdlib only) with retries."""
-
-    def __init__(self, endpoint: str, model: str, api_key: str | None = None, timeout: float = 60.0,
-                 max_retries: int = 5, backoff: float = 1.0, sleep: Callable[[float], None] = time.sleep):
-        self.url = endpoint.rstrip("/") + "/chat/completions"
-        self.model, self.api_key, self.timeout = model, api_key, timeout
-        self.max_retries, self.backoff, self.sleep = max_retries, backoff, sleep
-
-    def _post(self, payload: dict) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=json.dumps(payload).encode(), headers=headers)
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            return json.loads(response.read().decode("utf-8"))
-
-    def complete(self, messages: list[dict], temperature: float = 0.0, max_tokens: int = 500,
-                 accept: Callable[[str], bool] = bool) -> str:
-        payload = {"model": self.model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens}
-        last = "no attempt"
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                self.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                body = self._post(payload)
-                text = body["choices"][0]["message"]["content"]
-            except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code}"
-                if e.code not in (408, 409, 429) and e.code < 500:
-                    raise TeacherError(f"{self.url}: HTTP {e.code} (not retried)") from None
-                continue
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                last = f"network error ({e})"
-                continue
-            except (ValueError, KeyError, IndexError, TypeError):
-                last = "malformed response"
-                continue
-            if isinstance(text, str) and accept(text):
-                return text
-            last = "empty or unusable answer"
-        raise TeacherError(f"{self.url}: gave up after {self.max_retries + 1} attempts ({last})")
+# the one OpenAI-compatible client (lumos_jax.openai_chat); TeacherError kept as the name callers catch
+TeacherError = ChatError
 
 
 def _done_indices(out_path: Path) -> set[int]:

@@ -1,4 +1,5 @@
-"""The LLM-teacher converter against a fake local OpenAI-compatible server (never a real one)."""
+"""The LLM-teacher converter and the QA tool's endpoint backend (both on the `openai` package,
+lumos_jax.openai_chat) against a fake local OpenAI-compatible server (never a real one)."""
 
 import json
 import threading
@@ -7,8 +8,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from conftest import DATA
 
-from data_pipeline.reference_conversion import convert_rows
+from lumos_jax.data.reference_conversion import convert_rows
 from data_pipeline.teacher import ChatClient, TeacherError, convert_with_teacher, gsm8k_items
+from lumos_jax.agent.tools.base import ToolContext, ToolError
+from lumos_jax.agent.tools.qa import QA, OpenAIQA
 from lumos_jax.tokenization import read_jsonl
 
 
@@ -16,7 +19,7 @@ class FakeOpenAI:
     """Answers each task with a canned plan; can fail, stall or answer empty on chosen calls."""
 
     def __init__(self, script=()):
-        self.script = list(script)  # per call: "500", "empty", "garbage", "ok"
+        self.script = list(script)  # per call: "500", "400", "empty", "garbage", "nochoices", "ok"
         self.requests = []
         fake = self
 
@@ -28,14 +31,18 @@ class FakeOpenAI:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests.append((self.path, body, self.headers.get("Authorization")))
                 mode = fake.script.pop(0) if fake.script else "ok"
-                if mode == "500":
-                    self.send_response(500)
+                if mode in ("500", "400"):
+                    self.send_response(int(mode))
                     self.end_headers()
                     return
-                task = body["messages"][1]["content"].rsplit("Task: ", 1)[1].split("\n")[0]
-                content = {"empty": "", "ok": f"Subgoal 1: Solve {task}\nAction 1-1: R1 = Calculator(1 + 1) = 2"}.get(mode)
-                data = b"{not json" if mode == "garbage" else json.dumps(
-                    {"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+                if len(body["messages"]) == 1:  # the QA tool: one user turn
+                    content = "Answer: Paris"
+                else:
+                    task = body["messages"][1]["content"].rsplit("Task: ", 1)[1].split("\n")[0]
+                    content = f"Subgoal 1: Solve {task}\nAction 1-1: R1 = Calculator(1 + 1) = 2"
+                content = "" if mode == "empty" else content
+                reply = {"choices": [{"message": {"role": "assistant", "content": content}}]}
+                data = b"{not json" if mode == "garbage" else json.dumps({} if mode == "nochoices" else reply).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -109,3 +116,32 @@ def test_gives_up_cleanly_and_reports_the_item(tmp_path, exemplars):
     assert report.converted == 0 and "gave up after 3 attempts (HTTP 500)" in report.failed[0]
     with pytest.raises(TeacherError, match="attempts"):
         _client("http://127.0.0.1:9/v1", max_retries=1, timeout=2).complete([{"role": "user", "content": "x"}])
+
+
+def test_a_client_error_is_final_and_a_reply_without_choices_is_retried(tmp_path, exemplars):
+    fake = FakeOpenAI(script=["nochoices", "ok", "400"])
+    try:
+        assert "Subgoal 1" in _client(fake.url).complete([{"role": "user", "content": "x"}, {
+            "role": "user", "content": "Task: t\n"}])
+        with pytest.raises(TeacherError, match=r"HTTP 400 \(not retried\)"):
+            _client(fake.url).complete([{"role": "user", "content": "x"}, {"role": "user", "content": "Task: t\n"}])
+    finally:
+        fake.close()
+    assert len(fake.requests) == 3
+
+
+def test_qa_tool_endpoint_retries_server_errors_then_fails_in_one_line(monkeypatch):
+    monkeypatch.setenv("QA_KEY", "secret")
+    fake = FakeOpenAI(script=["500", "ok"] + ["500"] * 3)
+    try:
+        qa = QA(OpenAIQA(fake.url, "qa-model", api_key_env="QA_KEY", max_retries=2))
+        qa.backend.client.sleep = lambda s: None
+        assert qa("[France], Question: What is the capital?", ToolContext(variables={})) == "Paris"
+        path, body, auth = fake.requests[-1]
+        assert (path, body["model"], body["max_tokens"], auth) == ("/v1/chat/completions", "qa-model", 100,
+                                                                 "Bearer secret")
+        with pytest.raises(ToolError) as e:
+            qa("[France], Question: What is the capital?", ToolContext(variables={}))
+    finally:
+        fake.close()
+    assert str(e.value) == f"QA endpoint {fake.url}/chat/completions: gave up after 3 attempts (HTTP 500)"

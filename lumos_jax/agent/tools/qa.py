@@ -11,13 +11,12 @@ is configured.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import urllib.request
 from typing import Callable, Iterable, Protocol, Sequence
 
 from lumos_jax.agent.tools.base import BadArguments, Tool, ToolContext, ToolError, VARIABLE_RE, value_text
+from lumos_jax.openai_chat import ChatClient, ChatError
 
 QA_PROMPT = ("Please answer the following question according to the context. Please answer with one brief "
              "entity, beginning with 'Answer: '. If the answer can't be found in the context, answer 'No "
@@ -59,28 +58,23 @@ class GeneratorQA:
 
 
 class OpenAIQA:
-    """An OpenAI-compatible `/v1/chat/completions` endpoint (off unless configured)."""
+    """An OpenAI-compatible `/v1/chat/completions` endpoint (off unless configured), through
+    the one chat client (lumos_jax.openai_chat): HTTP 429/5xx and network errors retried."""
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 60.0,
-                 max_tokens: int = 100):
-        self.base_url, self.model, self.api_key_env = base_url.rstrip("/"), model, api_key_env
-        self.timeout_s, self.max_tokens = timeout_s, max_tokens
+                 max_tokens: int = 100, max_retries: int = 2):
+        self.base_url, self.max_tokens = base_url.rstrip("/"), max_tokens
+        self.client = ChatClient(base_url, model, api_key=os.environ.get(api_key_env), timeout=timeout_s,
+                                 max_retries=max_retries)
 
     def complete(self, prompts: Sequence[str]) -> list[str]:
         out = []
-        key = os.environ.get(self.api_key_env, "")
         for p in prompts:
-            body = json.dumps({"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
-                               "messages": [{"role": "user", "content": p}]}).encode()
-            req = urllib.request.Request(self.base_url + "/chat/completions", data=body, method="POST",
-                                         headers={"Content-Type": "application/json",
-                                                  **({"Authorization": f"Bearer {key}"} if key else {})})
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as r:  # noqa: S310
-                    data = json.loads(r.read().decode("utf-8"))
-                out.append(data["choices"][0]["message"]["content"])
-            except (OSError, KeyError, IndexError, json.JSONDecodeError) as e:
-                raise ToolError(f"QA endpoint {self.base_url}: {type(e).__name__}: {e}") from None
+            try:  # an empty reply is an answer ("" -> no answer), not a failure
+                out.append(self.client.complete([{"role": "user", "content": p}], max_tokens=self.max_tokens,
+                                                accept=lambda text: True))
+            except ChatError as e:
+                raise ToolError(f"QA endpoint {e}") from None
         return out
 
 
