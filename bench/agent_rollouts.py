@@ -5,7 +5,7 @@ Every turn generates exactly as many tokens as the gold annotation turn it repla
 new tokens, stop ids ignored) and then continues with the gold text, so the compute is real
 and each episode follows its annotation; tools (the maths Calculator) run for real. The
 gold conversations are the GSM8K test rationales converted by the data pipeline's
-deterministic converter (`data_pipeline.gsm8k`, the reference's conversion format).
+deterministic converter (`lumos_jax.data.gsm8k`, the reference's conversion format).
 
 Sides, each in its own subprocess (an OOM or crash loses only that side):
 - `ours`: streaming `EpisodeRunner` over two paged-KV engines (prefix sharing, extension);
@@ -55,8 +55,8 @@ DEFAULT_GSM8K = first_existing(REPO / ".benchdata/gsm8k_test.jsonl", REPO.parent
 def gold_episodes(path: str, n: int):
     """(tasks, ScriptedGenerator over their gold plan/ground conversations) for the first n
     GSM8K test problems that convert."""
-    from data_pipeline.gsm8k import convert_problem
-    from data_pipeline.reference_conversion import convert_rows
+    from lumos_jax.data.gsm8k import convert_problem
+    from lumos_jax.data.reference_conversion import convert_rows
     from lumos_jax.agent.generators import ScriptedGenerator
 
     rows = []

@@ -1,5 +1,4 @@
-"""Lumos training data: annotation readers and converters, tfds builders, batching.
-
-Entry points: `data_pipeline.loader.make_train_iterator` / `make_eval_iterator` (batches
-for training), `data_pipeline.cli.main` (`lumos-jax data convert|build|inspect`).
+"""Offline data commands: `lumos-jax data convert|build|inspect` (`data_pipeline.cli.main`) and
+the LLM-teacher converter. They build on `lumos_jax.data` (records, converters, tfds builders,
+loader); the dependency goes one way, data_pipeline -> lumos_jax.
 """

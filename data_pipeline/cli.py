@@ -38,7 +38,7 @@ def _convert(argv: list[str]) -> int:
     parser.add_argument("--max_retries", type=int, default=5)
     args = parse_args(parser, argv)
     if args.kind == "reference":
-        from data_pipeline.reference_conversion import convert_domain
+        from lumos_jax.data.reference_conversion import convert_domain
 
         stats = convert_domain(args.input, args.domain, args.out)
         for name, st in stats.items():
@@ -50,9 +50,9 @@ def _convert(argv: list[str]) -> int:
 
 
 def _convert_gsm8k(args) -> int:
-    from data_pipeline.gsm8k import convert_file
-    from data_pipeline.records import write_jsonl_atomic
-    from data_pipeline.reference_conversion import convert_rows
+    from lumos_jax.data.gsm8k import convert_file
+    from lumos_jax.data.records import write_jsonl_atomic
+    from lumos_jax.data.reference_conversion import convert_rows
 
     out = Path(args.out)
     rows, report = convert_file(args.input[0])
@@ -101,7 +101,7 @@ def _build(argv: list[str]) -> int:
     parser.add_argument("--manual_dir", required=True, help="directory holding the source files")
     parser.add_argument("--data_dir", required=True, help="where the array_record dataset is written")
     args = parse_args(parser, argv)
-    from data_pipeline.tfds_builders import build
+    from lumos_jax.data.tfds_builders import build
 
     builder = build(args.name, args.data_dir, args.manual_dir)
     for split, info in builder.info.splits.items():
@@ -148,8 +148,8 @@ def _inspect(argv: list[str]) -> int:
     parser.add_argument("--skip_bad_records", action="store_true")
     parser.add_argument("--tfds_data_dir")
     args = parse_args(parser, argv)
-    from data_pipeline.encoding import encode_fast
-    from data_pipeline.loader import make_train_iterator
+    from lumos_jax.data.encoding import encode_fast
+    from lumos_jax.data.loader import make_train_iterator
     from lumos_jax.tokenization import concat_messages
 
     kwargs = {k: v for k, v in dict(sources=args.sources or None, tokenizer=args.tokenizer, seq_len=args.seq_len,

@@ -30,9 +30,9 @@ CONFIGURABLE_MODULES = [
     "lumos_jax.models.attention_tpu",
     "lumos_jax.tokenization",
     "lumos_jax.generation",
+    "lumos_jax.data.loader",
 ]
 OPTIONAL_CONFIGURABLE_MODULES: list[str] = [
-    "data_pipeline.gin_configurables",
     "lumos_jax.training.gin_configurables",
     "lumos_jax.inference.gin_configurables",
     "lumos_jax.agent.gin_configurables",

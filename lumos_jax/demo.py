@@ -38,8 +38,8 @@ def _say(msg: str) -> None:
 
 def prepare_data(out_dir: Path, train_examples: int) -> dict[str, list[str]]:
     """Training files per module: bundled annotations + converted GSM8K rationales."""
-    from data_pipeline.gsm8k import convert_file
-    from data_pipeline.reference_conversion import convert_rows
+    from lumos_jax.data.gsm8k import convert_file
+    from lumos_jax.data.reference_conversion import convert_rows
 
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, report = convert_file(DEMO_DATA / "gsm8k_train_500.jsonl")

@@ -58,7 +58,7 @@ def test_gin_data_files_parse_and_the_sample_config_builds_batches(monkeypatch):
     import gin
 
     from conftest import REPO
-    from data_pipeline.loader import make_eval_iterator, make_train_iterator
+    from lumos_jax.data.loader import make_eval_iterator, make_train_iterator
     from lumos_jax.config import parse_gin
 
     monkeypatch.chdir(REPO)

@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import DATA
 
-from data_pipeline.reference_conversion import (DOMAINS, convert_domain, convert_rows, parse_action_line,
+from lumos_jax.data.reference_conversion import (DOMAINS, convert_domain, convert_rows, parse_action_line,
                                                 split_subgoal_plan)
 
 ANNOTATIONS = DATA / "lumos" / "annotations"

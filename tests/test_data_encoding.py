@@ -5,7 +5,7 @@ import random
 import pytest
 from conftest import DATA, FIXTURES
 
-from data_pipeline.encoding import encode_fast
+from lumos_jax.data.encoding import encode_fast
 from lumos_jax.tokenization import Tokenizer, concat_messages, encode_conversation, read_jsonl
 
 ANNOTATIONS = DATA / "lumos" / "annotations"

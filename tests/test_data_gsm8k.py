@@ -6,8 +6,8 @@ from fractions import Fraction
 import pytest
 from conftest import DATA
 
-from data_pipeline.gsm8k import convert_file, convert_problem, parse_number, sympy_calculator, sympy_executor
-from data_pipeline.reference_conversion import convert_rows, parse_action_line, split_subgoal_plan
+from lumos_jax.data.gsm8k import convert_file, convert_problem, parse_number, sympy_calculator, sympy_executor
+from lumos_jax.data.reference_conversion import convert_rows, parse_action_line, split_subgoal_plan
 
 TRAIN = DATA / "train" / "gsm8k_train.jsonl"
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import DATA, FIXTURES, REPO
 
-from data_pipeline.encoding import encode_fast
-from data_pipeline.loader import make_eval_iterator, make_train_iterator
-from data_pipeline.mixture import Mixture
+from lumos_jax.data.encoding import encode_fast
+from lumos_jax.data.loader import make_eval_iterator, make_train_iterator
+from lumos_jax.data.mixture import Mixture
 from lumos_jax.tokenization import read_jsonl
 
 ANN = DATA / "lumos" / "annotations"
@@ -122,7 +122,7 @@ def test_holdout_split_is_disjoint_from_training():
 RESUME_SCRIPT = """
 import json, sys
 import numpy as np
-from data_pipeline.loader import make_train_iterator
+from lumos_jax.data.loader import make_train_iterator
 args = json.loads(sys.argv[1])
 it = make_train_iterator(**args)
 it.set_state(json.loads(open(sys.argv[2]).read()))

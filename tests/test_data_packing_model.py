@@ -15,7 +15,7 @@ STORIES = REPO / "lumos_jax" / "assets" / "stories260k"
 
 
 def test_packed_logits_equal_each_conversation_alone():
-    from data_pipeline.loader import make_train_iterator
+    from lumos_jax.data.loader import make_train_iterator
     from lumos_jax.checkpoints.hf import load_hf_model
     from lumos_jax.tokenization import Tokenizer
 

@@ -5,8 +5,8 @@ import json
 import pytest
 from conftest import DATA, FIXTURES
 
-from data_pipeline.loader import make_train_iterator
-from data_pipeline.records import BadRecordError, BadRecordReport, read_annotations
+from lumos_jax.data.loader import make_train_iterator
+from lumos_jax.data.records import BadRecordError, BadRecordReport, read_annotations
 
 GOOD = {"dataset": "maths", "id": "m0", "messages": [{"role": "user", "content": "q"},
                                                        {"role": "assistant", "content": "a"}]}

@@ -9,8 +9,8 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 
 def test_annotation_builder_roundtrip_and_loader(tmp_path):
-    from data_pipeline.loader import make_train_iterator
-    from data_pipeline.tfds_builders import build
+    from lumos_jax.data.loader import make_train_iterator
+    from lumos_jax.data.tfds_builders import build
     from lumos_jax.tokenization import read_jsonl
 
     build("lumos_annotations/complex_qa_ground_iterative", tmp_path, DATA / "lumos" / "annotations")
@@ -35,7 +35,7 @@ def test_annotation_builder_roundtrip_and_loader(tmp_path):
     ("gsm8k", 1319, "Janet’s ducks lay 16 eggs per day."),
     ("strategyqa", 2290, None), ("svamp", 1000, None), ("hotpotqa", 7405, None)])
 def test_eval_builders_keep_file_order(tmp_path, name, count, first):
-    from data_pipeline.tfds_builders import EVAL_FILES, build
+    from lumos_jax.data.tfds_builders import EVAL_FILES, build
 
     build(f"lumos_eval/{name}", tmp_path, DATA / "eval")
     source = tfds.data_source(f"lumos_eval/{name}", split="test", data_dir=str(tmp_path))

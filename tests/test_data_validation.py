@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import FIXTURES
 
-from data_pipeline.loader import make_train_iterator
-from data_pipeline.records import BadRecordError
+from lumos_jax.data.loader import make_train_iterator
+from lumos_jax.data.records import BadRecordError
 from lumos_jax.tokenization import Tokenizer
 from lumos_jax.training.data import encode_files
 

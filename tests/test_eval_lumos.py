@@ -23,8 +23,8 @@ EVAL = DATA / "eval"
 
 @pytest.fixture(scope="module")
 def gold_plans(tmp_path_factory):
-    from data_pipeline.gsm8k import convert_problem
-    from data_pipeline.reference_conversion import convert_rows
+    from lumos_jax.data.gsm8k import convert_problem
+    from lumos_jax.data.reference_conversion import convert_rows
 
     rows, keep = [], []
     with open(EVAL / "gsm8k_test.jsonl") as f:

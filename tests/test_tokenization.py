@@ -132,7 +132,7 @@ def _open_instruct_encode(messages, tok, max_len):
 
 
 def test_bpe_chat_encoding_equals_open_instruct(bpe):
-    from data_pipeline.encoding import encode_fast
+    from lumos_jax.data.encoding import encode_fast
 
     tok, hf = bpe
     assert not tok.chat_bos and hf("a").input_ids == hf.encode("a", add_special_tokens=False)  # no BOS

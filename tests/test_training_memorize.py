@@ -1,5 +1,5 @@
 """End to end on the reference's own data format: a tiny model trained, through the data
-pipeline (data_pipeline.loader), on Lumos annotation conversations
+pipeline (lumos_jax.data.loader), on Lumos annotation conversations
 (../shared/data/lumos/annotations) reaches loss < 0.05 and then greedily reproduces each
 assistant turn from its prompt (encoded by the reference-exact chat encoder)."""
 

@@ -16,11 +16,11 @@ from typing import Sequence
 import gin
 import numpy as np
 
-from data_pipeline.encoding import Encoded, encode_fast
-from data_pipeline.mixture import Mixture, holdout_mask, host_slice
-from data_pipeline.packing import Packer, render_rows
-from data_pipeline.records import BadRecordReport, untrained_message
-from data_pipeline.sources import open_sources
+from lumos_jax.data.encoding import Encoded, encode_fast
+from lumos_jax.data.mixture import Mixture, holdout_mask, host_slice
+from lumos_jax.data.packing import Packer, render_rows
+from lumos_jax.data.records import BadRecordReport, untrained_message
+from lumos_jax.data.sources import open_sources
 from lumos_jax.tokenization import Tokenizer, concat_messages
 
 STATE_VERSION = 1

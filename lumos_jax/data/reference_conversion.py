@@ -222,7 +222,7 @@ def read_converted(paths: Iterable[str | Path]) -> list[dict]:
 
 def convert_domain(paths: Iterable[str | Path], domain: str, out_dir: str | Path) -> dict[str, ConversionStats]:
     """Write `lumos_{domain}_{module}_{formulation}.jsonl` (all four) into out_dir."""
-    from data_pipeline.records import write_jsonl_atomic
+    from lumos_jax.data.records import write_jsonl_atomic
 
     rows = read_converted(paths)
     stats = {}

@@ -3,7 +3,7 @@
 A source spec is a string:
 - `path/to/file.jsonl` — a Lumos annotation file, validated when opened;
 - `tfds:NAME/CONFIG` (optionally `:SPLIT`, default `train`) — a dataset written by
-  `data_pipeline.tfds_builders`, read with `tfds.data_source` through a `grain.MapDataset`
+  `lumos_jax.data.tfds_builders`, read with `tfds.data_source` through a `grain.MapDataset`
   (no TensorFlow). `tfds_data_dir` says where it was built.
 """
 
@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from data_pipeline.records import BadRecordReport, read_annotations
+from lumos_jax.data.records import BadRecordReport, read_annotations
 
 
 class RecordSource:
@@ -52,7 +52,7 @@ def open_source(spec: str, skip_bad_records: bool = False, report: BadRecordRepo
         import tensorflow_datasets as tfds
 
         name, _, split = spec[len("tfds:"):].partition(":")
-        import data_pipeline.tfds_builders  # noqa: F401  (registers the builders)
+        import lumos_jax.data.tfds_builders  # noqa: F401  (registers the builders)
 
         data_source = tfds.data_source(name, split=split or "train", data_dir=tfds_data_dir,
                                        download=False)

@@ -2,7 +2,7 @@
 
 Both read local files from the builder's manual dir (nothing is downloaded):
 - `lumos_annotations/<task>_<module>_<formulation>`: `lumos_<config>.jsonl` (the released
-  file names), validated record by record as in `data_pipeline.records`;
+  file names), validated record by record as in `lumos_jax.data.records`;
 - `lumos_eval/<gsm8k|svamp|strategyqa|hotpotqa>`: the reference's eval files
   (`gsm8k_test.jsonl`, `svamp_test.json`, `strategyqa_test.json`, `hotpotqa_dev.json`).
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from data_pipeline.records import BadRecordError, read_annotations
+from lumos_jax.data.records import BadRecordError, read_annotations
 
 TASKS = ("maths", "complex_qa", "web_agent", "multimodal", "unified")
 ANNOTATION_CONFIGS = [f"{t}_{m}_{f}" for t in TASKS for m in ("plan", "ground") for f in ("iterative", "onetime")]

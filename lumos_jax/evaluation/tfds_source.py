@@ -1,5 +1,5 @@
 """The four reference eval sets read through the data pipeline's tfds builders
-(`data_pipeline/tfds_builders.py`, `lumos_eval/<name>`, array_record, no TensorFlow).
+(`lumos_jax/data/tfds_builders.py`, `lumos_eval/<name>`, array_record, no TensorFlow).
 
 Rows come back as the same `Example`s the file readers give (ids, questions and golds in the
 metrics' form), so either source can feed the runner; `tests/test_eval_datasets.py` checks
@@ -44,7 +44,7 @@ def read_tfds(name: str, data_dir: str | Path, manual_dir: str | Path) -> list[E
         raise ValueError(f"no tfds builder for eval dataset {name!r}; have {', '.join(TFDS_NAMES)}")
     import tensorflow_datasets as tfds
 
-    from data_pipeline.tfds_builders import build
+    from lumos_jax.data.tfds_builders import build
 
     build(f"lumos_eval/{name}", data_dir, manual_dir)
     source = tfds.data_source(f"lumos_eval/{name}", split="test", data_dir=str(data_dir))

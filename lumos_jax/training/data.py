@@ -20,7 +20,7 @@ import gin
 import jax
 import numpy as np
 
-from data_pipeline.records import BadRecordError, iter_jsonl_lines, parse_record, untrained_message
+from lumos_jax.data.records import BadRecordError, iter_jsonl_lines, parse_record, untrained_message
 from lumos_jax.training.step import BATCH_KEYS
 
 
@@ -200,7 +200,7 @@ def training_data(seq_len: int = 1024, global_batch: int = 128, seed: int = 0,
     tok_path = Path(tokenizer)
     if source in ("auto", "pipeline"):
         try:
-            from data_pipeline.loader import make_eval_iterator, make_train_iterator
+            from lumos_jax.data.loader import make_eval_iterator, make_train_iterator
         except ImportError:
             if source == "pipeline":
                 raise
