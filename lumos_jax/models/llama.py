@@ -65,18 +65,20 @@ class Linear(nnx.Module):
         return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
 
 
-class RMSNorm(nnx.Module):
-    """HF LlamaRMSNorm: normalise in fp32, cast back, then scale."""
+def rms_norm(x, weight, eps):
+    """HF LlamaRMSNorm: normalise in fp32, cast back to x's dtype, then scale."""
+    h = x.astype(jnp.float32)
+    h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * h.astype(x.dtype)
 
+
+class RMSNorm(nnx.Module):
     def __init__(self, dim, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.weight = _param(rngs, (dim,), config.jnp_param_dtype, ("norm",), 0.0)
         self.eps = config.rms_norm_eps
 
     def __call__(self, x):
-        dtype = x.dtype
-        h = x.astype(jnp.float32)
-        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...].astype(dtype) * h.astype(dtype)
+        return rms_norm(x, self.weight[...], self.eps)
 
 
 def rope_inv_freq(config: LlamaConfig) -> jax.Array:
