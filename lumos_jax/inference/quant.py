@@ -172,3 +172,18 @@ def _group(name: str, group_size: int | None) -> int | None:
 
 def params_bytes(params) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(params))
+
+
+def check_quant_dtype(value: str, what: str) -> str:
+    """'bf16' (the float dtypes of `inference_dtypes`) or 'int8'; anything else is one error."""
+    if value not in WEIGHT_DTYPES:
+        raise ValueError(f"{what}={value!r}; expected one of {WEIGHT_DTYPES}")
+    return value
+
+
+def convert_weights(params: dict, weight_dtype: str, group_size: int | None = None) -> dict:
+    """The decode params in `weight_dtype` ('bf16': unchanged; 'int8': `quantize_params`,
+    on device, jitted so each weight's fp32 temporaries live only inside the program)."""
+    if check_quant_dtype(weight_dtype, "weight_dtype") == "bf16":
+        return params
+    return jax.jit(quantize_params, static_argnums=1)(params, group_size)
