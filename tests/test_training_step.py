@@ -7,6 +7,7 @@ import pytest
 import jax
 
 from conftest import DATA
+from lumos_jax.data.packing import render_rows
 from lumos_jax.models import PRESETS
 from lumos_jax.sharding import make_mesh
 from lumos_jax.training import data as data_lib
@@ -123,8 +124,7 @@ def test_user_turn_targets_do_not_change_the_loss(llama2_tokenizer):
 
     record = read_jsonl(DATA / "lumos/annotations/lumos_maths_plan_iterative.jsonl")[0]
     ids, labels = encode_conversation(record["messages"], llama2_tokenizer, 512)
-    row = data_lib.build_rows([data_lib.example_to_row(ids, labels)], 512, packing=False)[0]
-    batch = {k: v[None] for k, v in row.items()}
+    batch = render_rows([[(ids, labels)]], 512, 1, pad_id=0)
     config = TINY.replace(vocab_size=llama2_tokenizer.vocab_size)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     with jax.set_mesh(mesh):

@@ -7,6 +7,9 @@ each repetition a fresh permutation. Without weights every source contributes al
 examples once (plain concatenation, as the reference's "unified" files). The combined list
 is shuffled with a generator seeded by (seed, epoch), so any epoch's order can be rebuilt
 from the seed alone — which is what makes iterator state small.
+
+grain's `MapDataset.mix` stops at its shortest source and has no per-epoch fresh subset or
+repetition of a source, so the quotas above are ours; shuffling is a seeded numpy permutation.
 """
 
 from __future__ import annotations

@@ -6,6 +6,12 @@ first one it fits (first fit); when none has room and all are open, the fullest 
 finished and a new one opened. Its decisions depend only on lengths, so the same packing
 can be replayed from lengths alone (exact batch counts) or from the references stored in
 an iterator state (exact resume).
+
+Why not grain's `FirstFitPackIterDataset` (grain 0.2.18): measured on 20,000 conversations of
+64-1,500 tokens into 2,048-slot rows, 8 open rows / bins, batch 32 (CPU, this container),
+ours packs and renders 31-35M tokens/s at 94.0% of slots filled; grain's 0.7M tokens/s at
+85.3% (it emits all its bins whenever one example fits none). Its rows also differ, and the
+exact batch counts (`steps_per_epoch`, `num_batches`) replay this packer on lengths alone.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ Contract (docs/architecture.md, docs/data.md): dicts of int32 (rows, seq_len) ar
 
 `InMemoryBatches` defines the *global* batch sequence and hands each process its own
 rows of it, so a run gives the same batches on any number of processes (the property
-the multi-host test checks). `data_pipeline` instead gives each host disjoint examples.
+the multi-host test checks). The pipeline's iterator (`lumos_jax.data.loader`) instead gives
+each host disjoint examples. Both pack with the one first-fit `Packer` and lay rows out with
+`render_rows` (lumos_jax/data/packing.py).
 """
 
 from __future__ import annotations
@@ -20,44 +22,22 @@ import gin
 import jax
 import numpy as np
 
+from lumos_jax.data.loader import make_eval_iterator, make_train_iterator
+from lumos_jax.data.packing import BATCH_KEYS, Packer, render_rows
 from lumos_jax.data.records import BadRecordError, iter_jsonl_lines, parse_record, untrained_message
-from lumos_jax.training.step import BATCH_KEYS
+from lumos_jax.tokenization import Tokenizer, encode_conversation
+
+Example = tuple[np.ndarray, np.ndarray]  # (input_ids, labels) of one conversation
 
 
-def example_to_row(input_ids: np.ndarray, labels: np.ndarray) -> dict:
-    """One encoded conversation -> the shifted contract fields (n tokens fill n-1 slots)."""
-    return dict(input_ids=input_ids[:-1], targets=input_ids[1:],
-                loss_mask=(labels[1:] != -100).astype(np.int32))
-
-
-def build_rows(examples: Sequence[dict], seq_len: int, packing: bool, pad_id: int = 0) -> list[dict]:
-    """Rows of exactly seq_len: one example per row, or greedily packed in order."""
-    rows, current, used = [], [], 0
-
-    def flush():
-        row = {k: np.zeros(seq_len, np.int32) for k in BATCH_KEYS}
-        row["input_ids"][:] = pad_id
-        at = 0
-        for seg, ex in enumerate(current, 1):
-            n = len(ex["input_ids"])
-            for k in ("input_ids", "targets", "loss_mask"):
-                row[k][at:at + n] = ex[k]
-            row["segment_ids"][at:at + n] = seg
-            row["positions"][at:at + n] = np.arange(n)
-            at += n
-        rows.append(row)
-
-    for ex in examples:
-        ex = {k: v[:seq_len] for k, v in ex.items()}
-        n = len(ex["input_ids"])
-        if current and (not packing or used + n > seq_len):
-            flush()
-            current, used = [], 0
-        current.append(ex)
-        used += n
-    if current:
-        flush()
-    return rows
+def pack_rows(examples: Sequence[Example], seq_len: int, packing: bool) -> list[list[Example]]:
+    """Rows (lists of examples) in the pipeline's first-fit order; each row fills seq_len slots
+    at most (n tokens take n - 1). Longer examples are cut to seq_len + 1 tokens."""
+    examples = [(ids[:seq_len + 1], labels[:seq_len + 1]) for ids, labels in examples]
+    packer, rows = Packer(seq_len, packing=packing), []
+    for i, (ids, _) in enumerate(examples):
+        rows += packer.add(i, len(ids) - 1)
+    return [[examples[i] for i in row] for row in rows + packer.flush()]
 
 
 class InMemoryBatches:
@@ -74,7 +54,7 @@ class InMemoryBatches:
                  packing: bool = False, shuffle: bool = True, num_epochs: int | None = None,
                  process_index: int | None = None, process_count: int | None = None,
                  pad_id: int = 0, token_vocab_size: int | None = None):
-        self.examples = [example_to_row(*e) if isinstance(e, tuple) else e for e in examples]
+        self.examples = [(np.asarray(ids), np.asarray(labels)) for ids, labels in examples]
         if not self.examples:
             raise ValueError("training data: no examples")
         self.seq_len, self.global_batch, self.seed = seq_len, global_batch, seed
@@ -92,13 +72,12 @@ class InMemoryBatches:
             raise ValueError(f"training data: {len(self._epoch_rows(0))} rows of {seq_len} tokens "
                              f"make no full global batch of {global_batch}")
 
-    def _epoch_rows(self, epoch: int) -> list[dict]:
+    def _epoch_rows(self, epoch: int) -> list[list[Example]]:
         if self._rows_epoch != epoch:
             order = np.arange(len(self.examples))
             if self.shuffle:
                 order = np.random.default_rng([self.seed, epoch]).permutation(order)
-            self._rows = build_rows([self.examples[i] for i in order], self.seq_len,
-                                    self.packing, self.pad_id)
+            self._rows = pack_rows([self.examples[i] for i in order], self.seq_len, self.packing)
             self._rows_epoch = epoch
         return self._rows
 
@@ -112,10 +91,8 @@ class InMemoryBatches:
             raise StopIteration
         rows = self._epoch_rows(self.epoch)
         start = self.index * self.global_batch + self.process_index * self.local_batch
-        mine = rows[start:start + self.local_batch]
-        mine += [_empty_row(self.seq_len)] * (self.local_batch - len(mine))
-        self.index += 1
-        return {k: np.stack([r[k] for r in mine]) for k in BATCH_KEYS}
+        self.index += 1  # rows missing at the end of a short epoch are empty (no targets)
+        return render_rows(rows[start:start + self.local_batch], self.seq_len, self.local_batch, self.pad_id)
 
     def get_state(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
@@ -124,16 +101,10 @@ class InMemoryBatches:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
-def _empty_row(seq_len: int) -> dict:
-    return {k: np.zeros(seq_len, np.int32) for k in BATCH_KEYS}
-
-
 def encode_files(paths: Sequence[str | Path], tokenizer, max_len: int) -> list[tuple]:
     """(input_ids, labels) per record. Records are checked as the data pipeline checks them
     (BadRecordError `file:line: what`: bytes, JSON, roles, empty or missing assistant turn);
     records with no trained token are left out, counted and reported in one line."""
-    from lumos_jax.tokenization import encode_conversation
-
     out, untrained = [], []
     for path in paths:
         for n, raw in iter_jsonl_lines(path):
@@ -175,8 +146,8 @@ def training_data(seq_len: int = 1024, global_batch: int = 128, seed: int = 0,
     """The train iterator a run uses (and a held-out one when holdout_fraction > 0).
 
     Files: `files`, or `{data_dir}/lumos_{task}_{module}_{formulation}.jsonl` (the
-    released naming). source: "pipeline" (data_pipeline), "memory" (encode in memory
-    here), "synthetic" (random tokens), "auto" (pipeline if installed, else memory).
+    released naming). source: "pipeline" (lumos_jax.data.loader; "auto" is the same),
+    "memory" (encode every file up front, pad with id 0), "synthetic" (random tokens).
     Returns (train_iterator, eval_iterator_factory or None)."""
     if source == "synthetic":
         ex = synthetic_examples(synthetic_examples_count, synthetic_vocab, seq_len // 4, seq_len + 1, seed)
@@ -199,24 +170,16 @@ def training_data(seq_len: int = 1024, global_batch: int = 128, seed: int = 0,
                          "e.g. Llama-2-7b-hf; the bundled 512-piece one: 'bundled:stories260k')")
     tok_path = Path(tokenizer)
     if source in ("auto", "pipeline"):
-        try:
-            from lumos_jax.data.loader import make_eval_iterator, make_train_iterator
-        except ImportError:
-            if source == "pipeline":
-                raise
-        else:
-            per_host = global_batch // jax.process_count()
-            common = dict(sources=[str(p) for p in paths], tokenizer=str(tok_path), seq_len=seq_len,
-                          batch_size=per_host)
-            it = make_train_iterator(**common, packing=packing, seed=seed, num_epochs=None,
-                                     max_seq_length=max_seq_length, holdout_fraction=holdout_fraction)
-            ev = ((lambda: make_eval_iterator(**common, holdout_fraction=holdout_fraction))
-                  if holdout_fraction > 0 else None)
-            return it, ev
-    elif source != "memory":
+        per_host = global_batch // jax.process_count()
+        common = dict(sources=[str(p) for p in paths], tokenizer=str(tok_path), seq_len=seq_len,
+                      batch_size=per_host)
+        it = make_train_iterator(**common, packing=packing, seed=seed, num_epochs=None,
+                                 max_seq_length=max_seq_length, holdout_fraction=holdout_fraction)
+        ev = ((lambda: make_eval_iterator(**common, holdout_fraction=holdout_fraction))
+              if holdout_fraction > 0 else None)
+        return it, ev
+    if source != "memory":
         raise ValueError(f"training_data.source={source!r}; expected auto, pipeline, memory or synthetic")
-    from lumos_jax.tokenization import Tokenizer
-
     tok = Tokenizer(tok_path, add_pad_token=True)
     examples = encode_files(paths, tok, max_seq_length or seq_len)
     held = []
@@ -232,20 +195,16 @@ def training_data(seq_len: int = 1024, global_batch: int = 128, seed: int = 0,
     ev = None
     if held:
         def ev():
-            rows = build_rows([example_to_row(*e) for e in held], seq_len, packing, pad_id=0)
-            local = global_batch // jax.process_count()
-            return _fixed_batches(rows, global_batch, local)
+            return _fixed_batches(pack_rows(held, seq_len, packing), seq_len, global_batch)
     return it, ev
 
 
-def _fixed_batches(rows: list[dict], global_batch: int, local: int) -> Iterator[dict]:
+def _fixed_batches(rows: list[list[Example]], seq_len: int, global_batch: int) -> Iterator[dict]:
     """Every row once, the last batch topped up with empty rows (no targets)."""
-    empty = {k: np.zeros_like(v) for k, v in rows[0].items()}
-    rows = rows + [empty] * (-len(rows) % global_batch)
+    local = global_batch // jax.process_count()
     p = jax.process_index()
     for start in range(0, len(rows), global_batch):
-        mine = rows[start + p * local: start + (p + 1) * local]
-        yield {k: np.stack([r[k] for r in mine]) for k in BATCH_KEYS}
+        yield render_rows(rows[start + p * local: start + (p + 1) * local], seq_len, local, pad_id=0)
 
 
 def data_vocab_size(iterator) -> int | None:
