@@ -17,11 +17,19 @@ KV cache: one scale per token per kv head, the layout of the GPU Pallas kernel's
 
 from __future__ import annotations
 
+import json
 import string
+from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from lumos_jax.checkpoints.native import copy_tokenizer
+from lumos_jax.models.config import LlamaConfig
 
 QMAX = 127.0
 WEIGHT_DTYPES = ("bf16", "int8")
@@ -187,3 +195,74 @@ def convert_weights(params: dict, weight_dtype: str, group_size: int | None = No
     if check_quant_dtype(weight_dtype, "weight_dtype") == "bf16":
         return params
     return jax.jit(quantize_params, static_argnums=1)(params, group_size)
+
+
+# -- int8 checkpoints ----------------------------------------------------------------------
+# Our checkpoint format with int8 decode params: `config.json` (HF-style, with
+# lumos_jax.weight_dtype = "int8") + `params_int8/` (orbax: the decode-params tree, each
+# QTensor stored as {"q": int8, "scale": fp32}). No bf16 copy is read or built to load it.
+INT8_DIR = "params_int8"
+
+
+def is_int8_checkpoint(directory) -> bool:
+    d = Path(str(directory))
+    return (d / INT8_DIR).is_dir() and (d / "config.json").exists()
+
+
+def _to_storage(tree):
+    if isinstance(tree, QTensor):
+        return {"q": tree.q, "scale": tree.scale}
+    if isinstance(tree, dict):
+        return {k: _to_storage(v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return [_to_storage(v) for v in tree]
+    return tree
+
+
+def _from_storage(tree):
+    if isinstance(tree, dict) and set(tree) == {"q", "scale"}:
+        return QTensor(tree["q"], tree["scale"])
+    if isinstance(tree, dict):
+        return {k: _from_storage(v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return tuple(_from_storage(v) for v in tree)
+    return tree
+
+
+def save_int8(params: dict, config, directory, tokenizer_dir=None) -> Path:
+    """Write int8 decode params (`convert_weights(..., 'int8')`) and their config."""
+    if not isinstance(params.get("lm_head"), QTensor):
+        raise ValueError("save_int8: params are not int8 (convert_weights(params, 'int8') first)")
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(directory / INT8_DIR, _to_storage(params), force=True)
+        ckptr.wait_until_finished()
+    extra = {"lumos_jax": {"param_dtype": config.param_dtype, "dtype": config.dtype,
+                           "vocab_multiple": config.vocab_multiple, "weight_dtype": "int8"}}
+    (directory / "config.json").write_text(json.dumps({**config.to_hf_dict(), **extra}, indent=2))
+    copy_tokenizer(tokenizer_dir, directory)
+    return directory
+
+
+def load_int8(directory, mesh: Mesh | None = None, rules=None, **config_overrides):
+    """(config, params, spec) of an int8 checkpoint, each array read straight into its
+    shard on `mesh` (one device when None)."""
+    from lumos_jax.inference.params import forward_spec, param_shardings  # params imports this module
+
+    directory = Path(directory).absolute()
+    if not is_int8_checkpoint(directory):
+        raise FileNotFoundError(f"{directory}: not an int8 lumos-jax checkpoint (needs config.json and {INT8_DIR}/)")
+    hf = json.loads((directory / "config.json").read_text())
+    extra = {k: v for k, v in hf.pop("lumos_jax", {}).items() if k != "weight_dtype"}
+    config = LlamaConfig.from_hf_dict(hf, **{**extra, **config_overrides})
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(directory / INT8_DIR).item_metadata.tree
+        abstract = _from_storage(jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta))
+        if mesh is None:
+            mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+        shardings = param_shardings(abstract, mesh, rules)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract, shardings)
+        params = _from_storage(ckptr.restore(directory / INT8_DIR, _to_storage(target)))
+    return config, params, forward_spec(config)
