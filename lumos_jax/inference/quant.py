@@ -86,11 +86,16 @@ def _expand_scale(scale, shape):
     return scale
 
 
-def _parse(subscripts: str):
+def _parse(subscripts: str, x_ndim: int):
+    """'xs,ws->out' with a leading '...' of x and out spelled out as letters."""
     ins, out = subscripts.replace(" ", "").split("->")
     xs, ws = ins.split(",")
-    if "." in subscripts:
-        raise ValueError(f"qeinsum: {subscripts!r}: write every axis (no '...')")
+    if "." in ws or "." in xs.replace("...", "") or (("..." in xs) != ("..." in out)):
+        raise ValueError(f"qeinsum: {subscripts!r}: '...' only leading, in x and the output")
+    if "..." in xs:
+        free = [c for c in string.ascii_letters if c not in subscripts]
+        lead = "".join(free[: x_ndim - (len(xs) - 3)])
+        xs, out = xs.replace("...", lead), out.replace("...", lead)
     return xs, ws, out
 
 
@@ -111,7 +116,8 @@ def qeinsum(subscripts: str, x, w, preferred_element_type=None):
     if not isinstance(w, QTensor):
         return jnp.einsum(subscripts, x, w, preferred_element_type=preferred_element_type)
     out_dtype = preferred_element_type or x.dtype
-    xs, ws, out = _parse(subscripts)
+    xs, ws, out = _parse(subscripts, x.ndim)
+    subscripts = f"{xs},{ws}->{out}"
     contracted = "".join(c for c in ws if c not in out)
     grouped = [c for c in contracted if w.scale.shape[ws.index(c)] != 1]
     if not grouped:
