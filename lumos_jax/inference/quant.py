@@ -156,6 +156,81 @@ def dequantize_kv(q, scale, dtype) -> jax.Array:
     return (q.astype(jnp.float32) * scale[..., None]).astype(dtype)
 
 
+class QPages(NamedTuple):
+    """int8 K or V pages (KV, ..., BS, D) and their scales (KV, ..., BS), one per token per
+    head. Quacks like the float pages where the forward handles them whole (shape, dtype,
+    reshape), so the page pool's code paths stay one."""
+    q: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+    @property
+    def dtype(self):
+        return self.q.dtype
+
+    def reshape(self, *shape) -> "QPages":
+        return QPages(self.q.reshape(*shape), self.scale.reshape(*shape[:-1]))
+
+
+KV_SCALE_BYTES = 4  # fp32 scale per token per head beside the int8 page entries
+
+
+def zero_pages(shape, dtype, sharding=None):
+    """A page pool of zeros: float `dtype`, or `QPages` (int8 + fp32 scales) for int8."""
+    if jnp.dtype(dtype) != jnp.int8:
+        make = lambda: jnp.zeros(shape, dtype)  # noqa: E731
+        return jax.jit(make, out_shardings=sharding)() if sharding is not None else make()
+    make = lambda: QPages(jnp.zeros(shape, jnp.int8), jnp.zeros(shape[:-1], jnp.float32))  # noqa: E731
+    if sharding is None:
+        return make()
+    return jax.jit(make, out_shardings=QPages(sharding, drop_last_axis(sharding)))()
+
+
+def drop_last_axis(sharding):
+    """The sharding of a scale array: the pages' sharding without head_dim."""
+    if sharding is None:
+        return None
+    spec = tuple(sharding.spec) + (None,) * (len(sharding.spec) == 0)
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[:-1]))
+
+
+def constrain_pages(pages, sharding):
+    if sharding is None:
+        return pages
+    if isinstance(pages, QPages):
+        return QPages(jax.lax.with_sharding_constraint(pages.q, sharding),
+                      jax.lax.with_sharding_constraint(pages.scale, drop_last_axis(sharding)))
+    return jax.lax.with_sharding_constraint(pages, sharding)
+
+
+def set_pages(pages, blocks, offsets, new):
+    """pages[:, blocks, offsets] = new (KV, N, T, D); an out-of-range block drops the
+    write. int8 pages store new's codes and per-token-per-head scales."""
+    if not isinstance(pages, QPages):
+        return pages.at[:, blocks, offsets].set(new.astype(pages.dtype), mode="drop")
+    q, s = quantize_kv(new)
+    return QPages(pages.q.at[:, blocks, offsets].set(q, mode="drop"),
+                  pages.scale.at[:, blocks, offsets].set(s, mode="drop"))
+
+
+def take_pages(pages, table):
+    """jnp.take(pages, table, axis=1) (clipped) in the pages' own form (int8 stays QPages)."""
+    if isinstance(pages, QPages):
+        return QPages(jnp.take(pages.q, table, axis=1, mode="clip"),
+                      jnp.take(pages.scale, table, axis=1, mode="clip"))
+    return jnp.take(pages, table, axis=1, mode="clip")
+
+
+def as_float(pages, dtype):
+    """Float pages in `dtype` (int8 dequantized: codes x scale)."""
+    if isinstance(pages, QPages):
+        return dequantize_kv(pages.q, pages.scale, dtype)
+    return pages.astype(dtype)
+
+
 # -- decode params -------------------------------------------------------------------------
 # The contracted axes of each matmul weight of the decode params (lumos_jax.inference.params),
 # counted from the end so that a leading stacked-layer axis (L, ...) changes nothing.
