@@ -60,7 +60,7 @@ def test_logits_through_scattered_blocks_equal_hf_full_forward(models):
         np.testing.assert_allclose(lg, want[pos], atol=2e-4, rtol=1e-4, err_msg=f"position {pos}")
     # blocks the row does not use were never written
     unused = sorted(set(range(16)) - set(row_blocks[: -(-len(seq) // bs)]))
-    assert not np.asarray(cache.k[0])[:, unused].any()
+    assert not np.asarray(cache.k)[:, :, unused].any()
 
 
 def _drive_sessions(engine, hf, prompts, turns, new_tokens, extend_len, rng, tool_steps=2):
@@ -214,7 +214,7 @@ def test_loader_defaults_bf16_tensor_parallel_and_one_budget_for_all_engines(tmp
     assert list(engines) == [str(STORIES), str(twin)]              # one engine per distinct path
     for e in engines.values():
         assert dict(e.mesh.shape) == {"data": 1, "fsdp": 1, "tensor": len(jax.devices())}
-        assert e.params["layers"][0]["wqkv"].dtype == e.cache.k[0].dtype == jax.numpy.bfloat16
+        assert e.params["layers"]["wqkv"].dtype == e.cache.k.dtype == jax.numpy.bfloat16
         c = e.config         # K and V, every layer, 16 positions, bf16; 4 kv heads do not split 8 ways
         per_block = 2 * c.num_hidden_layers * c.num_key_value_heads * 16 * c.head_dim * 2
         assert e.num_blocks == int(gb / 2 * 2**30 // per_block)    # the budget split in two

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from lumos_jax.inference.forward import PagedCache, resolve_decode_attention
+from lumos_jax.inference.decode_attention import resolve_decode_attention
+from lumos_jax.inference.forward import PagedCache
 from lumos_jax.inference.paged import PagedMemory, pool_blocks
 from lumos_jax.inference.paged_slots import (WINDOW_MIN, Slot, attention_window, checked_token_ids,
                                              length_bucket, pow2_at_least, row_controls)
@@ -98,7 +99,7 @@ class Engine:
         self.memory = PagedMemory(blocks, block_size, max_len)
         self.block_size = block_size
         self.cache_sharding = None
-        shape = (spec.num_kv_heads, blocks, block_size, spec.head_dim)
+        shape = (spec.num_kv_heads, spec.num_layers, blocks, block_size, spec.head_dim)
         if mesh is not None:
             self.cache_sharding = NamedSharding(
                 mesh, logical_to_spec(PagedCache.logical_axes(), shape, mesh, rules))

@@ -36,14 +36,15 @@ class ForwardSpec(NamedTuple):
         return self.num_heads // self.num_kv_heads
 
 
-# Logical axes of each leaf (mapped to the mesh by lumos_jax.sharding's gin rules).
+# Logical axes of each leaf (mapped to the mesh by lumos_jax.sharding's gin rules). Layer
+# leaves are stacked: a leading "layers" axis (mapped to no mesh axis) that the forward scans.
 LAYER_AXES = {
-    "attn_norm": ("norm",),
-    "wqkv": ("embed", "kv_heads", None, "head_dim"),
-    "wo": ("kv_heads", None, "head_dim", "embed"),
-    "mlp_norm": ("norm",),
-    "w_gate_up": ("embed", None, "mlp"),
-    "w_down": ("mlp", "embed"),
+    "attn_norm": ("layers", "norm"),
+    "wqkv": ("layers", "embed", "kv_heads", None, "head_dim"),
+    "wo": ("layers", "kv_heads", None, "head_dim", "embed"),
+    "mlp_norm": ("layers", "norm"),
+    "w_gate_up": ("layers", "embed", None, "mlp"),
+    "w_down": ("layers", "mlp", "embed"),
 }
 TOP_AXES = {"embed": ("vocab", "embed"), "norm": ("norm",), "lm_head": ("embed", "vocab"),
             "inv_freq": (None,)}
@@ -60,29 +61,29 @@ def padded_vocab(vocab_size: int) -> int:
 
 
 def _fuse(raw: dict, spec: ForwardSpec, dtype) -> dict:
-    """Raw model arrays -> decode params (pure jnp, jitted by `decode_params`)."""
-    e = raw["embed"].shape[1]
+    """Raw model arrays, layer leaves stacked (L, ...) -> decode params (pure jnp, jitted
+    by `decode_params`)."""
+    lyr = raw["layers"]
+    n, e = lyr["q"].shape[:2]
     kv, g, d = spec.num_kv_heads, spec.groups, spec.head_dim
     vp = padded_vocab(spec.vocab_size)
     cast = lambda a: a.astype(dtype)  # noqa: E731
-    layers = []
-    for lyr in raw["layers"]:
-        q = lyr["q"].reshape(e, kv, g, d)
-        k = lyr["k"].reshape(e, kv, 1, d)
-        v = lyr["v"].reshape(e, kv, 1, d)
-        layers.append({
-            "attn_norm": cast(lyr["attn_norm"]),
-            "wqkv": cast(jnp.concatenate([q, k, v], axis=2)),
-            "wo": cast(lyr["o"].reshape(kv, g, d, e)),
-            "mlp_norm": cast(lyr["mlp_norm"]),
-            "w_gate_up": cast(jnp.stack([lyr["gate"], lyr["up"]], axis=1)),
-            "w_down": cast(lyr["down"]),
-        })
+    q = lyr["q"].reshape(n, e, kv, g, d)
+    k = lyr["k"].reshape(n, e, kv, 1, d)
+    v = lyr["v"].reshape(n, e, kv, 1, d)
+    layers = {
+        "attn_norm": cast(lyr["attn_norm"]),
+        "wqkv": cast(jnp.concatenate([q, k, v], axis=3)),
+        "wo": cast(lyr["o"].reshape(n, kv, g, d, e)),
+        "mlp_norm": cast(lyr["mlp_norm"]),
+        "w_gate_up": cast(jnp.stack([lyr["gate"], lyr["up"]], axis=2)),
+        "w_down": cast(lyr["down"]),
+    }
     embed = raw["embed"][: spec.vocab_size]
     head = raw["lm_head"][:, : spec.vocab_size]
     return {
         "embed": cast(jnp.pad(embed, ((0, vp - spec.vocab_size), (0, 0)))),
-        "layers": tuple(layers),
+        "layers": layers,
         "norm": cast(raw["norm"]),
         "lm_head": cast(jnp.pad(head, ((0, 0), (0, vp - spec.vocab_size)))),
         "inv_freq": raw["inv_freq"],
@@ -90,15 +91,36 @@ def _fuse(raw: dict, spec: ForwardSpec, dtype) -> dict:
 
 
 def param_shardings(params: dict, mesh: Mesh, rules=None) -> dict:
-    """NamedShardings for a decode-params tree from its logical axes."""
+    """NamedShardings for a decode-params tree (arrays or shape structs) from its logical axes."""
     def one(axes, leaf):
         return NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh, rules))
 
-    return {
-        **{k: one(TOP_AXES[k], params[k]) for k in TOP_AXES},
-        "layers": tuple({k: one(LAYER_AXES[k], lyr[k]) for k in LAYER_AXES}
-                        for lyr in params["layers"]),
-    }
+    return {**{k: one(TOP_AXES[k], params[k]) for k in TOP_AXES},
+            "layers": {k: one(LAYER_AXES[k], params["layers"][k]) for k in LAYER_AXES}}
+
+
+def _raw_layers(m) -> dict:
+    """The decoder layers' weights as stacked (L, ...) arrays, kernels (in, out): the
+    model keeps its layers as one module whose leaves are already stacked."""
+    layer = m.layers
+    a, p = layer.self_attn, layer.mlp
+    return {"attn_norm": layer.input_layernorm.weight[...], "q": a.q_proj.kernel[...],
+            "k": a.k_proj.kernel[...], "v": a.v_proj.kernel[...], "o": a.o_proj.kernel[...],
+            "mlp_norm": layer.post_attention_layernorm.weight[...], "gate": p.gate_proj.kernel[...],
+            "up": p.up_proj.kernel[...], "down": p.down_proj.kernel[...]}
+
+
+def _fuse_jit(spec: ForwardSpec, dtype, mesh: Mesh | None, rules, raw) -> dict:
+    """Run `_fuse` under one jit, straight into the mesh shardings when a mesh is given."""
+    def fuse(r):
+        r = {**r, "layers": {k: jnp.stack(v) if isinstance(v, (list, tuple)) else v
+                             for k, v in r["layers"].items()}}
+        return _fuse(r, spec, dtype)
+
+    shardings = None
+    if mesh is not None:
+        shardings = param_shardings(jax.eval_shape(fuse, raw), mesh, rules)
+    return jax.jit(fuse, out_shardings=shardings)(raw)
 
 
 def decode_params(model: LlamaForCausalLM, mesh: Mesh | None = None, rules=None) -> tuple[dict, ForwardSpec]:
@@ -106,23 +128,8 @@ def decode_params(model: LlamaForCausalLM, mesh: Mesh | None = None, rules=None)
     c = model.config
     spec = forward_spec(c)
     m = model.model
-    raw_layers = []
-    for layer in m.layers:
-        a, p = layer.self_attn, layer.mlp
-        raw_layers.append({
-            "attn_norm": layer.input_layernorm.weight[...], "q": a.q_proj.kernel[...],
-            "k": a.k_proj.kernel[...], "v": a.v_proj.kernel[...], "o": a.o_proj.kernel[...],
-            "mlp_norm": layer.post_attention_layernorm.weight[...], "gate": p.gate_proj.kernel[...],
-            "up": p.up_proj.kernel[...], "down": p.down_proj.kernel[...]})
     embed = m.embed_tokens.weight[...]
-    raw = {"embed": embed, "layers": raw_layers, "norm": m.norm.weight[...],
+    raw = {"embed": embed, "layers": _raw_layers(m), "norm": m.norm.weight[...],
            "lm_head": embed.T if c.tie_word_embeddings else model.lm_head.kernel[...],
            "inv_freq": rope_inv_freq(c)}
-    dtype = c.jnp_dtype
-    fuse = jax.jit(lambda r: _fuse(r, spec, dtype))
-    if mesh is not None:
-        shapes = jax.eval_shape(fuse, raw)
-        fuse = jax.jit(lambda r: _fuse(r, spec, dtype), out_shardings=param_shardings(shapes, mesh, rules))
-    return fuse(raw), spec
-
-
+    return _fuse_jit(spec, c.jnp_dtype, mesh, rules, raw), spec
