@@ -55,17 +55,18 @@ DEFAULT_GSM8K = first_existing(REPO / ".benchdata/gsm8k_test.jsonl", REPO.parent
 def gold_episodes(path: str, n: int):
     """(tasks, ScriptedGenerator over their gold plan/ground conversations) for the first n
     GSM8K test problems that convert."""
+    from lumos_jax.agent.generators import ScriptedGenerator
     from lumos_jax.data.gsm8k import convert_problem
     from lumos_jax.data.reference_conversion import convert_rows
-    from lumos_jax.agent.generators import ScriptedGenerator
+    from lumos_jax.jsonl import iter_jsonl
 
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip() and len(rows) < n:
-                conv = convert_problem(json.loads(line))
-                if conv.row is not None:
-                    rows.append(conv.row)
+    for _, problem in iter_jsonl(path):
+        conv = convert_problem(problem)
+        if conv.row is not None:
+            rows.append(conv.row)
+        if len(rows) == n:
+            break
     convs = {m: [json.loads(x)["messages"] for x in convert_rows(rows, "maths", m, "iterative")[0]]
              for m in ("plan", "ground")}
     tasks = [c[0]["content"].split("Task: ", 1)[1].rsplit("; Initial Environment", 1)[0] for c in convs["plan"]]

@@ -110,6 +110,7 @@ def main(argv=None) -> int:
     import jax
 
     from lumos_jax.checkpoints.gguf import write_hf_sidecar
+    from lumos_jax.jsonl import read_jsonl
     from lumos_jax.tokenization import Tokenizer
 
     t_start = time.perf_counter()
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         write_hf_sidecar(path, tmp)
         tok = Tokenizer(tmp)
-    questions = [json.loads(line)["question"] for line in GSM8K.read_text().splitlines()[: args.prompts]]
+    questions = [row["question"] for row in read_jsonl(GSM8K)[: args.prompts]]
     prompts = [tok.encode(chat_prompt(q)) for q in questions]
     max_len = max(map(len, prompts)) + 2 * args.new_tokens
     record = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)", "device": jax.devices()[0].device_kind,

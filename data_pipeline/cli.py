@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lumos_jax.assets import bundled
 from lumos_jax.config import parse_args
+from lumos_jax.jsonl import iter_jsonl, read_jsonl
 
 USAGE = __doc__
 
@@ -73,12 +74,11 @@ def _convert_gsm8k(args) -> int:
 
 def _convert_teacher(args) -> int:
     from data_pipeline.teacher import ChatClient, convert_with_teacher, gsm8k_items
-    from lumos_jax.tokenization import read_jsonl
 
     if not args.endpoint or not args.model:
         raise ValueError("convert teacher: --endpoint and --model are required")
     path = args.input[0]
-    first = next((json.loads(l) for l in open(path, encoding="utf-8") if l.strip()), {})
+    first = next((row for _, row in iter_jsonl(path)), {})
     items = gsm8k_items(path) if "answer" in first and "question" in first else read_jsonl(path)
     for n, item in enumerate(items, 1):
         if "task" not in item or "natural_language_plan" not in item:

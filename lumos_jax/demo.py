@@ -18,7 +18,6 @@ runs the same agent and runner (docs/evaluation.md).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +25,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from lumos_jax.assets import ASSETS_DIR
+from lumos_jax.jsonl import read_jsonl
 
 ASSETS = ASSETS_DIR
 DEMO_DATA = ASSETS / "demo_data"
@@ -157,7 +157,7 @@ def main(argv: Sequence[str]) -> int:
                               args.gin_bindings) for m in ("plan", "ground")}
     summary = run_agent(models["plan"], models["ground"], work / "eval", args.num_questions,
                         args.max_new_tokens, batch=args.num_questions)
-    records = [json.loads(x) for x in (work / "eval" / "predictions.jsonl").read_text().splitlines()]
+    records = read_jsonl(work / "eval" / "predictions.jsonl")
     def tool_calls_ok(r: dict) -> int:
         return sum(e["event"] == "action" and e.get("error_kind") is None for e in r["trace"])
 

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import gin
 
+from lumos_jax.jsonl import iter_jsonl
 from lumos_jax.models.llama import LlamaForCausalLM
 
 
@@ -96,21 +97,14 @@ def _read_prompts(path: str) -> list[dict]:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{path}: prompts file does not exist")
+    if not path.endswith(".jsonl"):
+        return [{"prompt": line} for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     records = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.endswith(".jsonl"):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise ValueError(f"{path}:{n}: invalid JSON") from None
-            ok = isinstance(rec, dict) and (isinstance(rec.get("prompt"), str)
-                                            or isinstance(rec.get("messages"), list))
-            if not ok:
-                raise ValueError(f"{path}:{n}: expected an object with a 'prompt' string or a "
-                                 "'messages' list")
-            records.append(rec)
-        else:
-            records.append({"prompt": line})
+    for n, rec in iter_jsonl(p):
+        ok = isinstance(rec, dict) and (isinstance(rec.get("prompt"), str)
+                                        or isinstance(rec.get("messages"), list))
+        if not ok:
+            raise ValueError(f"{path}:{n}: expected an object with a 'prompt' string or a "
+                             "'messages' list")
+        records.append(rec)
     return records

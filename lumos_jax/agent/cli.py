@@ -11,7 +11,6 @@ Models, style, loop and tools come from gin (`agent_episode.*`, `agent_models.*`
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Sequence
 
 import gin
+
+from lumos_jax.jsonl import iter_jsonl, read_jsonl
 
 _COLOURS = {"plan": "\033[36m", "ground": "\033[35m", "ok": "\033[32m", "err": "\033[31m", "dim": "\033[2m",
             "bold": "\033[1m", "end": "\033[0m"}
@@ -65,19 +66,17 @@ def use_colour(no_color: bool = False) -> bool:
 
 
 def _read_tasks(path: str) -> list[str]:
-    tasks = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.endswith(".jsonl"):
-                try:
-                    row = json.loads(line)
-                    tasks.append(str(row.get("task") or row.get("question") or row["confirmed_task"]))
-                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                    raise ValueError(f"{path}:{n}: expected a JSON object with 'task' or 'question'") from None
-            else:
-                tasks.append(line.strip())
+    if path.endswith(".jsonl"):
+        tasks = []
+        for n, row in iter_jsonl(path):
+            task = (row.get("task") or row.get("question") or row.get("confirmed_task")
+                    if isinstance(row, dict) else None)
+            if task is None:
+                raise ValueError(f"{path}:{n}: expected a JSON object with 'task' or 'question'")
+            tasks.append(str(task))
+    else:
+        with open(path, encoding="utf-8") as f:
+            tasks = [line.strip() for line in f if line.strip()]
     if not tasks:
         raise ValueError(f"--tasks_file {path}: no tasks in it (one task a line, or JSONL with 'task')")
     return tasks
@@ -86,7 +85,6 @@ def _read_tasks(path: str) -> list[str]:
 def scripted_tasks(plan_file: Path) -> list[str]:
     """The task texts the scripted backend knows: the tasks of the plan annotation file."""
     from lumos_jax.agent.prompts import plan_first
-    from lumos_jax.jsonl import read_jsonl
 
     tasks = []
     for row in read_jsonl(plan_file):

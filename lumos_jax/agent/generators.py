@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import threading
 import time
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
+from lumos_jax.jsonl import iter_jsonl
 from lumos_jax.tokenization import ROLE_TAGS, concat_messages, reference_prompt_text
 
 
@@ -212,13 +212,10 @@ class ScriptedGenerator(Polling):
 
 def _read_conversations(path: str | Path) -> list[list[dict]]:
     convs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    convs.append(json.loads(line)["messages"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{path}:{n}: expected a record with 'messages'") from None
+    for n, row in iter_jsonl(path):
+        if not isinstance(row, dict) or "messages" not in row:
+            raise ValueError(f"{path}:{n}: expected a record with 'messages'")
+        convs.append(row["messages"])
     return convs
 
 

@@ -17,12 +17,12 @@ import numpy as np
 from lumos_jax.agent.tools.base import ToolContext
 from lumos_jax.agent.tools.retrieval import BM25Ranker, DenseRanker, DocStore, KnowledgeQuery, Passage
 from lumos_jax.agent.tools.web import ElementRanker, Mind2WebReplay, load_mind2web
+from lumos_jax.jsonl import read_jsonl
 
 
 def retrieval(shared: Path, dense: bool) -> dict:
     store = DocStore.from_jsonl(shared / "data/corpus/hotpotqa_wiki_paragraphs.jsonl")
-    rows = [json.loads(x) for x in (shared / "data/eval/hotpotqa_dev_distractor_sample.jsonl").read_text().splitlines()
-            if x.strip()]
+    rows = read_jsonl(shared / "data/eval/hotpotqa_dev_distractor_sample.jsonl")
     kq, kq_bm25_only, total = 0, 0, 0
     tool = KnowledgeQuery(store)
     for r in rows:

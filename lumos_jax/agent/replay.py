@@ -12,7 +12,6 @@ the gold text, so the compute is real and the episode follows the annotation.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Callable
@@ -20,20 +19,17 @@ from typing import Callable
 from lumos_jax.agent.generators import Polling, ScriptedGenerator, as_polling
 from lumos_jax.agent.parsing import parse_action
 from lumos_jax.agent.tools.base import Tool, ToolContext, ToolError
+from lumos_jax.jsonl import iter_jsonl
 
 _ACTION_LINE = re.compile(r"^Action \d+-\d+: (.*)$")
 
 
 def read_converted(path: str | Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                    rows.append({"task": row["task"], "subgoal_plan": row["subgoal_plan"]})
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{path}:{n}: expected 'task' and 'subgoal_plan'") from None
+    for n, row in iter_jsonl(path):
+        if not (isinstance(row, dict) and "task" in row and "subgoal_plan" in row):
+            raise ValueError(f"{path}:{n}: expected 'task' and 'subgoal_plan'")
+        rows.append({"task": row["task"], "subgoal_plan": row["subgoal_plan"]})
     return rows
 
 

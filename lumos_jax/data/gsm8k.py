@@ -17,11 +17,12 @@ with a reason.
 from __future__ import annotations
 
 import collections
-import json
 import re
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable, NamedTuple
+
+from lumos_jax.jsonl import iter_jsonl
 
 MARK = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
 NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?|\.\d+)(?![\w.])")
@@ -241,23 +242,16 @@ def convert_file(path: str | Path, executor: Executor | None = None) -> tuple[li
     executor = executor or default_executor()
     rows, failures, examples = [], collections.Counter(), collections.defaultdict(list)
     total = executed = 0
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            total += 1
-            try:
-                problem = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                problem = {}
-            result = convert_problem(problem if isinstance(problem, dict) else {}, executor)
-            if result.row is not None:
-                rows.append(result.row)
-            executed += result.executed
-            if result.reason:
-                failures[result.reason] += 1
-                if len(examples[result.reason]) < 5:
-                    examples[result.reason].append(n)
+    for n, problem in iter_jsonl(path, bad="mark"):  # a line that is not JSON fails as {}
+        total += 1
+        result = convert_problem(problem if isinstance(problem, dict) else {}, executor)
+        if result.row is not None:
+            rows.append(result.row)
+        executed += result.executed
+        if result.reason:
+            failures[result.reason] += 1
+            if len(examples[result.reason]) < 5:
+                examples[result.reason].append(n)
     report = GSM8KReport(total, len(rows), executed, dict(failures), dict(examples),
                          getattr(executor, "__name__", str(executor)))
     return rows, report

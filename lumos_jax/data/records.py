@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 from pathlib import Path
-from typing import Iterator
+
+from lumos_jax.jsonl import iter_jsonl_lines, parse_line
 
 ROLES = ("system", "user", "assistant")
 
@@ -70,24 +70,11 @@ def validate_record(record, where: str) -> tuple[str, str] | None:
     return None
 
 
-def iter_jsonl_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw bytes) of each non-blank line."""
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if raw.strip():
-                yield n, raw
-
-
 def parse_record(raw: bytes, where: str) -> tuple[dict | None, tuple[str, str] | None]:
     """Decode + parse + validate one line: (record, None) or (None, (reason, message))."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return None, ("not_utf8", f"{where}: not valid UTF-8 (byte {e.start})")
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as e:
-        return None, ("bad_json", f"{where}: invalid JSON ({e.msg}, column {e.colno})")
+    record, problem = parse_line(raw, where)
+    if problem is not None:
+        return None, problem
     problem = validate_record(record, where)
     return (None, problem) if problem else (record, None)
 

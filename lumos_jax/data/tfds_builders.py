@@ -18,6 +18,7 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 
 from lumos_jax.data.records import BadRecordError, read_annotations
+from lumos_jax.jsonl import iter_jsonl
 
 TASKS = ("maths", "complex_qa", "web_agent", "multimodal", "unified")
 ANNOTATION_CONFIGS = [f"{t}_{m}_{f}" for t in TASKS for m in ("plan", "ground") for f in ("iterative", "onetime")]
@@ -52,14 +53,8 @@ class LumosAnnotations(tfds.core.GeneratorBasedBuilder):
 def _eval_rows(name: str, path: Path):
     """(question, answer, meta) of each evaluation example, as the reference reads them."""
     if name == "gsm8k":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise BadRecordError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-                    yield row["question"], row["answer"].split("####")[-1].strip(), {"rationale": row["answer"]}
+        for _, row in iter_jsonl(path, error=BadRecordError):
+            yield row["question"], row["answer"].split("####")[-1].strip(), {"rationale": row["answer"]}
         return
     rows = json.loads(path.read_text(encoding="utf-8"))
     for row in rows:

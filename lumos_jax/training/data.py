@@ -24,7 +24,8 @@ import numpy as np
 
 from lumos_jax.data.loader import make_eval_iterator, make_train_iterator
 from lumos_jax.data.packing import BATCH_KEYS, Packer, render_rows
-from lumos_jax.data.records import BadRecordError, iter_jsonl_lines, parse_record, untrained_message
+from lumos_jax.data.records import BadRecordError, parse_record, untrained_message
+from lumos_jax.jsonl import iter_jsonl_lines
 from lumos_jax.tokenization import Tokenizer, encode_conversation
 
 Example = tuple[np.ndarray, np.ndarray]  # (input_ids, labels) of one conversation
