@@ -23,8 +23,8 @@ from typing import Sequence
 
 import gin
 import numpy as np
+import sentencepiece as spm
 
-from lumos_jax.jsonl import read_jsonl  # noqa: F401  (re-exported for callers reading annotations)
 
 IGNORE_INDEX = -100
 PAD_TOKEN = "<pad>"
@@ -46,8 +46,6 @@ class Tokenizer:
         if backend == "sentencepiece":
             if not model_file.exists():
                 raise FileNotFoundError(f"tokenizer: no tokenizer.model in {path}")
-            import sentencepiece as spm
-
             self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
             self.base_vocab_size = self._sp.get_piece_size()
             self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
@@ -58,6 +56,7 @@ class Tokenizer:
         elif backend == "hf":
             if json_file is None or not json_file.exists():
                 raise FileNotFoundError(f"tokenizer: no tokenizer.json in {path}")
+            # transformers takes seconds to import; only tokenizer.json folders need it
             from transformers import PreTrainedTokenizerFast
 
             self._hf = PreTrainedTokenizerFast.from_pretrained(str(path))
@@ -120,14 +119,28 @@ class Tokenizer:
                 elif piece:
                     ids.extend(self._hf.encode(piece, add_special_tokens=False))
             return ids
-        for piece in self._split_re.split(text):
-            if not piece:
-                continue
-            if piece in self._specials:
-                ids.append(self._specials[piece])
-            else:
-                ids.extend(self._sp.encode(piece))
+        for piece_ids in self.encode_pieces([p for p in self.split_at_specials(text) if p]):
+            ids.extend(piece_ids)
         return ids
+
+    def split_at_specials(self, text: str) -> list[str]:
+        """`text` cut at special-token strings, each special its own piece (some pieces may be
+        empty): the slow Llama tokenizer encodes every piece on its own."""
+        return self._split_re.split(text)
+
+    def special_spans(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) of every special-token string in `text`, as `split_at_specials` cuts."""
+        return [(m.start(), m.end()) for m in self._split_re.finditer(text)]
+
+    def encode_pieces(self, pieces: Sequence[str]) -> list[list[int]]:
+        """Ids of each non-empty piece encoded on its own: a special-token string gives its one
+        id; other text is encoded (sentencepiece: all pieces in one batched call)."""
+        plain = [p for p in pieces if p not in self._specials]
+        if self.backend == "sentencepiece":
+            encoded = iter(self._sp.encode(plain))
+        else:
+            encoded = iter(self._hf.encode(p, add_special_tokens=False) for p in plain)
+        return [[self._specials[p]] if p in self._specials else next(encoded) for p in pieces]
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         ids = [int(i) for i in ids if not (skip_special and int(i) in self._special_ids)]

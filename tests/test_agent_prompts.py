@@ -14,7 +14,8 @@ from lumos_jax.agent.loops import EpisodeConfig
 from lumos_jax.agent.replay import read_converted, replay_tools
 from lumos_jax.agent.runner import EpisodeRunner
 from lumos_jax.agent.tools.registry import build_registry
-from lumos_jax.tokenization import Tokenizer, encode_conversation, read_jsonl
+from lumos_jax.jsonl import read_jsonl
+from lumos_jax.tokenization import Tokenizer, encode_conversation
 
 ANN = DATA / "lumos" / "annotations"
 CONVERTED = DATA / "lumos" / "converted"

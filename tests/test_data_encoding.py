@@ -6,7 +6,8 @@ import pytest
 from conftest import DATA, FIXTURES
 
 from lumos_jax.data.encoding import encode_fast
-from lumos_jax.tokenization import Tokenizer, concat_messages, encode_conversation, read_jsonl
+from lumos_jax.jsonl import read_jsonl
+from lumos_jax.tokenization import Tokenizer, concat_messages, encode_conversation
 
 ANNOTATIONS = DATA / "lumos" / "annotations"
 

@@ -11,7 +11,7 @@ from conftest import DATA, FIXTURES, REPO
 from lumos_jax.data.encoding import encode_fast
 from lumos_jax.data.loader import make_eval_iterator, make_train_iterator
 from lumos_jax.data.mixture import Mixture
-from lumos_jax.tokenization import read_jsonl
+from lumos_jax.jsonl import read_jsonl
 
 ANN = DATA / "lumos" / "annotations"
 FILES = [str(p) for p in sorted(ANN.glob("*.jsonl"))]

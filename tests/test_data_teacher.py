@@ -12,7 +12,7 @@ from lumos_jax.data.reference_conversion import convert_rows
 from data_pipeline.teacher import ChatClient, TeacherError, convert_with_teacher, gsm8k_items
 from lumos_jax.agent.tools.base import ToolContext, ToolError
 from lumos_jax.agent.tools.qa import QA, OpenAIQA
-from lumos_jax.tokenization import read_jsonl
+from lumos_jax.jsonl import read_jsonl
 
 
 class FakeOpenAI:

@@ -11,7 +11,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 def test_annotation_builder_roundtrip_and_loader(tmp_path):
     from lumos_jax.data.loader import make_train_iterator
     from lumos_jax.data.tfds_builders import build
-    from lumos_jax.tokenization import read_jsonl
+    from lumos_jax.jsonl import read_jsonl
 
     build("lumos_annotations/complex_qa_ground_iterative", tmp_path, DATA / "lumos" / "annotations")
     assert list((tmp_path / "lumos_annotations").rglob("*.array_record*"))

@@ -9,7 +9,8 @@ import pytest
 import sentencepiece as spm
 
 from conftest import DATA, FIXTURES
-from lumos_jax.tokenization import IGNORE_INDEX, Tokenizer, encode_conversation, read_jsonl
+from lumos_jax.jsonl import read_jsonl
+from lumos_jax.tokenization import IGNORE_INDEX, Tokenizer, encode_conversation
 
 ANN = DATA / "lumos" / "annotations"
 
@@ -35,6 +36,20 @@ def test_ids_equal_sentencepiece(name, backend):
     for text in TEXTS:
         assert tok.encode(text, add_bos=True) == [sp.bos_id()] + sp.encode(text), text
         assert tok.encode(text) == sp.encode(text), text
+
+
+def test_pieces_encode_as_sentencepiece_does_each_piece():
+    """The public piece API the fast chat encoder uses: pieces cut at special-token strings,
+    each encoded on its own by SentencePiece (the slow Llama tokenizer's rule)."""
+    sp = spm.SentencePieceProcessor(model_file=str(FIXTURES / "llama2-tokenizer" / "tokenizer.model"))
+    tok = Tokenizer(FIXTURES / "llama2-tokenizer", add_pad_token=True)
+    text = "User: hi</s>\nAssistant: a<pad> b</s></s>\n"
+    pieces = tok.split_at_specials(text)
+    assert "".join(pieces) == text and [p for p in pieces if p in ("</s>", "<pad>")] == ["</s>", "<pad>", "</s>", "</s>"]
+    assert [text[s:e] for s, e in tok.special_spans(text)] == ["</s>", "<pad>", "</s>", "</s>"]
+    want = [[sp.eos_id()] if p == "</s>" else [32000] if p == "<pad>" else sp.encode(p) for p in pieces if p]
+    assert tok.encode_pieces([p for p in pieces if p]) == want
+    assert tok.encode(text) == [i for ids in want for i in ids]
 
 
 def test_known_ids():

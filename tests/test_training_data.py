@@ -9,7 +9,8 @@ import pytest
 
 from conftest import DATA, REPO
 from lumos_jax.config import parse_gin
-from lumos_jax.tokenization import Tokenizer, read_jsonl
+from lumos_jax.jsonl import read_jsonl
+from lumos_jax.tokenization import Tokenizer
 from lumos_jax.training import data as data_lib
 
 STORIES_TOKENIZER = REPO / "lumos_jax" / "assets" / "stories260k"

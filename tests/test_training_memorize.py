@@ -10,7 +10,8 @@ import numpy as np
 from conftest import DATA, FIXTURES
 from lumos_jax.config import parse_gin
 from lumos_jax.generation import greedy_generate
-from lumos_jax.tokenization import encode_conversation, read_jsonl
+from lumos_jax.jsonl import read_jsonl
+from lumos_jax.tokenization import encode_conversation
 from lumos_jax.training import state as state_lib
 from lumos_jax.training.loop import train
 

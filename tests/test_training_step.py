@@ -120,7 +120,8 @@ def test_matches_hf_transformers_and_torch_adamw(tmp_path):
 
 
 def test_user_turn_targets_do_not_change_the_loss(llama2_tokenizer):
-    from lumos_jax.tokenization import encode_conversation, read_jsonl
+    from lumos_jax.jsonl import read_jsonl
+    from lumos_jax.tokenization import encode_conversation
 
     record = read_jsonl(DATA / "lumos/annotations/lumos_maths_plan_iterative.jsonl")[0]
     ids, labels = encode_conversation(record["messages"], llama2_tokenizer, 512)

@@ -39,18 +39,10 @@ class _PieceEncoder:
         self.cache: dict[str, list[int]] = {}
 
     def encode_pieces(self, pieces: list[str]) -> list[list[int]]:
-        todo = [p for p in pieces if p and p not in self.tok._specials and p not in self.cache]
+        todo = list(dict.fromkeys(p for p in pieces if p and p not in self.cache))
         if todo:
-            todo = list(dict.fromkeys(todo))
-            for p, ids in zip(todo, self.tok._sp.encode(todo)):
-                self.cache[p] = ids
-        out = []
-        for p in pieces:
-            if not p:
-                continue
-            special = self.tok._specials.get(p)
-            out.append([special] if special is not None else self.cache[p])
-        return out
+            self.cache.update(zip(todo, self.tok.encode_pieces(todo)))
+        return [self.cache[p] for p in pieces if p]
 
     def length(self, pieces: list[str]) -> int:
         return sum(len(x) for x in self.encode_pieces(pieces))
@@ -70,14 +62,14 @@ def encode_fast(messages: Sequence[dict], tokenizer: Tokenizer, max_len: int = 1
     text = "".join(turns)
     enc = _PieceEncoder(tokenizer)
     full_ids = [tokenizer.bos_id]
-    for ids in enc.encode_pieces(tokenizer._split_re.split(text.strip())):
+    for ids in enc.encode_pieces(tokenizer.split_at_specials(text.strip())):
         full_ids.extend(ids)
     full_len = len(full_ids)
     input_ids = np.asarray(full_ids[:max_len], dtype=np.int32)
     labels = input_ids.copy()
 
     # Special-token spans of the unstripped text; prefix token counts are built from them.
-    spans = [(m.start(), m.end()) for m in tokenizer._split_re.finditer(text)]
+    spans = tokenizer.special_spans(text)
 
     def prefix_len(end: int) -> int:
         n, at = 1, 0  # BOS
