@@ -250,3 +250,27 @@ def test_reference_style_episodes_compute_under_half_the_prompt_tokens():
     for m, e in engines.items():
         s = e.stats
         assert s["prefix_saved_tokens"] > 0 and s["prefill_tokens"] <= 0.5 * s["prompt_tokens"], (m, s)
+
+
+def test_decode_program_updates_the_pool_in_place_and_does_not_grow_with_depth():
+    """Layers are scanned: the compiled decode loop is the same program at 2 and 6 layers,
+    and the donated pool is aliased to the output with no pool-sized temporary (no copy)."""
+    from lumos_jax.inference.paged_slots import row_controls
+    from lumos_jax.inference.steps import decode_loop
+    from lumos_jax.models.config import LlamaConfig
+    from lumos_jax.models.llama import create_model
+
+    sizes = {}
+    for layers in (2, 6):
+        cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+        e = Engine(create_model(cfg, 0), num_slots=2, max_len=64, block_size=8, num_blocks=512)
+        z = np.zeros(2, np.int32)
+        compiled = decode_loop.lower(e.params, e.cache, np.zeros((2, 8), np.int32), z, z, z,
+                                     np.ones(2, bool), z + 64, row_controls([None, None]),
+                                     spec=e.spec, steps=2).compile()
+        mem = compiled.memory_analysis()
+        pool = e.cache.k.nbytes + e.cache.v.nbytes
+        assert mem.alias_size_in_bytes >= pool and mem.temp_size_in_bytes < pool / 8, (layers, mem)
+        sizes[layers] = compiled.as_text().count("\n")
+    assert sizes[2] == sizes[6], sizes

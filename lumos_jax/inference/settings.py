@@ -26,8 +26,8 @@ def engine_settings(num_slots: int = 8, max_len: int = 2048, steps_per_call: int
     may process, and the KV pool: `block_size` tokens per block, `kv_memory_gb` GiB per
     device for all engines together, else `kv_memory_fraction` of the free device memory
     after the weights (backends that report no memory, e.g. CPU: num_slots x max_len).
-    `decode_attention`: 'auto' (the Pallas paged kernel on TPU, 'dot' elsewhere), 'dot',
-    'reduce' or 'pallas'."""
+    `decode_attention`: 'auto' (the Pallas paged kernel on TPU, JAX's Pallas GPU paged kernel
+    on GPU, 'dot' elsewhere), 'dot', 'reduce', 'pallas' or 'pallas_gpu'."""
     return dict(num_slots=num_slots, max_len=max_len, steps_per_call=steps_per_call,
                 max_prefill_tokens=max_prefill_tokens, block_size=block_size,
                 kv_memory_gb=kv_memory_gb, kv_memory_fraction=kv_memory_fraction,
