@@ -2,14 +2,33 @@
 
 Subcommands are imported lazily so `lumos-jax convert` does not pay for the agent's
 imports. Each target is `module:function(argv) -> int`.
+
+Errors: bad user input (a `UserError`, a missing file, a ValueError raised by our own code)
+is one line on stderr, exit 2; anything else (a JAX error, a bug) keeps its traceback.
+`--debug` (anywhere on the line) or `LUMOS_DEBUG=1` always shows the full traceback and
+logs at DEBUG. Logs of the `lumos_jax`, `data_pipeline` and `launch` loggers go to stderr,
+configured here once per command; a command's own output stays on stdout.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import re
 import sys
+from pathlib import Path
+
+import gin
+
+from lumos_jax.assets import expand_arg
+from lumos_jax.errors import UserError
+
+# our packages: a ValueError raised in one of them is a message for the user
+OWN_CODE = tuple(str(Path(__file__).resolve().parent.parent / pkg) + os.sep
+                 for pkg in ("lumos_jax", "data_pipeline", "launch"))
+LOGGERS = ("lumos_jax", "data_pipeline", "launch")
+DEBUG_ENV = ("LUMOS_DEBUG", "LUMOS_JAX_DEBUG")  # the second: the old name
 
 SUBCOMMANDS = {
     "convert": ("lumos_jax.checkpoints.convert:main", "HF directory <-> lumos-jax checkpoint"),
@@ -25,13 +44,16 @@ SUBCOMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: lumos-jax <command> [--gin_file=F ...] [--gin.X=Y ...] [options]", "", "commands:"]
+    lines = ["usage: lumos-jax <command> [--gin_file=F ...] [--gin.X=Y ...] [--debug] [options]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "--debug (or LUMOS_DEBUG=1): full tracebacks and DEBUG logs"]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or any(os.environ.get(v, "") not in ("", "0") for v in DEBUG_ENV)
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
@@ -48,24 +70,67 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lumos-jax: error: command {name!r} is not available in this build", file=sys.stderr)
             return 2
         raise
-    from lumos_jax.assets import expand_arg
-    from lumos_jax.config import ConfigError
-
     rest = [expand_arg(a) for a in rest]
+    saved = configure_logging(debug)
     try:
         return int(getattr(module, func_name)(rest) or 0)
     except KeyboardInterrupt:
-        if os.environ.get("LUMOS_JAX_DEBUG"):
+        if debug:
             raise
         print(f"lumos-jax {name}: interrupted (ctrl-C)", file=sys.stderr)
         return 130
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        # Bad user input (gin, files, shapes): one clear line, no traceback
-        # (LUMOS_JAX_DEBUG=1 shows it).
-        if os.environ.get("LUMOS_JAX_DEBUG"):
-            raise
+    except (FileNotFoundError, ValueError) as e:
+        if debug or not is_user_error(e):
+            raise  # a JAX error or a bug: the traceback is what helps
         print(f"lumos-jax {name}: error: {error_line(e, rest)}", file=sys.stderr)
         return 2
+    finally:
+        restore_logging(saved)
+
+
+def is_user_error(e: BaseException) -> bool:
+    """A UserError, a missing file, or a ValueError raised by our own code (its innermost
+    frame is in one of our packages); a ValueError from JAX, numpy, ... is not."""
+    if isinstance(e, (UserError, FileNotFoundError)):
+        return True
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(OWN_CODE)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted (a redirect, a test's capture)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def configure_logging(debug: bool = False) -> list[tuple]:
+    """Our loggers to stderr, INFO (DEBUG with --debug), bare messages; returns what
+    `restore_logging` puts back (main runs inside other programs too: tests, notebooks)."""
+    saved = []
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.handlers[:], logger.level, logger.propagate))
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.DEBUG if debug else logging.INFO)
+        logger.propagate = False  # the root logger (absl's, tf's) would print it again
+    return saved
+
+
+def restore_logging(saved: list[tuple]) -> None:
+    for logger, handlers, level, propagate in saved:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def error_line(e: Exception, argv: list[str]) -> str:
@@ -93,8 +158,6 @@ def error_line(e: Exception, argv: list[str]) -> str:
 def _origin_value(origin: str, argv: list[str]) -> str | None:
     """The path a `--flag` or `gin configurable.param` origin holds."""
     if origin.startswith("gin "):
-        import gin
-
         try:
             value = gin.query_parameter(origin[4:])
         except ValueError:
@@ -131,16 +194,11 @@ def path_origin(text: str, argv: list[str]) -> str | None:
             consider(argv[i + 1], a)
         elif not a.startswith("-") and not (i and argv[i - 1].startswith("--") and "=" not in argv[i - 1]):
             consider(a, f"argument {a!r}")
-    try:
-        import gin
-
-        for (scope, selector), params in gin.config._CONFIG.items():  # noqa: SLF001 - no public reader
-            for param, value in params.items():
-                name = selector.rsplit(".", 1)[-1]  # gin keys configurables by module path
-                key = scope if selector == "gin.macro" else f"{scope + '/' if scope else ''}{name}.{param}"
-                consider(value, f"gin {key}")
-    except ImportError:
-        pass
+    for (scope, selector), params in gin.config._CONFIG.items():  # noqa: SLF001 - no public reader
+        for param, value in params.items():
+            name = selector.rsplit(".", 1)[-1]  # gin keys configurables by module path
+            key = scope if selector == "gin.macro" else f"{scope + '/' if scope else ''}{name}.{param}"
+            consider(value, f"gin {key}")
     return max(found)[1] if found else None
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from typing import Sequence
 import gin
 
 from lumos_jax.assets import expand as expand_bundled
+from lumos_jax.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GIN_DIR = REPO_ROOT / "gin"
@@ -40,7 +41,7 @@ OPTIONAL_CONFIGURABLE_MODULES: list[str] = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad gin file or binding; the message is one line naming the file or key."""
 
 
@@ -170,8 +171,3 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse
     parse_gin(args.gin_file, bindings)
     args.gin_bindings = bindings
     return args
-
-
-def fail(message: str) -> None:
-    print(f"lumos-jax: error: {message}", file=sys.stderr)
-    raise SystemExit(2)

@@ -22,6 +22,28 @@ def test_eval_cli_oracle_and_wrong(tmp_path, capsys):
     assert summary["score"] == 0.0 and summary["n"] == 5
 
 
+def test_eval_cli_writes_the_operative_config_and_fails_when_every_episode_does(tmp_path, capsys, monkeypatch):
+    from lumos_jax.evaluation import agents
+
+    rc = lumos_main(["eval", "--gin_file=experiments/eval/tiny_gsm8k_oracle.gin", f"--output_dir={tmp_path / 'o'}",
+                     "--limit=3", "--quiet"])
+    assert rc == 0
+    operative = (tmp_path / "o" / "operative_config.gin").read_text()
+    assert "eval_experiment.dataset = 'gsm8k'" in operative and "scripted_agent.kind = 'oracle'" in operative
+    capsys.readouterr()
+
+    def broken(self, example):
+        raise RuntimeError("model not loaded")
+
+    monkeypatch.setattr(agents.ScriptedAgent, "__call__", broken)
+    rc = lumos_main(["eval", "--gin_file=experiments/eval/tiny_gsm8k_oracle.gin", f"--output_dir={tmp_path / 'b'}",
+                     "--limit=3", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "every episode failed (3); first: gsm8k_0: RuntimeError: model not loaded" in err, err
+    assert "3 of 3 episodes failed" in err  # the runner's warning, through the CLI's logging
+
+
 def test_eval_cli_mind2web(tmp_path, capsys):
     assert lumos_main(["eval", "--gin_file=experiments/eval/tiny_mind2web_oracle.gin",
                        f"--output_dir={tmp_path}", "--quiet"]) == 0

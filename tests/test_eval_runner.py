@@ -1,6 +1,7 @@
 """The resumable runner: oracle 100 / wrong 0, crash isolation, kill -9 and resume."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -103,7 +104,7 @@ def test_streaming_agent_records_each_episode_as_it_ends_and_ends_in_dataset_ord
     assert all(json.loads(x)["seconds"] == 0.5 for x in pred.read_text().splitlines())
 
 
-def test_a_failing_stream_falls_back_to_one_by_one_for_the_rest(tmp_path):
+def test_a_failing_stream_falls_back_to_one_by_one_for_the_rest(tmp_path, caplog):
     examples = d.read_gsm8k(EVAL / "gsm8k_test.jsonl")[:5]
     called = []
 
@@ -118,9 +119,35 @@ def test_a_failing_stream_falls_back_to_one_by_one_for_the_rest(tmp_path):
                 raise ValueError("bad example")
             return AgentResult(answer=ex.answer)
 
-    s = evaluate(examples, Breaks(), "numeric_match", tmp_path, "gsm8k")
+    with caplog.at_level(logging.WARNING, logger="lumos_jax"):
+        s = evaluate(examples, Breaks(), "numeric_match", tmp_path, "gsm8k")
     assert called == ["gsm8k_0", "gsm8k_1", "gsm8k_2", "gsm8k_4"]
     assert s["error_kinds"] == {"agent_exception": 1, "correct": 4}
+    # nothing is swallowed: the stream's failure is in the log and in each retried record,
+    # the crash in its record, the summary and the final warning
+    assert s["failures"] == {"count": 1, "first_error": "gsm8k_1: ValueError: bad example"}
+    recs = {r["id"]: r for r in load_records(tmp_path / "predictions.jsonl", "gsm8k").values()}
+    assert "batch_error" not in recs["gsm8k_3"]
+    assert all(recs[i]["batch_error"] == "RuntimeError: engine died" for i in ("gsm8k_0", "gsm8k_1", "gsm8k_4"))
+    assert recs["gsm8k_1"]["error"] == "ValueError: bad example"
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("stream failed after 1 of 5 examples (RuntimeError: engine died)" in m for m in logged)
+    assert any("1 of 5 episodes failed; first: gsm8k_1: ValueError: bad example" in m for m in logged)
+
+
+def test_a_failing_batch_is_recorded_and_retried_one_by_one(tmp_path):
+    examples = d.read_gsm8k(EVAL / "gsm8k_test.jsonl")[:4]
+
+    class Batched:
+        def run_batch(self, batch):
+            if len(batch) > 1:
+                raise RuntimeError("out of memory")
+            return [AgentResult(answer=batch[0].answer)]
+
+    s = evaluate(examples, Batched(), "numeric_match", tmp_path, "gsm8k", concurrency=4)
+    assert s["score"] == 100.0 and s["failures"] == {"count": 0, "first_error": None}
+    recs = load_records(tmp_path / "predictions.jsonl", "gsm8k").values()
+    assert [r["batch_error"] for r in recs] == ["RuntimeError: out of memory"] * 4
 
 
 def test_concurrency_setting_and_its_deprecated_alias(tmp_path):

@@ -48,7 +48,7 @@ def test_written_files_read_back_bit_exact_by_torch(tmp_path):
     src = SafetensorsFile(tmp_path / "src.safetensors")
     write_safetensors(tmp_path / "out.safetensors", {n: np.asarray(src.array(n)) for n in src.names})
     back = load_file(tmp_path / "out.safetensors")
-    assert sorted(back) == sorted(ref) and not list(tmp_path.glob("*.tmp"))
+    assert sorted(back) == sorted(ref) and not list(tmp_path.glob(".*tmp*"))
     for name, t in ref.items():
         assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
     with pytest.raises(ValueError, match="tensor c has unsupported dtype complex64"):

@@ -10,13 +10,14 @@ this 2-core machine: 1.1 s against 2.35 s, fsync included).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError, safe_open
+
+from lumos_jax.atomic import atomic_path
 
 # the safetensors dtype codes a Llama checkpoint uses, and numpy's names for them
 DTYPES = {
@@ -112,16 +113,9 @@ class SafetensorsFile:
 def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray],
                       metadata: dict[str, str] | None = None) -> None:
     """Write tensors to `path` via a temp file + fsync + rename (never half-written)."""
-    path = Path(path)
     for name, arr in tensors.items():
         if np.dtype(arr.dtype) not in DTYPES.values():
             raise ValueError(f"write_safetensors: tensor {name} has unsupported dtype {arr.dtype}")
-    tmp = path.with_name(path.name + ".tmp")
-    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
-                                metadata=dict(metadata or {"format": "pt"}))
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+                                    metadata=dict(metadata or {"format": "pt"}))

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from lumos_jax.errors import UserError
 from lumos_jax.evaluation import metrics
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A malformed evaluation file; the message names the file and the row."""
 
 

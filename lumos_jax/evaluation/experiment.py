@@ -14,11 +14,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import gin
+from tqdm import tqdm
 
+from lumos_jax.atomic import write_atomic
 from lumos_jax.evaluation import datasets as ds
+from lumos_jax.evaluation.agents import ScriptedAgent
 from lumos_jax.evaluation.catalogue import DATASETS
 from lumos_jax.evaluation.datasets import Example
+from lumos_jax.evaluation.runner import evaluate
 from lumos_jax.evaluation.scoring import check_protocol
+from lumos_jax.evaluation.tfds_source import read_tfds
 from lumos_jax.evaluation.user_datasets import USER_READERS
 
 
@@ -62,8 +67,6 @@ def load_dataset(name: str, data_path: str | Path | None = None, start: int = 0,
     if source not in ("files", "tfds"):
         raise ValueError(f"eval_experiment.source={source!r}: expected 'files' or 'tfds'")
     if source == "tfds":
-        from lumos_jax.evaluation.tfds_source import read_tfds
-
         manual = resolve_path(data_path).parent if data_path else eval_data_dir()
         examples = read_tfds(name, tfds_data_dir or str(Path("runs") / "tfds"), manual)
     elif name in ds.READERS:
@@ -134,31 +137,41 @@ def eval_experiment(name: str = gin.REQUIRED, dataset: str = gin.REQUIRED,
 def scripted_agent(domain: str, metric: str, default_max_rounds: int, examples: list[Example],
                    kind: str = "oracle", protocol: str = "robust") -> Any:
     """Gold (`oracle`) or always-wrong answers without a model: for tests and smoke runs."""
-    from lumos_jax.evaluation.agents import ScriptedAgent
-
     return ScriptedAgent(metric, kind)
+
+
+OPERATIVE_CONFIG = "operative_config.gin"
 
 
 def run_experiment(cfg: ExperimentConfig, output_dir: str | None = None, limit: int | None = None,
                    progress: bool = True) -> dict:
-    from lumos_jax.evaluation.runner import evaluate
-
+    """Load, build the agent, evaluate; the output folder gets `operative_config.gin` (the
+    gin values the run used: written once the agent is built, again at the end)."""
     lim = cfg.limit if limit is None else limit
+    out = Path(output_dir or cfg.output_dir)
     examples = load_dataset(cfg.dataset, cfg.data_path, cfg.start, lim, cfg.reader_kwargs,
                             cfg.source, cfg.tfds_data_dir)
     extra = {"protocol": cfg.protocol} if _accepts(cfg.agent_factory, "protocol") else {}
     agent = cfg.agent_factory(domain=cfg.domain, metric=cfg.metric, default_max_rounds=cfg.max_rounds,
                               examples=examples, **extra)
+    write_atomic(out / OPERATIVE_CONFIG, gin.operative_config_str())
     info = {"experiment": cfg.name, "paper_score": cfg.paper_score, "paper_note": cfg.paper_note,
             "subset": {"start": cfg.start, "limit": lim}}
+    # finished episodes out of all (a resumed run starts at what is already done); tqdm shows
+    # nothing when stderr is not a terminal
+    bar = tqdm(total=len(examples), desc=cfg.name, unit="episode", disable=None if progress else True,
+               dynamic_ncols=True)
 
     def show(done: int, total: int) -> None:
-        if progress:
-            print(f"\r{cfg.name}: {done}/{total}", end="\n" if done == total else "", flush=True)
+        bar.update(done - bar.n)
 
-    return evaluate(examples, agent, cfg.metric, output_dir or cfg.output_dir, cfg.dataset,
-                    concurrency=cfg.concurrency, batch_size=cfg.batch_size, info=info, on_batch=show,
-                    protocol=cfg.protocol)
+    try:
+        summary = evaluate(examples, agent, cfg.metric, out, cfg.dataset, concurrency=cfg.concurrency,
+                           batch_size=cfg.batch_size, info=info, on_batch=show, protocol=cfg.protocol)
+    finally:
+        bar.close()
+    write_atomic(out / OPERATIVE_CONFIG, gin.operative_config_str())
+    return summary
 
 
 def _accepts(fn: Callable[..., Any], name: str) -> bool:

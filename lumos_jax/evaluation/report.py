@@ -4,8 +4,12 @@ PNG with accuracy by number of planning rounds and the histogram of error kinds.
 from __future__ import annotations
 
 import io
-import sys
+import logging
 from pathlib import Path
+
+from lumos_jax.atomic import write_atomic
+
+log = logging.getLogger(__name__)
 
 
 def _fmt(value: float | None) -> str:
@@ -37,14 +41,14 @@ def detail_tables(summary: dict) -> str:
 
 
 def plot_png(summary: dict) -> bytes | None:
-    """Two bar charts as PNG bytes; None (and a note on stderr) if matplotlib is missing."""
+    """Two bar charts as PNG bytes; None (and a warning) if matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg", force=True)
         import matplotlib.pyplot as plt
     except ImportError:
-        print("lumos-jax eval: matplotlib not installed; skipping plot.png", file=sys.stderr)
+        log.warning("lumos-jax eval: matplotlib not installed; skipping plot.png")
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     rounds = list(summary["by_rounds"].keys())
@@ -70,8 +74,6 @@ def plot_png(summary: dict) -> bytes | None:
 
 
 def write_reports(summary: dict, out_dir: Path) -> None:
-    from lumos_jax.evaluation.runner import write_atomic
-
     text = f"# {summary.get('experiment', summary['dataset'])}\n\n" + markdown_table([summary]) + \
         "\n" + detail_tables(summary)
     write_atomic(out_dir / "results.md", text)

@@ -12,14 +12,18 @@ Output folder:
   to a temp file and renamed. The summary depends only on the records, so a killed-and-resumed
   run gives the same summary as an uninterrupted one (timings live under `timing`).
 
-An exception inside the agent for one example is recorded as error kind `agent_exception`;
-the run goes on.
+An exception inside the agent for one example is recorded as error kind `agent_exception`
+(its one-line text under `error`; the traceback is logged at DEBUG); the run goes on. A batched
+call or stream that fails is logged and its unfinished examples are retried one by one, each
+record keeping the failure under `batch_error`. The summary's `failures` gives the count and
+the first error, and the run ends with a warning naming them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 import traceback
@@ -27,9 +31,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from lumos_jax.atomic import write_atomic
 from lumos_jax.evaluation.agents import AgentResult, as_result
 from lumos_jax.evaluation.datasets import DatasetError, Example
+from lumos_jax.evaluation.report import write_reports
 from lumos_jax.evaluation.scoring import METRIC_LABELS, get_scorer, headline
+
+log = logging.getLogger(__name__)
 
 PREDICTIONS = "predictions.jsonl"
 SUMMARY = "summary.json"
@@ -48,17 +56,6 @@ def to_jsonable(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
     return str(obj)
-
-
-def write_atomic(path: Path, text: str | bytes) -> None:
-    """Write to a temp file beside `path`, fsync, rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    mode = "wb" if isinstance(text, bytes) else "w"
-    with open(tmp, mode, **({} if isinstance(text, bytes) else {"encoding": "utf-8"})) as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_records(path: Path, dataset: str) -> dict[str, dict]:
@@ -120,35 +117,44 @@ def resolve_concurrency(concurrency: int | None, batch_size: int | None = None) 
     return int(n)
 
 
-def _run_batch(agent: Any, batch: Sequence[Example]) -> list[tuple[AgentResult, str | None]]:
-    """Results for a batch; if the batched call fails, fall back to one-by-one so a single
-    bad example cannot take its neighbours down."""
+def _one_line(e: BaseException) -> str:
+    return traceback.format_exception_only(type(e), e)[-1].strip()
+
+
+def _run_batch(agent: Any, batch: Sequence[Example]
+               ) -> tuple[list[tuple[AgentResult, str | None]], str | None]:
+    """Results for a batch, and the batched call's failure if it had one: then the batch is
+    run one by one so a single bad example cannot take its neighbours down."""
     run_batch = getattr(agent, "run_batch", None)
+    batch_error = None
     if run_batch is not None:
         try:
             results = list(run_batch(list(batch)))
             if len(results) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} examples")
-            return [(as_result(r), None) for r in results]
-        except Exception:  # noqa: BLE001 - retried one by one below
-            pass
+            return [(as_result(r), None) for r in results], None
+        except Exception as e:  # noqa: BLE001 - retried one by one below, and recorded
+            batch_error = _one_line(e)
+            log.warning("eval: a batch of %d failed (%s); running its examples one by one", len(batch), batch_error)
+            log.debug("eval: batch failure", exc_info=True)
     out = []
     for ex in batch:
         try:
             out.append((as_result(agent(ex) if run_batch is None else run_batch([ex])[0]), None))
         except Exception as e:  # noqa: BLE001 - an agent bug must not end the evaluation
-            tb = traceback.format_exception_only(type(e), e)[-1].strip()
-            out.append((AgentResult(answer=None, stopped=False), tb))
-    return out
+            log.debug("eval: example %s failed", ex.id, exc_info=True)
+            out.append((AgentResult(answer=None, stopped=False), _one_line(e)))
+    return out, batch_error
 
 
 def agent_results(agent: Any, todo: Sequence[Example], concurrency: int
-                  ) -> Iterator[tuple[Example, AgentResult, str | None, float]]:
-    """(example, result, crash text, seconds) as each example finishes. A streaming agent
-    yields in completion order; if its stream itself fails, the examples it did not finish
-    are retried one by one. Other agents run in chunks of `concurrency`."""
+                  ) -> Iterator[tuple[Example, AgentResult, str | None, float, str | None]]:
+    """(example, result, crash text, seconds, batch failure) as each example finishes. A
+    streaming agent yields in completion order; if its stream itself fails, the examples it
+    did not finish are retried one by one. Other agents run in chunks of `concurrency`."""
     left = list(range(len(todo)))
     stream = getattr(agent, "stream", None)
+    stream_error = None
     if stream is not None:
         finished: set[int] = set()
         try:
@@ -156,22 +162,26 @@ def agent_results(agent: Any, todo: Sequence[Example], concurrency: int
                 if i in finished or not 0 <= i < len(todo):
                     raise RuntimeError(f"agent stream gave example index {i} twice or out of range")
                 finished.add(i)
-                yield todo[i], as_result(result), None, float(seconds)
-        except Exception:  # noqa: BLE001 - the unfinished ones are retried one by one below
-            pass
+                yield todo[i], as_result(result), None, float(seconds), None
+        except Exception as e:  # noqa: BLE001 - the unfinished ones are retried one by one below
+            stream_error = _one_line(e)
+            log.warning("eval: the agent's stream failed after %d of %d examples (%s); running the rest "
+                        "one by one", len(finished), len(todo), stream_error)
+            log.debug("eval: stream failure", exc_info=True)
         left = [i for i in left if i not in finished]
         concurrency = 1
     for b in range(0, len(left), concurrency):
         chunk = [todo[i] for i in left[b:b + concurrency]]
         t0 = time.perf_counter()
-        results = _run_batch(agent, chunk)
+        results, batch_error = _run_batch(agent, chunk)
         per_example = (time.perf_counter() - t0) / len(chunk)
         for ex, (result, crash) in zip(chunk, results):
-            yield ex, result, crash, per_example
+            yield ex, result, crash, per_example, batch_error or stream_error
 
 
 def make_record(example: Example, dataset: str, metric: str, result: AgentResult,
-                crash: str | None, seconds: float, protocol: str = "robust") -> dict:
+                crash: str | None, seconds: float, protocol: str = "robust",
+                batch_error: str | None = None) -> dict:
     scores = get_scorer(metric, protocol)(example, result.answer) if crash is None else {"correct": 0.0, "total": float(
         len(example.answer) if metric == "mind2web_step_sr" else 1)}
     correct = scores["correct"] >= scores["total"] > 0
@@ -182,6 +192,7 @@ def make_record(example: Example, dataset: str, metric: str, result: AgentResult
         "stopped": bool(result.stopped), "error_kind": classify(result, correct, crash is not None),
         "error": crash or result.error, "trace": to_jsonable(result.trace),
         "seconds": round(seconds, 4),
+        **({"batch_error": batch_error} if batch_error else {}),
     }
 
 
@@ -205,8 +216,15 @@ def summarize(records: list[dict], metric: str, info: dict) -> dict:
         "extras": {k: 100.0 * sum(s.get(k, 0.0) for s in scores) / len(scores) for k in extras} if scores else {},
         "by_rounds": dict(sorted(by_rounds.items(), key=lambda kv: int(kv[0]))),
         "error_kinds": dict(sorted(Counter(r["error_kind"] for r in records).items())),
+        "failures": failures(records),
     }
     return summary
+
+
+def failures(records: list[dict]) -> dict:
+    """How many episodes crashed (error kind `agent_exception`) and the first one's error."""
+    crashed = [r for r in records if r["error_kind"] == "agent_exception"]
+    return {"count": len(crashed), "first_error": f"{crashed[0]['id']}: {crashed[0]['error']}" if crashed else None}
 
 
 def evaluate(examples: Sequence[Example], agent: Any, metric: str, output_dir: str | Path,
@@ -217,8 +235,6 @@ def evaluate(examples: Sequence[Example], agent: Any, metric: str, output_dir: s
     picks the scorers ('reference' or 'robust', see scoring.py) and is kept in the summary.
     `on_batch(done, total)` is called as each example ends; `batch_size` is the deprecated
     name of `concurrency`."""
-    from lumos_jax.evaluation.report import write_reports
-
     concurrency = resolve_concurrency(concurrency, batch_size)
     get_scorer(metric, protocol)
     ids = [ex.id for ex in examples]
@@ -232,8 +248,8 @@ def evaluate(examples: Sequence[Example], agent: Any, metric: str, output_dir: s
     todo = [ex for ex in examples if ex.id not in done]
     start = time.perf_counter()
     with open(pred_path, "a", encoding="utf-8") as f:
-        for ex, result, crash, seconds in agent_results(agent, todo, concurrency):
-            rec = make_record(ex, dataset, metric, result, crash, seconds, protocol)
+        for ex, result, crash, seconds, batch_error in agent_results(agent, todo, concurrency):
+            rec = make_record(ex, dataset, metric, result, crash, seconds, protocol, batch_error)
             done[ex.id] = rec
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
@@ -249,4 +265,7 @@ def evaluate(examples: Sequence[Example], agent: Any, metric: str, output_dir: s
                          "agent_seconds_total": round(sum(r["seconds"] for r in records), 3)}
     write_atomic(out / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     write_reports(summary, out)
+    if summary["failures"]["count"]:
+        log.warning("eval %s: %d of %d episodes failed; first: %s", dataset, summary["failures"]["count"],
+                    len(records), summary["failures"]["first_error"])
     return summary

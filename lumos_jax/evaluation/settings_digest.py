@@ -16,6 +16,8 @@ from pathlib import Path
 
 import gin
 
+from lumos_jax.atomic import write_atomic
+
 SETTINGS_FILE = "settings.json"
 PREDICTION_FILES = ("predictions.jsonl",)
 
@@ -60,11 +62,8 @@ def check_output_dir(output_dir: str | Path, settings: dict[str, str], overwrite
             shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
             raise ValueError(f"{out}: its predictions were made with other settings ({shown} changed): "
                              "--overwrite starts over, --resume_anyway keeps them")
-    out.mkdir(parents=True, exist_ok=True)
     record = {"digest": digest(settings), "settings": settings}
-    tmp = out / (SETTINGS_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(out / SETTINGS_FILE)
+    write_atomic(out / SETTINGS_FILE, json.dumps(record, indent=1) + "\n")
 
 
 def _read(path: Path) -> dict | None:
