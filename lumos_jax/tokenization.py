@@ -28,6 +28,9 @@ import sentencepiece as spm
 
 IGNORE_INDEX = -100
 PAD_TOKEN = "<pad>"
+# The two prompt formats (LUMOS_SPEC §4): "train" as encode_conversation lays turns out,
+# "reference" as the released Lumos checkpoints were prompted (reference_prompt_text).
+CHAT_FORMATS = ("train", "reference")
 
 
 class Tokenizer:

@@ -67,7 +67,7 @@ def test_chat_uses_lumos_template_and_stop_strings(served):
 
     client, _, tok, hf = served
     messages = [{"role": "user", "content": "Lily went to the park."}]
-    ids = chat_prompt_ids(messages, tok, "training")
+    ids = chat_prompt_ids(messages, tok, "train")
     assert tok.decode(ids).startswith("<|user|>\nLily went to the park.\n<|assistant|>")
     expected = tok.decode(hf_greedy(hf, ids, 30))
     r = client.chat.completions.create(model="stories", messages=messages, max_tokens=30,

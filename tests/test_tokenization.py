@@ -211,3 +211,21 @@ def test_bpe_agent_prompts(bpe):
     out = gen.generate([GenRequest("r", "plan", first)])[0]
     assert (out.text, out.finish_reason, out.prompt_tokens) == ("Subgoal 1: Add 2 and 3.", "stop", len(prompt))
     assert gen._sessions["r"].ids[: len(prompt)] == prompt
+
+
+def test_chat_format_train_and_its_old_name(llama2_tokenizer):
+    """One name for the training chat format, "train" (the agent's style name); "training" is
+    still read, with a DeprecationWarning; anything else is a one-line error."""
+    from lumos_jax.inference.chat import chat_format, chat_prompt_ids
+
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    ids = chat_prompt_ids(messages, llama2_tokenizer, "train")
+    # the training encoder's ids for the same user turn, then the assistant tag
+    want = llama2_tokenizer.encode("<|user|>\nWhat is 2 + 3?\n<|assistant|>\n", add_bos=True)
+    assert ids == want
+    with pytest.warns(DeprecationWarning, match="'training' is deprecated; use 'train'"):
+        assert chat_prompt_ids(messages, llama2_tokenizer, "training") == ids
+    with pytest.warns(DeprecationWarning):
+        assert chat_format("training") == "train"
+    with pytest.raises(ValueError, match="chat_format.name='chat'; expected one of"):
+        chat_format("chat")

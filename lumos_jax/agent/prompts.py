@@ -12,8 +12,9 @@ from pathlib import Path
 
 from lumos_jax.agent.parsing import subgoal_body
 from lumos_jax.jsonl import iter_jsonl
+from lumos_jax.tokenization import CHAT_FORMATS
 
-STYLES = ("train", "reference")
+STYLES = CHAT_FORMATS
 DOMAINS = ("maths", "complex_qa", "web_agent", "webshop")
 
 PLAN_INSTRUCTION = "Please provide a reasonable subgoal-based plan to solve the given task.\n"

@@ -355,7 +355,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def make_server(engine, tokenizer, host: str = "127.0.0.1", port: int = 8000,
-                model_name: str = "lumos", chat_format: str = "training",
+                model_name: str = "lumos", chat_format: str = "train",
                 default_max_tokens: int = 256, limits: Limits = Limits(),
                 api_key: str | None = None) -> OpenAIServer:
     """A bound server (not yet serving). A port in use -> ValueError with one line."""
