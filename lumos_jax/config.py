@@ -86,13 +86,23 @@ def _without_gin_lookalikes(paths: Sequence[str]) -> list[str]:
     return [p for p in paths if not lookalike(p)]
 
 
+_SEARCH_PATHS: set[str] = set()  # the folders we gave gin's `include` search, each once
+
+
+def _add_gin_search_paths(*paths: str) -> None:
+    """gin's public `add_config_file_search_path` appends on every call and gin has no public
+    way to read the list back, so we remember what we added instead of reading its private one."""
+    for p in paths:
+        if p not in _SEARCH_PATHS:
+            gin.add_config_file_search_path(p)
+            _SEARCH_PATHS.add(p)
+
+
 def parse_gin(gin_files: Sequence[str] = (), bindings: Sequence[str] = ()) -> None:
     """Parse files then bindings; any problem becomes one ConfigError line."""
     import_configurables()
     gin.clear_config()
-    for p in (str(GIN_DIR), str(Path.cwd()), str(REPO_ROOT)):
-        if p not in gin.config._LOCATION_PREFIXES:  # noqa: SLF001 - gin has no public getter
-            gin.add_config_file_search_path(p)
+    _add_gin_search_paths(str(GIN_DIR), str(Path.cwd()), str(REPO_ROOT))
     files = [resolve_gin_file(f) for f in gin_files]
     quiet = _QuietGinSearch()
     logging.getLogger().addFilter(quiet)  # only while gin searches; not on import
