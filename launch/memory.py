@@ -13,6 +13,12 @@ Assumptions (stated in docs/launch.md too):
 - one sequence of 1,024 tokens per device per microbatch; microbatches are
   accumulated up to the reference global batch of 128.
 - no allocator slack or XLA scratch: keep >= 10% of HBM free.
+
+Why an analytic model beside XLA's own figures: the table plans slices and clusters this
+machine does not have (a v4-128 pod, 16 H100 nodes), and XLA can only compile for devices it
+sees. Where the devices are at hand, `--measure` compiles the real train step on them
+(`jit(step).lower(...).compile().memory_analysis()`) and prints XLA's figures beside the
+model's, for the same model, mesh and microbatch.
 """
 
 from __future__ import annotations
@@ -21,7 +27,16 @@ import argparse
 import math
 from dataclasses import dataclass
 
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import AbstractMesh
+
 from launch.topology import GLOBAL_BATCH, GpuCluster, Mesh, TpuSlice, gpu_presets, tpu_presets
+from lumos_jax.models import PRESETS, abstract_model
+from lumos_jax.sharding import logical_to_spec, make_mesh
+from lumos_jax.training import state as state_lib
+from lumos_jax.training import step as step_lib
 
 GIB = 1024**3
 
@@ -47,11 +62,6 @@ def _param_shapes(config) -> tuple:
     """((shape, logical_axes), ...) of every parameter; built once per model (~1 s each)."""
     key = repr(config)  # LlamaConfig may hold a dict (rope_scaling), so it is not hashable
     if key not in _SHAPES_CACHE:
-        import jax
-        from flax import nnx
-
-        from lumos_jax.models import abstract_model
-
         state = nnx.state(abstract_model(config), nnx.Param)
         leaves = jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable))
         _SHAPES_CACHE[key] = tuple((tuple(v.get_value().shape), v.get_metadata().get("logical_axes"))
@@ -61,10 +71,6 @@ def _param_shapes(config) -> tuple:
 
 def sharded_param_elements(config, mesh: Mesh) -> tuple[int, int]:
     """(parameter elements per device under the real sharding rules, elements of one layer)."""
-    from jax.sharding import AbstractMesh
-
-    from lumos_jax.sharding import logical_to_spec
-
     abstract_mesh = AbstractMesh((mesh.data, mesh.fsdp, mesh.tensor), ("data", "fsdp", "tensor"))
     per_device = 0
     for shape, names in _param_shapes(config):
@@ -127,8 +133,6 @@ def estimate(config, mesh: Mesh, seq_len: int = 1024, micro_batch: int = 1,
 
 def memory_table(models=("llama2_7b", "llama2_13b")) -> str:
     """Markdown: one row per preset, GiB per device for each model (fits = under 90% of HBM)."""
-    from lumos_jax.models import PRESETS
-
     head = ["preset", "slice / cluster", "devices", "hosts", "mesh (data, fsdp, tensor)", "HBM GiB"]
     head += [f"{m} GiB/device" for m in models]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -154,8 +158,6 @@ def attention_table(models=("llama2_7b", "llama2_13b"), seqs=(1024, 2048),
                     presets=("tpu_v4_32", "tpu_v5e_16")) -> str:
     """Markdown: attention memory of one recomputed layer and GiB per device on two TPU
     presets, XLA's plain attention against Pallas splash, one sequence per device."""
-    from lumos_jax.models import PRESETS
-
     targets = {t.preset: t for t in tpu_presets()}
     head = ["model", "seq", "attention", "one layer's attention MiB"] + [f"`{p}` GiB/device" for p in presets]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -171,6 +173,45 @@ def attention_table(models=("llama2_7b", "llama2_13b"), seqs=(1024, 2048),
     return "\n".join(rows)
 
 
+def training_config(config):
+    """The model as the estimate assumes it: fp32 params, bf16 activations, full remat."""
+    return config.replace(param_dtype="float32", dtype="bfloat16", remat_policy="full")
+
+
+def measure(config, mesh_shape: tuple[int, int, int] = (1, -1, 1), seq_len: int = 1024,
+            micro_batch: int = 1, attention: str = "xla") -> dict[str, dict[str, float]]:
+    """Bytes per device for one train step on the local devices: XLA's compiled figures
+    (nothing is allocated: the step is lowered on abstract state) beside the analytic ones,
+    for one microbatch of `micro_batch` sequences per batch shard (no accumulation)."""
+    config = training_config(config).replace(attention_impl=attention)
+    mesh = make_mesh(*mesh_shape)
+    shape = Mesh(*(mesh.shape[a] for a in ("data", "fsdp", "tensor")))
+    with jax.set_mesh(mesh):
+        setup = state_lib.build_setup(config, mesh, 1000, state_lib.optimizer_settings())
+        rows = step_lib.batch_shards(setup) * micro_batch
+        batch = {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=step_lib.batch_sharding(setup))
+                 for k in step_lib.BATCH_KEYS}
+        stats = step_lib.make_train_step(setup).lower(state_lib.restore_target(setup), batch) \
+            .compile().memory_analysis()
+    est = estimate(config, shape, seq_len, micro_batch, global_batch=rows, attention=attention)
+    xla = {"arguments (state + batch)": stats.argument_size_in_bytes,
+           "outputs": stats.output_size_in_bytes, "aliased (donated state)": stats.alias_size_in_bytes,
+           "temporaries": stats.temp_size_in_bytes,
+           "total": stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+           + stats.temp_size_in_bytes}
+    analytic = {"params + optimizer": est.params + est.optimizer,
+                "gradients + activations + gathered": est.gradients + est.activations + est.gathered_weights,
+                "total": est.total}
+    return {"mesh": dict(mesh.shape), "xla": xla, "analytic": analytic}
+
+
+def measure_table(result: dict) -> str:
+    lines = [f"mesh {result['mesh']} ({jax.devices()[0].platform}), MiB per device"]
+    for side in ("xla", "analytic"):
+        lines += [f"{side:>9} {name:>36}: {value / 2**20:11.2f}" for name, value in result[side].items()]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.memory", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a lumos_jax.models preset; with --mesh prints the breakdown")
@@ -178,21 +219,29 @@ def main(argv=None) -> int:
     parser.add_argument("--seq_len", type=int, default=1024)
     parser.add_argument("--attention", default="xla", choices=("xla", "splash", "cudnn"))
     parser.add_argument("--attention_table", action="store_true", help="print docs/launch.md's attention table")
+    parser.add_argument("--measure", action="store_true",
+                        help="compile the train step on the local devices and print XLA's memory figures "
+                             "beside the estimate (needs --model; --mesh defaults to all devices as fsdp)")
+    parser.add_argument("--micro_batch", type=int, default=1, help="sequences per batch shard (--measure)")
     args = parser.parse_args(argv)
     if args.attention_table:
         print(attention_table())
         return 0
     if not args.model:
+        if args.measure:
+            parser.error("--measure needs --model")
         print(memory_table())
         return 0
-    from lumos_jax.models import PRESETS
-
     if args.model not in PRESETS:
         parser.error(f"unknown model {args.model!r}; known: {', '.join(PRESETS)}")
     try:
-        mesh = Mesh(*(int(x) for x in (args.mesh or "1,8,1").split(",")))
+        sizes = tuple(int(x) for x in (args.mesh or ("1,-1,1" if args.measure else "1,8,1")).split(","))
+        mesh = Mesh(*sizes)
     except (TypeError, ValueError):
         parser.error(f"--mesh={args.mesh!r}: expected three integers data,fsdp,tensor")
+    if args.measure:
+        print(measure_table(measure(PRESETS[args.model], sizes, args.seq_len, args.micro_batch, args.attention)))
+        return 0
     est = estimate(PRESETS[args.model], mesh, seq_len=args.seq_len, attention=args.attention)
     for field in ("params", "optimizer", "gradients", "activations", "gathered_weights", "total"):
         print(f"{field:>17}: {getattr(est, field) / GIB:7.2f} GiB")

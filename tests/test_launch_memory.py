@@ -2,6 +2,7 @@
 per-device shards against the shardings JAX actually builds."""
 
 import math
+import re
 
 import jax
 import pytest
@@ -50,3 +51,25 @@ def test_fsdp_divides_state_and_accumulation_adds_a_buffer():
     assert small.params / big.params == pytest.approx(16, rel=0.01)
     # 7B on 8 devices: ~108 GB of fp32 state / 8 (+ an accumulator) plus activations
     assert 15 < small.total / GIB < 22
+
+
+def test_measure_puts_xla_figures_beside_the_estimate(capsys, monkeypatch):
+    """--measure compiles the real train step on the 8 CPU devices: XLA's argument bytes are
+    the sharded fp32 state (params, AdamW m and v) plus the batch, as the estimate counts them."""
+    import launch.memory as memory
+
+    seq = 32
+    result = memory.measure(PRESETS["tiny"], (1, 4, 2), seq_len=seq)
+    assert result["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
+    xla, analytic = result["xla"], result["analytic"]
+    batch_bytes = 5 * 1 * seq * 4  # five int32 (rows, seq) arrays, one row per batch shard
+    assert xla["arguments (state + batch)"] - batch_bytes == pytest.approx(analytic["params + optimizer"], rel=0.01)
+    assert xla["aliased (donated state)"] > 0.9 * analytic["params + optimizer"]  # the state is donated
+    assert 0.25 < xla["total"] / analytic["total"] < 4
+    calls = []
+    monkeypatch.setattr(memory, "measure", lambda *a: calls.append(a) or result)  # one compile is enough
+    assert memory.main(["--model", "tiny", "--measure", "--seq_len", str(seq), "--mesh", "1,4,2"]) == 0
+    assert calls == [(PRESETS["tiny"], (1, 4, 2), seq, 1, "xla")]
+    out = capsys.readouterr().out
+    assert out.startswith("mesh {'data': 1, 'fsdp': 4, 'tensor': 2} (cpu), MiB per device")
+    assert re.search(r"^ +xla +total: +[0-9.]+$", out, re.M) and re.search(r"^ analytic +total: +[0-9.]+$", out, re.M)
