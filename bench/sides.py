@@ -14,6 +14,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from lumos_jax.atomic import write_atomic
+
 RESULT = "RESULT "
 
 
@@ -23,11 +25,8 @@ def emit(**kw) -> None:
 
 def write_json(path: str | None, record: dict) -> None:
     """Rewrite the results file (temp file + rename) so a killed run leaves a whole file."""
-    if not path:
-        return
-    tmp = Path(path + ".partial")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
+    if path:
+        write_atomic(path, json.dumps(record, indent=2))
 
 
 def run_side(cmd: list[str], cwd: Path, timeout: float, on_result: Callable[[dict], None]) -> dict | None:

@@ -20,6 +20,7 @@ from typing import Sequence
 from launch import cli_args
 from launch.commands import LaunchError, Shell
 from launch.xla_flags import PROFILES, gpu_env
+from lumos_jax.atomic import write_atomic
 
 REQUEUE_SIGNAL_SECONDS = 300  # USR1 this long before the time limit: time to save and requeue
 
@@ -133,10 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shell.show(f"cat > {shlex.quote(str(path))} <<'SBATCH_EOF'\n{script}SBATCH_EOF")
     else:
         target = Path(args.workdir) / path if not path.is_absolute() else path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(script)
-        tmp.replace(target)
+        write_atomic(target, script)
         print(f"wrote {target}")
     try:
         shell.run(["sbatch", str(path)], cwd=None if args.dry_run else args.workdir)

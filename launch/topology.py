@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
+
+from lumos_jax.atomic import write_atomic
 
 GLOBAL_BATCH = 128  # the reference recipe's global batch (sequences)
 
@@ -174,21 +177,14 @@ def preset_gin_text(target: TpuSlice | GpuCluster) -> str:
 
 def write_presets(gin_dir) -> list[str]:
     """Write every preset file; returns their names. Run: python -m launch.topology."""
-    from pathlib import Path
-
     out = []
     for target in [*tpu_presets(), *gpu_presets()]:
         path = Path(gin_dir) / "mesh" / f"{target.preset}.gin"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".gin.tmp")
-        tmp.write_text(preset_gin_text(target))
-        tmp.replace(path)
+        write_atomic(path, preset_gin_text(target))
         out.append(path.name)
     return out
 
 
 if __name__ == "__main__":
-    from pathlib import Path
-
     names = write_presets(Path(__file__).resolve().parent.parent / "gin")
     print("\n".join(names))

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import gin
 
+from lumos_jax.atomic import write_atomic
 from lumos_jax.jsonl import iter_jsonl
 from lumos_jax.models.llama import LlamaForCausalLM
 
@@ -85,9 +85,7 @@ def main(argv: Sequence[str]) -> int:
                                  "finish_reason": r.finish_reason}, ensure_ascii=False))
     text = "".join(line + "\n" for line in lines)
     if args.output:
-        tmp = Path(args.output).with_name(Path(args.output).name + ".partial")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, args.output)
+        write_atomic(args.output, text)
     else:
         sys.stdout.write(text)
     return 0

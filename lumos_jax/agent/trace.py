@@ -4,11 +4,11 @@ actions, tool inputs/results/errors, timings), written as JSONL atomically."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable
+
+from lumos_jax.atomic import atomic_path
 
 
 class Trace:
@@ -46,16 +46,7 @@ class Trace:
 
 def write_traces(path: str | Path, traces: Iterable[Trace]) -> None:
     """All traces into one JSONL file, via a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for t in traces:
-                for line in t.lines():
-                    f.write(line + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for t in traces:
+            for line in t.lines():
+                f.write(line + "\n")

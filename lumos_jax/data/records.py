@@ -12,6 +12,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from lumos_jax.atomic import atomic_path
 from lumos_jax.jsonl import iter_jsonl_lines, parse_line
 
 ROLES = ("system", "user", "assistant")
@@ -110,14 +111,10 @@ def untrained_message(count: int, where: list[str], max_len: int) -> str:
 
 
 def write_jsonl_atomic(path: str | os.PathLike, lines) -> int:
-    """Write text lines (each without newline) to `path` via a temp file + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    """Write text lines (each without newline) to `path`, atomically; returns how many."""
     count = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for line in lines:
             f.write(line + "\n")
             count += 1
-    os.replace(tmp, path)
     return count
