@@ -86,7 +86,7 @@ def run_eval(args) -> None:
             f"--gin.lumos_agent.planner_path='{work / 'lumos_maths_plan_iterative'}'",
             f"--gin.lumos_agent.grounder_path='{work / 'lumos_maths_ground_iterative'}'",
             f"--gin.eval_experiment.limit={args.limit}", f"--gin.eval_experiment.concurrency={args.concurrency}",
-            f"--gin.lumos_agent.engine_slots={args.slots}"] + [f"--gin.{b}" for b in args.gin]
+            f"--gin.engine_settings.num_slots={args.slots}"] + [f"--gin.{b}" for b in args.gin]
     print("lumos-jax " + " ".join(argv), flush=True)
     t0 = time.perf_counter()
     rc = cli(argv)
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.tiny:
         args.limit, args.concurrency, args.slots = min(args.limit, 4), min(args.concurrency, 4), 8
-        args.gin = args.gin + ["lumos_agent.max_new_tokens=8", "lumos_agent.engine_max_len=2048"]
+        args.gin = args.gin + ["lumos_agent.max_new_tokens=8", "engine_settings.max_len=2048"]
     if args.phase == "write":
         write_checkpoints(args)
         return 0

@@ -134,10 +134,25 @@ def _expand_bundled_paths() -> None:
 
 
 _UNQUOTED = re.compile(r"Failed to parse token '([^']*)'")
+_DENYLISTED = re.compile(r"Configurable '([^']+)' has denylisted kwarg '([^']+)'")
+# bindings that moved: the engine's size is set in one namespace for agent, eval, generate, serve
+MOVED = {
+    "agent_models.engine_slots": "engine_settings.num_slots",
+    "agent_models.engine_max_len": "engine_settings.max_len",
+    "agent_models.engine_steps_per_call": "engine_settings.steps_per_call",
+    "lumos_agent.engine_slots": "engine_settings.num_slots",
+    "lumos_agent.engine_max_len": "engine_settings.max_len",
+}
 
 
 def _gin_error(e: Exception, where: str, binding: str | None = None) -> str:
-    """gin's message, as one line; an unquoted string (gin shows `<ast.Name ...>`) named as such."""
+    """gin's message, as one line; an unquoted string (gin shows `<ast.Name ...>`) named as
+    such; a binding that moved names its new key."""
+    moved = _DENYLISTED.search(str(e))
+    if moved and f"{moved.group(1)}.{moved.group(2)}" in MOVED:
+        old = f"{moved.group(1)}.{moved.group(2)}"
+        return (f"{binding and '--gin.' + binding.partition(' = ')[0] or where}: {old} was moved: bind "
+                f"{MOVED[old]} (one engine size for agent, eval, generate and serve)")
     m = _UNQUOTED.search(str(e))
     if m and "<ast." in str(e):
         word = m.group(1)
@@ -173,11 +188,36 @@ def add_gin_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gin file (repeatable; searched in . and gin/)")
 
 
+_REQUIRED = re.compile(r"(\S+) set to `%gin.REQUIRED` but not subsequently overridden")
+
+
+def check_required() -> None:
+    """t5x's rule: a value a run cannot do without (an experiment's BASE_MODEL_DIR, ...) is
+    bound to `%gin.REQUIRED` and must be given before anything runs; gin itself checks it only
+    in `gin.finalize()`, which would also lock the config, so its check is called alone."""
+    try:
+        gin.config.find_missing_overrides_hook(gin.config._CONFIG)  # noqa: SLF001 - the hook's input
+    except ValueError as e:
+        m = _REQUIRED.search(str(e))
+        if m is None:
+            raise ConfigError(f"gin: {_one_line(e)}") from None
+        key = m.group(1)
+        if key.endswith(("/gin.macro.value", "/macro.value")):
+            key = key.rpartition("/")[0]
+        else:  # scope/module.path.configurable.param -> scope/configurable.param
+            scope, _, selector = key.rpartition("/")
+            key = (scope + "/" if scope else "") + ".".join(selector.split(".")[-2:])
+        raise ConfigError(f"gin: {key} is required (the config marks it %gin.REQUIRED); "
+                          f"give it: --gin.{key}=VALUE (a string in quotes: \"'...'\")") from None
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
-    """argparse + gin for one subcommand: parses args, then gin files and bindings."""
+    """argparse + gin for one subcommand: parses args, then gin files and bindings, and
+    checks that every `%gin.REQUIRED` value was given."""
     add_gin_arguments(parser)
     rest, bindings = split_gin_args(argv)
     args = parser.parse_args(rest)
     parse_gin(args.gin_file, bindings)
+    check_required()
     args.gin_bindings = bindings
     return args

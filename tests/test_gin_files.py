@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lumos_jax.config import GIN_DIR, ConfigError, parse_gin
+from lumos_jax.config import GIN_DIR, ConfigError, check_required, parse_gin
 from lumos_jax.evaluation import catalogue
 
 GIN_FILES = sorted(p.relative_to(GIN_DIR).as_posix() for p in GIN_DIR.rglob("*.gin"))
@@ -85,3 +85,46 @@ def test_experiments_load_from_a_folder_holding_runs_and_models(tmp_path, monkey
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(sys, "path", ["", *sys.path])
     parse_gin(["experiments/lumos_maths_plan_iterative_7b.gin"])
+
+
+def test_a_required_value_left_unset_stops_the_run_in_one_line(tmp_path, capsys):
+    """Every 7B/13B training experiment marks its base model %gin.REQUIRED: forgetting it must
+    not train from random weights, and gin alone would pass the REQUIRED marker through."""
+    from lumos_jax.cli import main as lumos_main
+
+    experiments = sorted((GIN_DIR / "experiments").glob("lumos_*.gin"))
+    assert len(experiments) >= 12
+    for f in experiments:
+        assert "BASE_MODEL_DIR = %gin.REQUIRED" in f.read_text(encoding="utf-8"), f
+    rc = lumos_main(["train", "--gin_file=experiments/lumos_maths_plan_iterative_7b.gin",
+                     f"--workdir={tmp_path / 'w'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("lumos-jax train: error: gin: BASE_MODEL_DIR is required") and \
+        "--gin.BASE_MODEL_DIR=" in err[0], err
+    assert not (tmp_path / "w").exists()
+    bad = tmp_path / "req.gin"
+    bad.write_text("eval_experiment.name = %gin.REQUIRED\n")
+    parse_gin([str(bad)])  # parsing alone accepts it (files are composed before values are given)
+    with pytest.raises(ConfigError, match=r"^gin: eval_experiment.name is required"):
+        check_required()
+    parse_gin([str(bad)], ["eval_experiment.name = 'x'"])
+    check_required()
+
+
+@pytest.mark.parametrize("old, new", [("agent_models.engine_slots", "engine_settings.num_slots"),
+                                      ("lumos_agent.engine_max_len", "engine_settings.max_len")])
+def test_engine_size_lives_in_engine_settings_alone(old, new, tmp_path):
+    """The old engine-size keys stop with one line naming the new one, in a file or a flag."""
+    with pytest.raises(ConfigError) as e:
+        parse_gin([], [f"{old} = 4"])
+    assert str(e.value) == (f"--gin.{old}: {old} was moved: bind {new} "
+                            "(one engine size for agent, eval, generate and serve)")
+    f = tmp_path / "old.gin"
+    f.write_text(f"{old} = 4\n")
+    with pytest.raises(ConfigError, match=f"^{f}: {old} was moved: bind {new} "):
+        parse_gin([str(f)])
+    import gin
+
+    parse_gin(["agent/engine.gin"])
+    assert gin.query_parameter("engine_settings.num_slots") == 64

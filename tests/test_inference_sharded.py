@@ -55,7 +55,7 @@ def _agent_plan_tokens(mesh_gin: str):
 
     parse_gin([mesh_gin, "agent/engine.gin"], [
         f"agent_models.plan_model='{STORIES}'", f"agent_models.ground_model='{STORIES}'",
-        "agent_models.engine_slots=4", "agent_models.engine_max_len=256",
+        "engine_settings.num_slots=4", "engine_settings.max_len=256",
         "agent_models.max_new_tokens=12",
         "inference_dtypes.weights='float32'", "inference_dtypes.compute='float32'"])
     try:

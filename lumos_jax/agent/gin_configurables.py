@@ -50,18 +50,21 @@ def agent_episode(domain: str = "maths", formulation: str = "iterative", style: 
                          protocol=protocol, yes_no=yes_no)
 
 
-@gin.configurable
+# engine sizes are gin's `engine_settings` alone (lumos_jax.config.MOVED names the old keys);
+# these keyword arguments stay for Python callers (the demo, benchmarks) as overrides
+@gin.configurable(denylist=["engine_slots", "engine_max_len", "engine_steps_per_call"])
 def agent_models(cfg: EpisodeConfig, backend: str = "scripted", plan_model: str | None = None,
                  ground_model: str | None = None, qa_model: str | None = None, tokenizer: str | None = None,
-                 max_new_tokens: int = 512, scripted_dir: str | None = None, engine_slots: int = 64,
-                 engine_max_len: int = 4096, engine_steps_per_call: int = 16,
+                 max_new_tokens: int = 512, scripted_dir: str | None = None, engine_slots: int | None = None,
+                 engine_max_len: int | None = None, engine_steps_per_call: int | None = None,
                  reference_retokenize: bool = True) -> dict:
     """Generators per module ("plan", "ground", optionally "qa").
 
     backend: 'scripted' (replay `lumos_{domain}_{plan,ground}_{formulation}.jsonl` from
     `scripted_dir`), 'greedy' (lumos_jax.generation, recomputes prompts), or 'engine'
     (lumos_jax.inference.Engine, cache extension; loaded by `inference.settings.load_engines`:
-    inference dtypes and mesh, one KV budget for all models). Model paths are HF dirs or our
+    inference dtypes and mesh, one KV budget for all models; sizes from `engine_settings`,
+    `engine_*` arguments override them). Model paths are HF dirs or our
     checkpoints; one path may serve several modules (a unified model).
     `reference_retokenize` (reference style): True re-tokenizes each whole prompt as the
     reference does; False appends the new turn's tokens (no cache restarts)."""
@@ -86,8 +89,8 @@ def agent_models(cfg: EpisodeConfig, backend: str = "scripted", plan_model: str 
         from lumos_jax.agent.backends import EngineBackend
         from lumos_jax.inference.settings import load_engines
 
-        engines = load_engines([p for _, p in modules], num_slots=engine_slots, max_len=engine_max_len,
-                               steps_per_call=engine_steps_per_call)
+        sizes = dict(num_slots=engine_slots, max_len=engine_max_len, steps_per_call=engine_steps_per_call)
+        engines = load_engines([p for _, p in modules], **{k: v for k, v in sizes.items() if v is not None})
         loaded = {p: EngineBackend(e) for p, e in engines.items()}
     gens: dict[str, object] = {}
     for module, path in modules:

@@ -126,6 +126,9 @@ def gin_text(exp: Experiment) -> str:
         _binding("lumos_agent.max_rounds", rounds),
         _binding("lumos_agent.prompt_style", "reference"),
         _binding("lumos_agent.max_new_tokens", 512),
+        "# the engine's size (one namespace for agent, eval, generate and serve)",
+        _binding("engine_settings.num_slots", 64),
+        _binding("engine_settings.max_len", 4096),
     ]
     if domain == "complex_qa":
         lines += ["# The paper's QA tool was GPT-3.5/4: point this at an HF dir (our model answers), or set",

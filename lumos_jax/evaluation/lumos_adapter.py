@@ -86,13 +86,13 @@ def make_registry_factory(domain: str, qa_backend=None, use_example_documents: b
     return factory
 
 
-@gin.configurable
+@gin.configurable(denylist=["engine_slots", "engine_max_len"])  # gin: engine_settings (config.MOVED)
 def lumos_agent(domain: str, metric: str, default_max_rounds: int, examples: list,
                 planner_path: str | None = None, grounder_path: str | None = None,
                 qa_model_path: str | None = None, tokenizer_path: str | None = None,
                 formulation: str = "iterative", max_rounds: int | None = None,
                 prompt_style: str = "reference", max_new_tokens: int = 512, backend: str = "engine",
-                engine_slots: int = 64, engine_max_len: int = 4096, scripted_dir: str | None = None,
+                engine_slots: int | None = None, engine_max_len: int | None = None, scripted_dir: str | None = None,
                 doc_store: str | None = None, use_example_documents: bool = True,
                 max_concurrent: int = 64, protocol: str = "robust"):
     """The Lumos agent of an eval experiment. `backend`: 'engine' (inference Engine with KV
@@ -100,7 +100,9 @@ def lumos_agent(domain: str, metric: str, default_max_rounds: int, examples: lis
     `scripted_dir`). `qa_model_path`: the model answering the QA tool (complex QA); the
     paper used GPT-3.5/4 there (`agent_tools.qa_endpoint` for an OpenAI-compatible one).
     `protocol` (set from `eval_experiment.protocol`): 'reference' runs the episodes, tools and
-    Mind2Web steps as the reference's scripts do; 'robust' is ours (docs/evaluation.md)."""
+    Mind2Web steps as the reference's scripts do; 'robust' is ours (docs/evaluation.md).
+    Engine sizes come from gin's `engine_settings`; `engine_slots` / `engine_max_len`
+    override them for Python callers."""
     from lumos_jax.agent.gin_configurables import agent_episode, agent_models
     from lumos_jax.agent.tools.qa import GeneratorQA
 
