@@ -31,6 +31,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
+    ("layers", None),  # stacked decoder layers: scanned over, never split across devices
     ("cache_batch", ("data", "fsdp")),
     ("cache_length", None),
     ("cache_kv_heads", "tensor"),

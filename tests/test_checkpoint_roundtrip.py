@@ -32,7 +32,7 @@ def test_our_params_to_hf_dir_load_in_transformers(tmp_path):
     ids = np.random.default_rng(0).integers(0, 300, (2, 11))
     with torch.no_grad():
         expected = hf(input_ids=torch.tensor(ids)).logits.numpy()
-    got = np.asarray(ours(jnp.asarray(ids, jnp.int32))[0])
+    got = np.asarray(ours(jnp.asarray(ids, jnp.int32)))
     assert np.abs(got - expected).max() <= 1e-4
 
 
@@ -56,7 +56,7 @@ def test_native_checkpoint_round_trip(tmp_path):
     back = load_native(tmp_path / "native")
     assert back.config == ours.config
     ids = jnp.asarray([[1, 5, 9, 200]], jnp.int32)
-    np.testing.assert_array_equal(np.asarray(ours(ids)[0]), np.asarray(back(ids)[0]))
+    np.testing.assert_array_equal(np.asarray(ours(ids)), np.asarray(back(ids)))
     save_hf_model(back, tmp_path / "hf")
     a, b = _tensors(tmp_path / "src"), _tensors(tmp_path / "hf")
     for k in a:
@@ -70,6 +70,41 @@ def test_large_export_is_index_sharded(tmp_path):
     assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
     back = load_hf_model(tmp_path / "hf")
     ids = jnp.asarray([[1, 2, 3]], jnp.int32)
-    np.testing.assert_array_equal(np.asarray(ours(ids)[0]), np.asarray(back(ids)[0]))
+    np.testing.assert_array_equal(np.asarray(ours(ids)), np.asarray(back(ids)))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert hf.config.num_hidden_layers == 2
+
+
+def test_per_layer_native_checkpoint_converts_on_load(tmp_path):
+    """A native checkpoint of the old layout (model.layers.0, .1, ... each unstacked),
+    written here straight from the HF tensors, loads into the stacked model: exporting it
+    back gives the HF source bit for bit."""
+    import json
+
+    import orbax.checkpoint as ocp
+
+    make_hf(tmp_path / "src", num_attention_heads=8, num_key_value_heads=2)
+    hf = _tensors(tmp_path / "src")
+    tree: dict = {"model": {"layers": {}}}
+    for name, t in hf.items():
+        kernel = name.endswith("proj.weight") or name == "lm_head.weight"  # Linear: (in, out)
+        arr = t.numpy().T if kernel else t.numpy()
+        parts = name.split(".")
+        if kernel:
+            parts[-1] = "kernel"
+        node = tree
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = arr
+    assert sorted(tree["model"]["layers"]) == ["0", "1"]
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "old" / "params", tree)
+        ckptr.wait_until_finished()
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    back = load_native(tmp_path / "old")
+    save_hf_model(back, tmp_path / "hf")
+    out = _tensors(tmp_path / "hf")
+    assert sorted(out) == sorted(hf)
+    for k in hf:
+        assert torch.equal(hf[k], out[k]), k

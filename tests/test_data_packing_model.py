@@ -34,7 +34,7 @@ def test_packed_logits_equal_each_conversation_alone():
 
     model = load_hf_model(STORIES, dtype="float32", param_dtype="float32")
     packed = np.asarray(model(batch["input_ids"], positions=batch["positions"],
-                              segment_ids=batch["segment_ids"])[0])
+                              segment_ids=batch["segment_ids"]))
     hf = transformers.LlamaForCausalLM.from_pretrained(str(STORIES), torch_dtype=torch.float32).eval()
     checked = 0
     for b in range(batch["input_ids"].shape[0]):
@@ -45,7 +45,7 @@ def test_packed_logits_equal_each_conversation_alone():
             # so only the masking across segments is under test, not fp32 reduction order.
             solo = {k: np.where(sel, v[b], 0)[None] for k, v in batch.items()}
             alone = np.asarray(model(solo["input_ids"], positions=solo["positions"],
-                                     segment_ids=solo["segment_ids"])[0])[0][sel]
+                                     segment_ids=solo["segment_ids"]))[0][sel]
             np.testing.assert_allclose(packed[b][sel], alone, rtol=0, atol=1e-5)
             with torch.no_grad():
                 ref = hf(input_ids=torch.tensor(ids[None], dtype=torch.long)).logits[0].numpy()

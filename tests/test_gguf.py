@@ -185,7 +185,7 @@ def test_model_equals_transformers_gguf_loader(tiny):
     ids = np.random.default_rng(1).integers(3, 512, (2, 40))
     with torch.no_grad():
         ref = ref_model(torch.from_numpy(ids)).logits.numpy()
-    got = np.asarray(ours(jnp.asarray(ids, dtype=jnp.int32))[0])
+    got = np.asarray(ours(jnp.asarray(ids, dtype=jnp.int32)))
     assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
 
 

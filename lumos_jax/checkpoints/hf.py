@@ -1,9 +1,10 @@
 """Hugging Face Llama directories <-> our NNX model.
 
-Names are HF's: our path `model.layers.3.mlp.up_proj.kernel` is HF's
-`model.layers.3.mlp.up_proj.weight`, transposed. Import reads each tensor from a
-memory map and builds every device's shard with `jax.make_array_from_callback`, so
-a checkpoint never needs twice its size in host memory. Export writes a temporary
+Names are HF's: row 3 of our stacked leaf `model.layers.mlp.up_proj.kernel` (layers, in,
+out) is HF's `model.layers.3.mlp.up_proj.weight`, transposed. Import reads each tensor
+from a memory map and builds every device's shard with `jax.make_array_from_callback`
+(for a stacked leaf, that device's slice of every layer), so a checkpoint never needs
+twice its size in host memory. Export writes a temporary
 directory and renames it into place: a crash never leaves a half-written checkpoint.
 """
 
@@ -28,12 +29,24 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json")
 
 
-def hf_name(path: tuple) -> str:
-    """('model', 'layers', 0, 'mlp', 'up_proj', 'kernel') -> 'model.layers.0.mlp.up_proj.weight'."""
+def is_stacked(path: tuple) -> bool:
+    """Leaves under model.layers hold every layer, stacked on a leading axis."""
+    return tuple(map(str, path[:2])) == ("model", "layers")
+
+
+def hf_name(path: tuple, layer: int | None = None) -> str:
+    """('model', 'layers', 'mlp', 'up_proj', 'kernel'), layer 3 -> 'model.layers.3.mlp.up_proj.weight'."""
     parts = [str(p) for p in path]
     if parts[-1] == "kernel":
         parts[-1] = "weight"
+    if layer is not None:
+        parts.insert(2, str(layer))
     return ".".join(parts)
+
+
+def hf_names(path: tuple, num_layers: int) -> list[str]:
+    """The HF tensor names one of our leaves holds: one per layer for a stacked leaf."""
+    return [hf_name(path, i) for i in range(num_layers)] if is_stacked(path) else [hf_name(path)]
 
 
 class HFCheckpoint:
@@ -103,16 +116,15 @@ def load_tensors(ckpt, config: LlamaConfig, mesh: Mesh | None = None, rules=None
     flat_shardings = dict(nnx.to_flat_state(shardings))
     expected = set()
     for path, var in flat:
-        name = hf_name(path)
-        expected.add(name)
-        try:
-            tensor = ckpt.get(name)
-        except KeyError:
-            raise ValueError(f"{directory}: tensor {name} is missing from the checkpoint") from None
+        sharding = flat_shardings[path]
+        sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
+        names = hf_names(path, config.num_hidden_layers)
+        expected.update(names)
         value = var.get_value()
-        var.set_value(_place(tensor, path, value, flat_shardings[path].get_value()
-                             if isinstance(flat_shardings[path], nnx.Variable)
-                             else flat_shardings[path], config, ckpt.location[name].path))
+        # A stacked leaf (L, ...) is L HF tensors, each of the shape of one row.
+        row_shape = tuple(value.shape[1:]) if is_stacked(path) else tuple(value.shape)
+        tensors = [_oriented(ckpt, name, path, row_shape, config, directory) for name in names]
+        var.set_value(_place(tensors, value, sharding, is_stacked(path)))
     unused = sorted(set(ckpt.location) - expected - {"lm_head.weight"} if config.tie_word_embeddings
                     else set(ckpt.location) - expected)
     unused = [n for n in unused if not n.endswith("rotary_emb.inv_freq")]
@@ -123,35 +135,57 @@ def load_tensors(ckpt, config: LlamaConfig, mesh: Mesh | None = None, rules=None
     return nnx.merge(graphdef, state)
 
 
-def _place(tensor: np.ndarray, path: tuple, target, sharding: NamedSharding,
-           config: LlamaConfig, file: Path) -> jax.Array:
-    """One HF tensor -> a sharded jax.Array in our layout, read shard by shard."""
-    name = hf_name(path)
-    if path[-1] == "kernel":
+_VOCAB_DIM = {"model.embed_tokens.weight": 0, "lm_head.weight": 1}
+
+
+def _oriented(ckpt, name: str, path: tuple, shape: tuple, config: LlamaConfig, directory):
+    """HF tensor `name` as a lazy view in our layout (kernels transposed to (in, out)),
+    checked against `shape`; the vocabulary may be shorter (padded rows are zero-filled)."""
+    try:
+        tensor = ckpt.get(name)
+    except KeyError:
+        raise ValueError(f"{directory}: tensor {name} is missing from the checkpoint") from None
+    kernel = path[-1] == "kernel"
+    if kernel:
         tensor = tensor.T  # a view: HF (out, in) -> ours (in, out)
-    shape = tuple(target.shape)
     src = tuple(tensor.shape)
-    vocab_dim = {"model.embed_tokens.weight": 0, "lm_head.weight": 1}.get(name)
+    vocab_dim = _VOCAB_DIM.get(name)
     if vocab_dim is not None and src[vocab_dim] == config.vocab_size and shape[vocab_dim] > src[vocab_dim]:
-        pass  # padded vocab rows are zero-filled below
-    elif src != shape:
-        raise ValueError(f"{file}: tensor {name} has shape {list(tensor.T.shape if path[-1] == 'kernel' else src)}"
-                         f", config expects {list(shape[::-1] if path[-1] == 'kernel' else shape)}")
-    dtype = target.dtype
+        return tensor  # padded vocab rows are zero-filled by _read
+    if src != shape:
+        raise ValueError(f"{ckpt.location[name].path}: tensor {name} has shape "
+                         f"{list(src[::-1] if kernel else src)}, config expects "
+                         f"{list(shape[::-1] if kernel else shape)}")
+    return tensor
+
+
+def _read(tensor, index: tuple, shape: tuple, dtype) -> np.ndarray:
+    """tensor[index] as `dtype`, where `shape` (the full target) may exceed the tensor's
+    extent on the vocabulary axis: rows past it read as zeros."""
+    if tuple(tensor.shape) == shape:
+        return np.asarray(tensor[index], dtype=dtype)
+    out = np.zeros(tuple(len(range(*s.indices(n))) for s, n in zip(index, shape)), dtype)
+    take, put = [], []
+    for s, have, n in zip(index, tensor.shape, shape):
+        lo, hi, _ = s.indices(n)
+        top = min(hi, have)
+        take.append(slice(lo, max(top, lo)))
+        put.append(slice(0, max(top - lo, 0)))
+    if all(t.stop > t.start for t in take):
+        out[tuple(put)] = tensor[tuple(take)]
+    return out
+
+
+def _place(tensors: list, target, sharding: NamedSharding, stacked: bool) -> jax.Array:
+    """HF tensors -> one sharded jax.Array in our layout, each device reading only its
+    shard (of every layer, for a stacked leaf)."""
+    shape, dtype = tuple(target.shape), target.dtype
 
     def shard(index):
-        if vocab_dim is None or src == shape:
-            return np.asarray(tensor[index], dtype=dtype)
-        out = np.zeros(tuple(len(range(*s.indices(n))) for s, n in zip(index, shape)), dtype)
-        rows = index[vocab_dim].indices(shape[vocab_dim])
-        hi = min(rows[1], src[vocab_dim])
-        if hi > rows[0]:
-            take = list(index)
-            take[vocab_dim] = slice(rows[0], hi)
-            put = [slice(None)] * len(shape)
-            put[vocab_dim] = slice(0, hi - rows[0])
-            out[tuple(put)] = tensor[tuple(take)]
-        return out
+        if not stacked:
+            return _read(tensors[0], index, shape, dtype)
+        rows = range(*index[0].indices(shape[0]))
+        return np.stack([_read(tensors[i], index[1:], shape[1:], dtype) for i in rows])
 
     return jax.make_array_from_callback(shape, sharding, shard)
 
@@ -169,15 +203,7 @@ def save_hf_model(model: LlamaForCausalLM, directory: str | Path, dtype: str | N
     tmp.mkdir(parents=True)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name = hf_name(path)
-        arr = np.asarray(jax.device_get(var.get_value()))
-        if path[-1] == "kernel":
-            arr = arr.T
-        if name == "model.embed_tokens.weight":
-            arr = arr[: config.vocab_size]
-        elif name == "lm_head.weight":
-            arr = arr[: config.vocab_size]
+    for name, arr in _hf_tensors(model):
         arr = arr.astype(np_dtype)
         if size and size + arr.nbytes > max_shard_bytes:
             shards.append({})
@@ -209,3 +235,23 @@ def save_hf_model(model: LlamaForCausalLM, directory: str | Path, dtype: str | N
     else:
         os.replace(tmp, directory)
     return directory
+
+
+def _hf_tensors(model: LlamaForCausalLM):
+    """(HF name, array in HF's layout) for every weight, in HF's order (embeddings, layer
+    by layer, final norm, lm_head): stacked leaves are split into their rows."""
+    config = model.config
+    entries = []
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        arr = np.asarray(jax.device_get(var.get_value()))
+        rows = list(arr) if is_stacked(path) else [arr]
+        for layer, (name, row) in enumerate(zip(hf_names(path, config.num_hidden_layers), rows)):
+            if path[-1] == "kernel":
+                row = row.T
+            if name in _VOCAB_DIM:
+                row = row[: config.vocab_size]
+            order = layer if is_stacked(path) else (-1 if name in _VOCAB_DIM and "embed" in name
+                                                    else config.num_hidden_layers)
+            entries.append((order, name, row))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    return [(name, row) for _, name, row in entries]

@@ -11,10 +11,11 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lumos_jax.models.config import LlamaConfig
 from lumos_jax.models.llama import LlamaForCausalLM, abstract_model
@@ -73,12 +74,42 @@ def load_native(directory: str | Path, mesh: Mesh | None = None, rules=None,
     target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                           nnx.to_pure_dict(abstract_state), nnx.to_pure_dict(shardings))
     with ocp.StandardCheckpointer() as ckptr:
+        saved = ckptr.metadata(directory / "params").item_metadata.tree
         try:
-            restored = ckptr.restore(directory / "params", target)
+            if _per_layer(saved):
+                restored = _restore_per_layer(ckptr, directory / "params", target)
+            else:
+                restored = ckptr.restore(directory / "params", target)
         except ValueError as e:
             raise ValueError(f"{directory}/params: does not match the config ({str(e).splitlines()[0]})") from None
     nnx.replace_by_pure_dict(abstract_state, restored)
     return nnx.merge(graphdef, abstract_state)
+
+
+def _per_layer(saved: dict) -> bool:
+    """Checkpoints written before the layers were stacked hold model.layers.0, .1, ..."""
+    layers = saved.get("model", {}).get("layers", {})
+    return isinstance(layers, dict) and "0" in layers
+
+
+def _restore_per_layer(ckptr, path, target: dict) -> dict:
+    """Converts on load: restores each old per-layer subtree onto its slice of the stacked
+    sharding, then stacks the rows onto the target's sharding (an old checkpoint keeps
+    loading; saving it again writes the stacked layout)."""
+    stacked = target["model"]["layers"]
+    count = jax.tree.leaves(stacked)[0].shape[0]
+
+    def row(t):
+        spec = tuple(t.sharding.spec)[1:]
+        return jax.ShapeDtypeStruct(t.shape[1:], t.dtype,
+                                    sharding=NamedSharding(t.sharding.mesh, PartitionSpec(*spec)))
+
+    rows = jax.tree.map(row, stacked)
+    old = {**target, "model": {**target["model"], "layers": {str(i): rows for i in range(count)}}}
+    restored = ckptr.restore(path, old)
+    per_layer = [restored["model"]["layers"][str(i)] for i in range(count)]
+    layers = jax.tree.map(lambda t, *r: jax.device_put(jnp.stack(r), t.sharding), stacked, *per_layer)
+    return {**restored, "model": {**restored["model"], "layers": layers}}
 
 
 def load_model(path: str | Path, mesh: Mesh | None = None, rules=None, **overrides) -> LlamaForCausalLM:

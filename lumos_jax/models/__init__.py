@@ -1,7 +1,7 @@
 """Model definitions (Llama family)."""
 
 from lumos_jax.models.config import PRESETS, LlamaConfig, model_config
-from lumos_jax.models.llama import KVCache, LlamaForCausalLM, abstract_model, create_model
+from lumos_jax.models.llama import LlamaForCausalLM, abstract_model, create_model
 
-__all__ = ["PRESETS", "LlamaConfig", "model_config", "KVCache", "LlamaForCausalLM",
-           "abstract_model", "create_model"]
+__all__ = ["PRESETS", "LlamaConfig", "model_config", "LlamaForCausalLM", "abstract_model",
+           "create_model"]

@@ -1,24 +1,22 @@
 """The Llama family in Flax NNX, computing what HF `LlamaForCausalLM` computes.
 
-Parameter paths mirror HF (`model.layers.0.self_attn.q_proj`); a Linear stores
-`kernel` as (in, out), the transpose of HF's `weight`, so import is a transpose.
-Every parameter carries `logical_axes` metadata; `lumos_jax.sharding` maps those
-to the mesh via gin rules.
+Parameter paths mirror HF with the layer index moved into the array: the decoder layers
+are one module whose every leaf is stacked, `model.layers.mlp.up_proj.kernel` of shape
+(num_layers, in, out) with a leading "layers" logical axis, and the forward pass is one
+`jax.lax.scan` over that axis, so compile time does not grow with depth. Row i is HF's
+`model.layers.{i}.mlp.up_proj.weight`, transposed (`checkpoints/hf.py` maps the two).
+Every parameter carries `logical_axes` metadata; `lumos_jax.sharding` maps those to the
+mesh via gin rules ("layers" to no mesh axis).
 
 Masking is by (segment id, position): a query attends to keys of its own non-zero
 segment whose position is <= its own. That one rule covers causal attention, left
 or right padding (segment 0) and packed rows (positions restart per segment).
-
-KV cache layout (decided here, used by the inference engine): per layer `k`, `v` of
-shape (batch, max_len, kv_heads, head_dim) and one `positions` array (batch,
-max_len) with -1 for empty slots. New tokens are written at per-row slot offsets,
-so rows of different lengths and `extend` after a tool call need no recomputation.
+Decoding (KV cache) lives in `lumos_jax.inference`, on these same weights.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,28 +27,19 @@ from lumos_jax.models.config import LlamaConfig, resolve_attention_impl
 from lumos_jax.sharding import constrain
 
 _NEG_INF = -1e30
-
-
-class KVCache(NamedTuple):
-    k: tuple[jax.Array, ...]  # per layer (batch, max_len, kv_heads, head_dim)
-    v: tuple[jax.Array, ...]
-    positions: jax.Array  # (batch, max_len) int32, -1 = empty slot
-
-    @classmethod
-    def init(cls, config: LlamaConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
-        dtype = dtype or config.jnp_dtype
-        shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
-        return cls(zeros, zeros, jnp.full((batch, max_len), -1, jnp.int32))
-
-    @staticmethod
-    def logical_axes():
-        return ("cache_batch", "cache_length", "cache_kv_heads", "head_dim")
+LAYERS_AXIS = "layers"
 
 
 def _param(rngs, shape, dtype, axes, std):
     init = jax.nn.initializers.normal(std) if std else jax.nn.initializers.ones
     return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+def rms_norm(x, weight, eps):
+    """HF LlamaRMSNorm: normalise in fp32, cast back to x's dtype, then scale."""
+    h = x.astype(jnp.float32)
+    h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * h.astype(x.dtype)
 
 
 class Linear(nnx.Module):
@@ -63,13 +52,6 @@ class Linear(nnx.Module):
 
     def __call__(self, x):
         return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-
-
-def rms_norm(x, weight, eps):
-    """HF LlamaRMSNorm: normalise in fp32, cast back to x's dtype, then scale."""
-    h = x.astype(jnp.float32)
-    h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + eps)
-    return weight.astype(x.dtype) * h.astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -131,6 +113,18 @@ def fused_attention(q, k, v, segment_ids, positions, config: LlamaConfig):
                                         is_causal=True, implementation="cudnn")
 
 
+def xla_attention(q, k, v, mask, config: LlamaConfig):
+    """Grouped-query attention as einsums; q (B, T, H, D), k/v (B, S, KV, D), mask (B, T, S)."""
+    c = config
+    b, t = q.shape[:2]
+    groups = c.num_attention_heads // c.num_key_value_heads
+    q = q.reshape(b, t, c.num_key_value_heads, groups, c.head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)) / math.sqrt(c.head_dim)
+    scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
+
+
 class LlamaAttention(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         c = config
@@ -141,7 +135,7 @@ class LlamaAttention(nnx.Module):
         self.v_proj = Linear(c.hidden_size, kv_dim, ("embed", "kv_heads"), c, rngs=rngs)
         self.o_proj = Linear(q_dim, c.hidden_size, ("q_heads", "embed"), c, rngs=rngs)
 
-    def __call__(self, x, positions, segment_ids, inv_freq, layer_cache=None):
+    def __call__(self, x, positions, segment_ids, inv_freq):
         c = self.config
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, c.num_attention_heads, c.head_dim)
@@ -150,32 +144,14 @@ class LlamaAttention(nnx.Module):
         q = constrain(apply_rope(q, positions, inv_freq), ("batch", "length", "q_heads", "head_dim"))
         k = constrain(apply_rope(k, positions, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
         impl = resolve_attention_impl(c.attention_impl)
-        if layer_cache is None and impl != "xla":
-            if impl == "cudnn":
-                out = fused_attention(q, k, v, segment_ids, positions, c)
-            else:
-                out = splash_attention(q, k, v, segment_ids)
-            return self.o_proj(out.reshape(b, t, c.num_attention_heads * c.head_dim)), None
-        if layer_cache is None:
-            mask = attention_mask(segment_ids, positions, segment_ids, positions)
-            new_cache = None
+        if impl == "cudnn":
+            out = fused_attention(q, k, v, segment_ids, positions, c)
+        elif impl == "splash":
+            out = splash_attention(q, k, v, segment_ids)
         else:
-            cache_k, cache_v, kv_pos, write_index = layer_cache
-            write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, 0))
-            k = cache_k = write(cache_k, k.astype(cache_k.dtype), write_index)
-            v = cache_v = write(cache_v, v.astype(cache_v.dtype), write_index)
-            # One sequence per row: valid query x filled slot x causal by position.
-            mask = attention_mask((segment_ids != 0).astype(jnp.int32), positions,
-                                  (kv_pos >= 0).astype(jnp.int32), kv_pos)
-            new_cache = (cache_k, cache_v)
-        groups = c.num_attention_heads // c.num_key_value_heads
-        q = q.reshape(b, t, c.num_key_value_heads, groups, c.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)) / math.sqrt(c.head_dim)
-        scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
-        out = out.reshape(b, t, c.num_attention_heads * c.head_dim)
-        return self.o_proj(out), new_cache
+            mask = attention_mask(segment_ids, positions, segment_ids, positions)
+            out = xla_attention(q, k, v, mask, c)
+        return self.o_proj(out.reshape(b, t, c.num_attention_heads * c.head_dim))
 
 
 class LlamaMLP(nnx.Module):
@@ -197,12 +173,24 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config, rngs=rngs)
         self.mlp = LlamaMLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, segment_ids, inv_freq, layer_cache=None):
-        h, new_cache = self.self_attn(self.input_layernorm(x), positions, segment_ids, inv_freq,
-                                      layer_cache)
-        x = x + h
+    def __call__(self, x, positions, segment_ids, inv_freq):
+        x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids, inv_freq)
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return constrain(x, ("batch", "length", "act_embed")), new_cache
+        return constrain(x, ("batch", "length", "act_embed"))
+
+
+def stacked_layers(config: LlamaConfig, rngs: nnx.Rngs) -> LlamaDecoderLayer:
+    """num_hidden_layers decoder layers as one module with stacked leaves (each layer its
+    own random draw); "layers" is prepended to every leaf's logical axes."""
+    n = config.num_hidden_layers
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=n,
+              transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS, "logical_axes": LAYERS_AXIS})
+    def make(layer_rngs):
+        return LlamaDecoderLayer(config, rngs=layer_rngs)
+
+    return make(rngs)
 
 
 class Embedding(nnx.Module):
@@ -217,19 +205,18 @@ class Embedding(nnx.Module):
 class LlamaModel(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.embed_tokens = Embedding(config, rngs=rngs)
-        self.layers = nnx.List([LlamaDecoderLayer(config, rngs=rngs)
-                                for _ in range(config.num_hidden_layers)])
+        self.layers = stacked_layers(config, rngs)
         self.norm = RMSNorm(config.hidden_size, config, rngs=rngs)
 
 
 _REMAT_POLICIES = {
-    "full": None,
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 
 
 class LlamaForCausalLM(nnx.Module):
-    """logits, cache = model(input_ids, positions=None, segment_ids=None, cache=None, ...)."""
+    """logits = model(input_ids, positions=None, segment_ids=None)."""
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -238,11 +225,10 @@ class LlamaForCausalLM(nnx.Module):
             self.lm_head = Linear(config.hidden_size, config.padded_vocab_size, ("embed", "vocab"),
                                   config, rngs=rngs)
 
-    def __call__(self, input_ids, positions=None, segment_ids=None, cache: KVCache | None = None,
-                 cache_write_index=None, return_hidden=False):
-        """input_ids (B, T). segment_ids: 0 marks padding (default all 1). positions default
-        to 0..T-1. With `cache`, the T new tokens are written at `cache_write_index` (B,)
-        and attend to everything already cached; the updated cache is returned."""
+    def __call__(self, input_ids, positions=None, segment_ids=None, return_hidden=False):
+        """input_ids (B, T) -> logits (B, T, vocab_size), or the final-norm hidden states
+        (B, T, hidden) with `return_hidden` (the chunked loss makes logits itself).
+        segment_ids: 0 marks padding (default all 1); positions default to 0..T-1."""
         c = self.config
         b, t = input_ids.shape
         if segment_ids is None:
@@ -251,31 +237,20 @@ class LlamaForCausalLM(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         inv_freq = rope_inv_freq(c)
         x = constrain(self.model.embed_tokens(input_ids, c.jnp_dtype), ("batch", "length", "act_embed"))
-        new_k, new_v = [], []
-        if cache is not None:
-            write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, 0))
-            new_pos = jnp.where(segment_ids != 0, positions, -1).astype(jnp.int32)
-            kv_positions = write(cache.positions, new_pos, cache_write_index)
-        for i, layer in enumerate(self.model.layers):
-            layer_cache = None
-            if cache is not None:
-                layer_cache = (cache.k[i], cache.v[i], kv_positions, cache_write_index)
-            if c.remat_policy != "none" and cache is None:
-                x, lc = nnx.remat(lambda mdl, *a: mdl(*a),
-                                  policy=_REMAT_POLICIES[c.remat_policy])(
-                    layer, x, positions, segment_ids, inv_freq)
-            else:
-                x, lc = layer(x, positions, segment_ids, inv_freq, layer_cache)
-            if lc is not None:
-                new_k.append(lc[0])
-                new_v.append(lc[1])
+        graphdef, layer_state = nnx.split(self.model.layers)
+
+        def body(h, one_layer):
+            return nnx.merge(graphdef, one_layer)(h, positions, segment_ids, inv_freq), None
+
+        if c.remat_policy != "none":
+            # Inside a scan, CSE cannot undo the recomputation, so prevent_cse is not needed.
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, layer_state)
         x = self.model.norm(x)
-        new_cache = KVCache(tuple(new_k), tuple(new_v), kv_positions) if cache is not None else None
-        if return_hidden:
-            return x, new_cache
-        return self.logits(x), new_cache
+        return x if return_hidden else self.logits(x)
 
     def logits(self, hidden):
+        """(..., hidden) -> (..., vocab_size) logits in the compute dtype."""
         c = self.config
         if c.tie_word_embeddings:
             w = self.model.embed_tokens.weight[...].astype(c.jnp_dtype)

@@ -51,10 +51,15 @@ def make_schedule(total_steps: int, s: dict) -> Callable:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
+def decay_mask(params: dict) -> dict:
+    """True where AdamW decays: like HF Trainer, every weight but the norms' (matched by
+    name, *norm: stacked norm weights are 2-D, so ndim cannot tell them apart)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not str(getattr(path[-2], "key", "")).endswith("norm"), params)
+
+
 def make_optimizer(total_steps: int, s: dict) -> tuple[optax.GradientTransformation, Callable]:
     schedule = make_schedule(total_steps, s)
-    # Like HF Trainer: no weight decay on norm weights (the 1-D params).
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     parts = [] if not s["max_grad_norm"] else [optax.clip_by_global_norm(s["max_grad_norm"])]
     parts.append(optax.adamw(schedule, b1=s["b1"], b2=s["b2"], eps=s["eps"],
                              weight_decay=s["weight_decay"], mask=decay_mask))

@@ -53,7 +53,7 @@ def check_batch(setup: TrainSetup, global_batch: int, grad_accum: int) -> None:
 def summed_loss(graphdef, params, batch):
     """(sum of masked token losses, number of target tokens) for one (micro)batch."""
     model = nnx.merge(graphdef, params)
-    logits, _ = model(batch["input_ids"], batch["positions"], batch["segment_ids"])
+    logits = model(batch["input_ids"], batch["positions"], batch["segment_ids"])
     xent = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                            batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
