@@ -84,9 +84,18 @@ def test_catalogue_files_are_current_and_complete():
     for e in exps:
         path = catalogue.CATALOGUE_DIR / f"{e.name}.gin"
         assert path.read_text() == catalogue.gin_text(e), f"{path} is stale: run catalogue --write"
-    text = catalogue.gin_text(catalogue.Experiment("complex_qa", "iterative", "13b", "strategyqa"))
-    assert "checkpoints/lumos_complex_qa_plan_iterative-13B" in text
-    assert "eval_experiment.limit = 300" in text and "lumos_agent.max_rounds = 5" in text
+    import gin
+
+    from lumos_jax.config import check_required, parse_gin
+    from lumos_jax.evaluation.experiment import eval_experiment
+
+    # the shared recipe plus the experiment's macros give the reference's values
+    parse_gin(["experiments/eval/lumos_complex_qa_iterative_13b_strategyqa.gin"])
+    check_required()  # every %gin.REQUIRED macro of the recipe is set
+    cfg = eval_experiment()
+    assert (cfg.dataset, cfg.limit, cfg.protocol, cfg.concurrency) == ("strategyqa", 300, "reference", 64)
+    assert gin.query_parameter("%PLANNER") == "checkpoints/lumos_complex_qa_plan_iterative-13B"
+    assert gin.query_parameter("%MAX_ROUNDS") == 5 and gin.query_parameter("engine_settings.num_slots") == 64
 
 
 @pytest.mark.parametrize("name", ["lumos_maths_iterative_7b_gsm8k", "lumos_unified_iterative_7b_webshop",
