@@ -14,12 +14,20 @@ expected of it:
 Untagged blocks count too when they start with a command; usage synopses (`<name>`, `[--x]`)
 are not commands. The whole file runs in about 2-3 minutes on 2 CPU cores (most of it is JAX
 compiling the training smoke test and generation).
+
+A plain `lumos-jax ARGS` command (no pipes, redirections or substitutions) runs in one long-lived
+worker process with the same environment and folder, through the console script's own entry
+point (`lumos_jax.cli:main`), so the ~30 commands pay Python's and JAX's start-up once; anything
+with shell syntax runs in bash, the console script included.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import select
+import shlex
 import shutil
 import subprocess
 import sys
@@ -35,6 +43,50 @@ COMMAND = re.compile(r"^(lumos-jax|python3?|pip|huggingface-cli|curl|printf|echo
 SYNOPSIS = re.compile(r"<[a-zA-Z_]+>|\[--|\(--\w+ .*\|")
 MARK = re.compile(r"#\s*(needs|expect):\s*(.+)$")
 PER_COMMAND_TIMEOUT_S = 300
+SHELL_SYNTAX = re.compile(r"[|&;<>()$`*?~{}\[\]\\!#'\"]|\n")
+
+# The worker: requests (argv, cwd) as JSON lines on stdin; each command's stdout and stderr go
+# to files (fd level, so output of C code and child processes is caught); `lumos_jax.cli.main`
+# as the console script calls it; exit status as `sys.exit(main())` gives it.
+WORKER = r"""
+import json, os, sys, tempfile, traceback
+requests = os.fdopen(os.dup(0), "r")
+replies = os.fdopen(os.dup(1), "w")
+null = os.open(os.devnull, os.O_RDONLY)
+os.dup2(null, 0)
+from lumos_jax.cli import main
+for line in requests:
+    req = json.loads(line)
+    os.chdir(req["cwd"])
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    saved = os.dup(1), os.dup(2)
+    os.dup2(out.fileno(), 1)
+    os.dup2(err.fileno(), 2)
+    sys.argv = ["lumos-jax", *req["argv"]]
+    try:
+        rc = main(req["argv"])
+    except SystemExit as e:
+        rc = e.code
+        if isinstance(rc, str):
+            print(rc, file=sys.stderr)
+            rc = 1
+    except BaseException:
+        traceback.print_exc()
+        rc = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(saved[0], 1)
+    os.dup2(saved[1], 2)
+    for fd in saved:
+        os.close(fd)
+    texts = []
+    for f in (out, err):
+        f.seek(0)
+        texts.append(f.read().decode("utf-8", "replace"))
+        f.close()
+    replies.write(json.dumps({"rc": 0 if rc is None else int(rc), "stdout": texts[0], "stderr": texts[1]}) + "\n")
+    replies.flush()
+"""
 
 
 @dataclass
@@ -132,10 +184,59 @@ def user_env(root: Path, clone: Path) -> dict:
     return env
 
 
+def plain_argv(text: str) -> list[str] | None:
+    """The arguments of a `lumos-jax ARGS` command without shell syntax (line continuations
+    joined), else None."""
+    joined = re.sub(r"\\\n\s*", " ", text).strip()
+    unquoted = re.sub(r"\"[^\"$`\\]*\"|'[^']*'", "", joined)
+    if not joined.startswith("lumos-jax ") or SHELL_SYNTAX.search(unquoted):
+        return None
+    return shlex.split(joined)[1:]
+
+
+class Worker:
+    """One `python` process that runs plain `lumos-jax` commands in turn (see WORKER)."""
+
+    def __init__(self, env: dict):
+        self.env, self.proc = env, None
+
+    def run(self, argv: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen([sys.executable, "-c", WORKER], env=self.env, cwd=cwd, text=True,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.proc.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd)}) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:  # timed out or died: the next command gets a fresh worker
+            self.close()
+            raise subprocess.TimeoutExpired(["lumos-jax", *argv], timeout) if not ready else RuntimeError(
+                f"docs worker died running lumos-jax {' '.join(argv)}")
+        reply = json.loads(line)
+        return subprocess.CompletedProcess(["lumos-jax", *argv], reply["rc"], reply["stdout"], reply["stderr"])
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+def test_plain_argv_only_for_commands_without_shell_syntax():
+    assert plain_argv("lumos-jax agent --gin_file=a.gin \\\n    --task 'Peter goes (to) the store'") == [
+        "agent", "--gin_file=a.gin", "--task", "Peter goes (to) the store"]
+    assert plain_argv("lumos-jax eval --gin.scripted_agent.kind=\"'wrong'\" --quiet") == [
+        "eval", "--gin.scripted_agent.kind='wrong'", "--quiet"]
+    for text in ("lumos-jax agent --list > tasks.txt", "lumos-jax assets | head", "cmp a \"$(lumos-jax assets)\"",
+                 "python -c 'print(1)'", "lumos-jax assets $HOME", "lumos-jax a && ls"):
+        assert plain_argv(text) is None, text
+
+
 def test_every_documented_command_runs_as_written(tmp_path_factory):
     root = tmp_path_factory.mktemp("new_user")
     clone = user_install(root)
     env = user_env(root, clone)
+    worker = Worker(env)
     executed, skipped, synopses, failures = [], [], 0, []
     start = time.perf_counter()
     for doc in DOCS:
@@ -149,13 +250,18 @@ def test_every_documented_command_runs_as_written(tmp_path_factory):
                 continue
             assert not (folder.parent / "shared").exists() and not (clone.parent / "shared").exists()
             t0 = time.perf_counter()
-            p = subprocess.run(["bash", "-o", "pipefail", "-c", c.text], cwd=folder, env=env,
-                               capture_output=True, text=True, timeout=PER_COMMAND_TIMEOUT_S)
+            argv = plain_argv(c.text)
+            if argv is not None:
+                p = worker.run(argv, folder, PER_COMMAND_TIMEOUT_S)
+            else:
+                p = subprocess.run(["bash", "-o", "pipefail", "-c", c.text], cwd=folder, env=env,
+                                   capture_output=True, text=True, timeout=PER_COMMAND_TIMEOUT_S)
             executed.append((c, time.perf_counter() - t0))
             if p.returncode != c.expect:
                 tail = (p.stdout[-1500:] + "\n" + p.stderr[-1500:]).strip()
                 failures.append(f"{c.doc}:{c.line}: exit {p.returncode} (documented: {c.expect})\n"
                                 f"  $ {c.text}\n{tail}")
+    worker.close()
     print(f"\ndocs commands: {len(executed)} executed, {len(skipped)} not run, {synopses} synopses passed over, "
           f"{time.perf_counter() - start:.0f}s")
     for c, seconds in sorted(executed, key=lambda x: -x[1])[:5]:

@@ -88,7 +88,7 @@ def test_logits_match_transformers(converted, reference):
     assert tok.encode(text) == ids
     with torch.no_grad():
         ref = hf_model(torch.tensor([ids])).logits[0].numpy()
-    ours = np.asarray(model(jnp.asarray([ids], dtype=jnp.int32))[0][0])  # (logits, cache)[0], row 0
+    ours = np.asarray(model(jnp.asarray([ids], dtype=jnp.int32))[0])  # logits of row 0
     assert ours.shape == ref.shape == (len(ids), 49152)
     assert np.abs(ours - ref).max() <= 2e-4
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
