@@ -108,7 +108,7 @@ def ours_params(args, config):
 
     fast = getattr(decode_params_mod, "random_decode_params", None)
     if fast is not None:
-        params, spec = fast(config, seed=0)
+        params, spec = fast(config, jax.random.key(0))
     else:
         from lumos_jax.models import create_model
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as gpu_paged_attention
 from jax.sharding import PartitionSpec
 
+from lumos_jax.inference.quant import QPages, as_float, take_pages
 from lumos_jax.models.attention_tpu import paged_decode_attention
 from lumos_jax.sharding import logical_to_spec
 
@@ -35,9 +36,9 @@ GPU_BLOCK_H = 16     # query heads per program (the kernel needs a multiple of 1
 def gather_pages(pages, table, dtype):
     """The pages of each row, in order: pages (KV, P, BS, D), table (N, W) ->
     (KV, N, W * BS, D); key index s of a row holds its position s."""
-    g = jnp.take(pages, table, axis=1, mode="clip")                   # (KV, N, W, BS, D)
+    g = take_pages(pages, table)                                      # (KV, N, W, BS, D)
     kv, n, w, bs, d = g.shape
-    return g.reshape(kv, n, w * bs, d).astype(dtype)
+    return as_float(g.reshape(kv, n, w * bs, d), dtype)  # int8: codes x scales
 
 
 def attend(q, k, v, mask):
@@ -71,6 +72,9 @@ def _reduce(q, kc, vc, table, lengths):
 
 
 def _pallas_tpu(q, kc, vc, table, lengths):
+    if isinstance(kc, QPages):
+        raise ValueError("decode_attention='pallas' (TPU) reads float pages only; "
+                         "with kv_dtype='int8' use 'dot' or (GPU) 'pallas_gpu'")
     b, _, kv, g, d = q.shape
     out = paged_decode_attention(q[:, 0].reshape(b, kv * g, d), kc, vc, lengths, table)
     return out.reshape(b, 1, kv, g, d)
@@ -87,11 +91,13 @@ def gpu_blocking(width: int, block_size: int) -> tuple[int, int, int]:
     return -(-chunks // splits) * splits * ppcb, ppcb, splits
 
 
-def _gpu_local(q, kc, vc, table, lengths, interpret: bool):
-    """q (B, H, D) already scaled; the kernel does not scale."""
+def _gpu_local(q, kc, vc, table, lengths, k_scales=None, v_scales=None, *, interpret: bool):
+    """q (B, H, D) already scaled; the kernel does not scale. int8 pages come with their
+    scales (KV, P, BS), which the kernel applies to the scores and the probabilities."""
     padded, ppcb, splits = gpu_blocking(table.shape[1], kc.shape[2])
     table = jnp.pad(table, ((0, 0), (0, padded - table.shape[1])))
-    return gpu_paged_attention(q, kc, vc, table, lengths.astype(jnp.int32), block_h=GPU_BLOCK_H,
+    return gpu_paged_attention(q, kc, vc, table, lengths.astype(jnp.int32), k_scales, v_scales,
+                               block_h=GPU_BLOCK_H,
                                pages_per_compute_block=ppcb, k_splits=splits, interpret=interpret)
 
 
@@ -108,18 +114,24 @@ def pallas_gpu(q, kc, vc, table, lengths, *, interpret: bool | None = None):
     b, _, kv, g, d = q.shape
     qh = (q[:, 0].astype(jnp.float32) / math.sqrt(d)).astype(q.dtype).reshape(b, kv * g, d)
     local = functools.partial(_gpu_local, interpret=interpret)
+    scales = ()
+    if isinstance(kc, QPages):
+        (kc, ks), (vc, vs) = kc, vc
+        scales = (ks, vs)
     mesh = _mesh_or_none()
     if mesh is None:
-        out = local(qh, kc, vc, table, lengths)
+        out = local(qh, kc, vc, table, lengths, *scales)
     else:
         q_spec = logical_to_spec(("cache_batch", "q_heads", "head_dim"), qh.shape, mesh)
         page_spec = logical_to_spec(("cache_kv_heads", None, None, None), kc.shape, mesh)
         if q_spec[1] != page_spec[0]:  # heads split unevenly: keep heads whole, split rows only
             q_spec, page_spec = PartitionSpec(q_spec[0], None, None), PartitionSpec()
         rows = PartitionSpec(q_spec[0])
+        scale_specs = (PartitionSpec(*tuple(page_spec)[:3]),) * len(scales)
         out = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, page_spec, page_spec,
-                                                        PartitionSpec(q_spec[0], None), rows),
-                            out_specs=q_spec, check_vma=False)(qh, kc, vc, table, lengths)
+                                                        PartitionSpec(q_spec[0], None), rows,
+                                                        *scale_specs),
+                            out_specs=q_spec, check_vma=False)(qh, kc, vc, table, lengths, *scales)
     return out.reshape(b, 1, kv, g, d)
 
 

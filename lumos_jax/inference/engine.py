@@ -51,7 +51,7 @@ class TurnResult:
     text: str | None = None
 
 
-CACHE_DTYPES = ("float32", "bfloat16", "float16")
+CACHE_DTYPES = ("float32", "bfloat16", "float16", "int8")  # int8: per-token-per-head scales
 STAT_KEYS = ("prefilled_tokens", "generated_tokens", "decode_calls", "prefill_calls",
              "prompt_tokens", "prefill_tokens", "prefix_saved_tokens", "evictions",
              "preemptions")

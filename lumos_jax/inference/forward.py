@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lumos_jax.inference.decode_attention import DECODE_ATTENTION, NEG, attend, gather_pages
 from lumos_jax.inference.params import ForwardSpec
+from lumos_jax.inference.quant import constrain_pages, qeinsum, set_pages, zero_pages
 from lumos_jax.models.llama import apply_rope
 
 
@@ -36,11 +37,8 @@ class PagedCache(NamedTuple):
     def init(cls, spec: ForwardSpec, num_blocks: int, block_size: int, dtype, shardings=None):
         shape = (spec.num_kv_heads, spec.num_layers, num_blocks, block_size, spec.head_dim)
 
-        def zeros():
-            return jnp.zeros(shape, dtype)
-
-        make = jax.jit(zeros, out_shardings=shardings) if shardings is not None else zeros
-        return cls(make(), make())
+        # int8: each is a QPages (int8 pages + per-token-per-head fp32 scales)
+        return cls(zero_pages(shape, dtype, shardings), zero_pages(shape, dtype, shardings))
 
     @staticmethod
     def logical_axes():
@@ -69,7 +67,7 @@ def _qkv(lyr, x, positions, inv_freq, spec: ForwardSpec):
     """x (N, T, E) -> q (N, T, KV, G, D), k, v (N, T, KV, D), RoPE applied."""
     n, t, _ = x.shape
     h = rms_norm(x, lyr["attn_norm"], spec.rms_norm_eps)
-    qkv = jnp.einsum("nte,ekgd->ntkgd", h, lyr["wqkv"])
+    qkv = qeinsum("nte,ekgd->ntkgd", h, lyr["wqkv"])
     g = spec.groups
     q = qkv[:, :, :, :g].reshape(n, t, spec.num_heads, spec.head_dim)
     q = apply_rope(q, positions, inv_freq).reshape(n, t, spec.num_kv_heads, g, spec.head_dim)
@@ -79,12 +77,12 @@ def _qkv(lyr, x, positions, inv_freq, spec: ForwardSpec):
 
 def _mlp(lyr, x, spec: ForwardSpec):
     h = rms_norm(x, lyr["mlp_norm"], spec.rms_norm_eps)
-    gu = jnp.einsum("nte,ewi->ntwi", h, lyr["w_gate_up"])
-    return jnp.einsum("nti,ie->nte", jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1], lyr["w_down"])
+    gu = qeinsum("nte,ewi->ntwi", h, lyr["w_gate_up"])
+    return qeinsum("nti,ie->nte", jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1], lyr["w_down"])
 
 
 def _out(lyr, attn, x):
-    return x + jnp.einsum("ntkgd,kgde->nte", attn, lyr["wo"])
+    return x + qeinsum("ntkgd,kgde->nte", attn, lyr["wo"])
 
 
 def embed(params, ids, dtype):
@@ -94,7 +92,7 @@ def embed(params, ids, dtype):
 def logits(params, hidden, spec: ForwardSpec):
     """hidden (..., E) -> fp32 logits over the padded vocab, padding at -1e30."""
     h = rms_norm(hidden, params["norm"], spec.rms_norm_eps)
-    out = jnp.einsum("...e,ev->...v", h, params["lm_head"], preferred_element_type=jnp.float32)
+    out = qeinsum("...e,ev->...v", h, params["lm_head"], preferred_element_type=jnp.float32)
     vocab_ok = jnp.arange(out.shape[-1]) < spec.vocab_size
     return jnp.where(vocab_ok, out, NEG)
 
@@ -108,13 +106,13 @@ def _pages_sharding(cache_sharding):
 
 
 def _constrain(x, sharding):
-    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+    return constrain_pages(x, sharding)  # float pages, or int8 pages and their scales
 
 
 def _write(pages, new, blocks, offsets, sharding):
     """pages (KV, P, BS, D) <- new (N, T, KV, D) at (blocks, offsets) (N, T); a page id
     of P (out of range) drops that write."""
-    out = pages.at[:, blocks, offsets].set(jnp.moveaxis(new, 2, 0).astype(pages.dtype), mode="drop")
+    out = set_pages(pages, blocks, offsets, jnp.moveaxis(new, 2, 0))
     return _constrain(out, sharding)
 
 

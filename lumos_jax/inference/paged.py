@@ -20,11 +20,16 @@ import jax
 import numpy as np
 
 from lumos_jax.inference.blocks import ROOT_KEY, BlockPool, block_key
+from lumos_jax.inference.quant import KV_SCALE_BYTES
 
 
 def block_bytes(spec, block_size: int, dtype) -> int:
-    """Bytes one block takes over all layers, K and V, unsharded."""
-    return 2 * spec.num_layers * spec.num_kv_heads * block_size * spec.head_dim * np.dtype(dtype).itemsize
+    """Bytes one block takes over all layers, K and V, unsharded (int8: with the fp32
+    scale of each token and head)."""
+    per_token_head = spec.head_dim * np.dtype(dtype).itemsize
+    if np.dtype(dtype) == np.int8:
+        per_token_head += KV_SCALE_BYTES
+    return 2 * spec.num_layers * spec.num_kv_heads * block_size * per_token_head
 
 
 def free_device_bytes(devices) -> int | None:

@@ -172,7 +172,9 @@ class QPages(NamedTuple):
         return self.q.dtype
 
     def reshape(self, *shape) -> "QPages":
-        return QPages(self.q.reshape(*shape), self.scale.reshape(*shape[:-1]))
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        return QPages(self.q.reshape(shape), self.scale.reshape(shape[:-1]))
 
 
 KV_SCALE_BYTES = 4  # fp32 scale per token per head beside the int8 page entries
@@ -270,12 +272,20 @@ def check_quant_dtype(value: str, what: str) -> str:
     return value
 
 
-def convert_weights(params: dict, weight_dtype: str, group_size: int | None = None) -> dict:
+def convert_weights(params: dict, weight_dtype: str, group_size: int | None = None,
+                    mesh: Mesh | None = None, rules=None) -> dict:
     """The decode params in `weight_dtype` ('bf16': unchanged; 'int8': `quantize_params`,
-    on device, jitted so each weight's fp32 temporaries live only inside the program)."""
+    on device, jitted so each weight's fp32 temporaries live only inside the program;
+    with `mesh`, straight into the decode params' shardings)."""
+    from lumos_jax.inference.params import param_shardings  # params imports this module
+
     if check_quant_dtype(weight_dtype, "weight_dtype") == "bf16":
         return params
-    return jax.jit(quantize_params, static_argnums=1)(params, group_size)
+    convert = lambda p: quantize_params(p, group_size)  # noqa: E731
+    shardings = None
+    if mesh is not None:
+        shardings = param_shardings(jax.eval_shape(convert, params), mesh, rules)
+    return jax.jit(convert, out_shardings=shardings)(params)
 
 
 # -- int8 checkpoints ----------------------------------------------------------------------
