@@ -15,11 +15,11 @@ file (`../shared/data/lumos/converted/<domain>.jsonl` by default) with uniform s
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
-from lumos_jax.jsonl import iter_jsonl
+from lumos_jax.atomic import write_atomic
+from lumos_jax.jsonl import iter_jsonl, iter_jsonl_lines, parse_line
 from lumos_jax.openai_chat import ChatClient, ChatError
 
 SYSTEM = ("You are a helpful assist to convert natural language plans or structural action list"
@@ -62,21 +62,20 @@ TeacherError = ChatError
 
 
 def _done_indices(out_path: Path) -> set[int]:
-    """Indices already converted; rewrites the file without a torn last line."""
+    """Indices already converted; rewrites the file without a line an interrupted run left
+    half-written (that item is redone)."""
     if not out_path.exists():
         return set()
     good, done = [], set()
-    with open(out_path, "rb") as f:
-        for raw in f:
-            try:
-                row = json.loads(raw.decode("utf-8"))
-                done.add(int(row["source_index"]))
-                good.append(raw if raw.endswith(b"\n") else raw + b"\n")
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
-                continue  # a partial line left by an interrupted run: redo that item
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_bytes(b"".join(good))
-    os.replace(tmp, out_path)
+    for n, raw in iter_jsonl_lines(out_path):
+        row, problem = parse_line(raw, f"{out_path}:{n}")
+        try:
+            index = int(row["source_index"])
+        except (KeyError, TypeError, ValueError):  # not JSON (problem set) or not our row
+            continue
+        done.add(index)
+        good.append(raw if raw.endswith(b"\n") else raw + b"\n")
+    write_atomic(out_path, b"".join(good))
     return done
 
 

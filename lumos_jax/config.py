@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Sequence
 
 import gin
+from etils import epath
 
 from lumos_jax.assets import expand as expand_bundled
+from lumos_jax.atomic import write_atomic
 from lumos_jax.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -221,3 +223,18 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse
     check_required()
     args.gin_bindings = bindings
     return args
+
+
+OPERATIVE_CONFIG = "operative_config.gin"
+
+
+def write_operative_config(directory) -> None:
+    """t5x's operative config: the gin values the run has used so far, into `directory` (a
+    training workdir or an eval output folder; a gs:// URI is written through etils.epath)."""
+    text = gin.operative_config_str()
+    if "://" in str(directory):  # a URI stays an epath.Path (what orbax uses for gs://)
+        target = epath.Path(str(directory))
+        target.mkdir(parents=True, exist_ok=True)
+        (target / OPERATIVE_CONFIG).write_text(text)
+    else:
+        write_atomic(Path(directory) / OPERATIVE_CONFIG, text)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from lumos_jax import jsonl
 from lumos_jax.errors import UserError
 from lumos_jax.evaluation import metrics
 
@@ -47,23 +48,14 @@ def read_json(path: Path) -> Any:
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) for each non-empty line; bad JSON names file:line."""
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"evaluation file not found: {path}") from None
-    with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                why = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
-                raise DatasetError(f"{path}:{lineno}: not valid JSON ({why})") from None
-            if not isinstance(record, dict):
-                raise DatasetError(f"{path}:{lineno}: expected a JSON object")
-            yield lineno, record
+    """(line number, record) for each non-empty line (lumos_jax.jsonl); bad JSON or a
+    non-object names file:line."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"evaluation file not found: {path}")
+    for lineno, record in jsonl.iter_jsonl(path, error=DatasetError):
+        if not isinstance(record, dict):
+            raise DatasetError(f"{path}:{lineno}: expected a JSON object")
+        yield lineno, record
 
 
 def require_field(record: dict, key: str, where: str, kind: type | tuple = str) -> Any:

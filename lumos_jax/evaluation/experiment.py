@@ -16,7 +16,7 @@ from typing import Any, Callable
 import gin
 from tqdm import tqdm
 
-from lumos_jax.atomic import write_atomic
+from lumos_jax.config import write_operative_config
 from lumos_jax.evaluation import datasets as ds
 from lumos_jax.evaluation.agents import ScriptedAgent
 from lumos_jax.evaluation.catalogue import DATASETS
@@ -140,9 +140,6 @@ def scripted_agent(domain: str, metric: str, default_max_rounds: int, examples: 
     return ScriptedAgent(metric, kind)
 
 
-OPERATIVE_CONFIG = "operative_config.gin"
-
-
 def run_experiment(cfg: ExperimentConfig, output_dir: str | None = None, limit: int | None = None,
                    progress: bool = True) -> dict:
     """Load, build the agent, evaluate; the output folder gets `operative_config.gin` (the
@@ -154,7 +151,7 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str | None = None, limit: 
     extra = {"protocol": cfg.protocol} if _accepts(cfg.agent_factory, "protocol") else {}
     agent = cfg.agent_factory(domain=cfg.domain, metric=cfg.metric, default_max_rounds=cfg.max_rounds,
                               examples=examples, **extra)
-    write_atomic(out / OPERATIVE_CONFIG, gin.operative_config_str())
+    write_operative_config(out)
     info = {"experiment": cfg.name, "paper_score": cfg.paper_score, "paper_note": cfg.paper_note,
             "subset": {"start": cfg.start, "limit": lim}}
     # finished episodes out of all (a resumed run starts at what is already done); tqdm shows
@@ -170,7 +167,7 @@ def run_experiment(cfg: ExperimentConfig, output_dir: str | None = None, limit: 
                            batch_size=cfg.batch_size, info=info, on_batch=show, protocol=cfg.protocol)
     finally:
         bar.close()
-    write_atomic(out / OPERATIVE_CONFIG, gin.operative_config_str())
+    write_operative_config(out)
     return summary
 
 

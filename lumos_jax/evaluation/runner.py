@@ -36,6 +36,7 @@ from lumos_jax.evaluation.agents import AgentResult, as_result
 from lumos_jax.evaluation.datasets import DatasetError, Example
 from lumos_jax.evaluation.report import write_reports
 from lumos_jax.evaluation.scoring import METRIC_LABELS, get_scorer, headline
+from lumos_jax.jsonl import read_appended
 
 log = logging.getLogger(__name__)
 
@@ -63,28 +64,15 @@ def load_records(path: Path, dataset: str) -> dict[str, dict]:
     rewritten without it; a bad line elsewhere, or another dataset's records, is an error."""
     if not path.exists():
         return {}
-    lines = path.read_text(encoding="utf-8").split("\n")
+    rows, torn = read_appended(path, error=DatasetError)
     records: dict[str, dict] = {}
-    kept: list[str] = []
-    torn = False
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            is_last = all(not rest.strip() for rest in lines[n:])
-            if is_last:
-                torn = True
-                break
-            raise DatasetError(f"{path}:{n}: corrupt record (not JSON); remove the line to resume") from None
-        if rec.get("dataset") != dataset:
-            raise DatasetError(f"{path}:{n}: record of dataset {rec.get('dataset')!r}, not {dataset!r}; "
-                               "use another output_dir")
+    for n, rec in rows:
+        if not isinstance(rec, dict) or rec.get("dataset") != dataset:
+            got = rec.get("dataset") if isinstance(rec, dict) else None
+            raise DatasetError(f"{path}:{n}: record of dataset {got!r}, not {dataset!r}; use another output_dir")
         records[rec["id"]] = rec
-        kept.append(line)
     if torn:
-        write_atomic(path, "".join(k + "\n" for k in kept))
+        write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records.values()))
     return records
 
 
