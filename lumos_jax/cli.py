@@ -22,6 +22,7 @@ from pathlib import Path
 import gin
 
 from lumos_jax.assets import expand_arg
+from lumos_jax.config import gin_bindings
 from lumos_jax.errors import UserError
 
 # our packages: a ValueError raised in one of them is a message for the user
@@ -194,11 +195,8 @@ def path_origin(text: str, argv: list[str]) -> str | None:
             consider(argv[i + 1], a)
         elif not a.startswith("-") and not (i and argv[i - 1].startswith("--") and "=" not in argv[i - 1]):
             consider(a, f"argument {a!r}")
-    for (scope, selector), params in gin.config._CONFIG.items():  # noqa: SLF001 - no public reader
-        for param, value in params.items():
-            name = selector.rsplit(".", 1)[-1]  # gin keys configurables by module path
-            key = scope if selector == "gin.macro" else f"{scope + '/' if scope else ''}{name}.{param}"
-            consider(value, f"gin {key}")
+    for key, _, _, value in gin_bindings():
+        consider(value, f"gin {key}")
     return max(found)[1] if found else None
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import gin
 from etils import epath
@@ -126,6 +126,17 @@ def parse_gin(gin_files: Sequence[str] = (), bindings: Sequence[str] = ()) -> No
             key = b.partition(" = ")[0]
             raise ConfigError(_gin_error(e, f"--gin.{key}", binding=b)) from None
     _expand_bundled_paths()
+
+
+def gin_bindings() -> Iterator[tuple[str, str, str, Any]]:
+    """(key, configurable, parameter, value) of every binding now in force; key is how a
+    flag names it: `configurable.param`, `scope/configurable.param`, or a macro's name.
+    The one reader of gin's private table (gin has no public one)."""
+    for (scope, selector), params in gin.config._CONFIG.items():  # noqa: SLF001 - no public reader
+        name = selector.rsplit(".", 1)[-1]  # gin keys configurables by module path
+        for param, value in params.items():
+            key = scope if selector == "gin.macro" else f"{scope + '/' if scope else ''}{name}.{param}"
+            yield key, name, param, value
 
 
 def _expand_bundled_paths() -> None:

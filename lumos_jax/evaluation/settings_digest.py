@@ -14,9 +14,8 @@ import hashlib
 import json
 from pathlib import Path
 
-import gin
-
 from lumos_jax.atomic import write_atomic
+from lumos_jax.config import gin_bindings
 
 SETTINGS_FILE = "settings.json"
 PREDICTION_FILES = ("predictions.jsonl",)
@@ -27,14 +26,8 @@ NEUTRAL = {"name", "output_dir", "limit", "start", "batch_size", "concurrency", 
 
 def current_settings() -> dict[str, str]:
     """Every gin binding now in force, as `configurable.param -> repr(value)`, minus NEUTRAL."""
-    settings = {}
-    for (scope, selector), params in gin.config._CONFIG.items():  # noqa: SLF001 - gin has no public reader
-        name = selector.rsplit(".", 1)[-1]  # gin keys configurables by module path
-        for param, value in params.items():
-            if name == "eval_experiment" and param in NEUTRAL:
-                continue
-            key = scope if selector == "gin.macro" else f"{scope + '/' if scope else ''}{name}.{param}"
-            settings[key] = repr(value)
+    settings = {key: repr(value) for key, name, param, value in gin_bindings()
+                if not (name == "eval_experiment" and param in NEUTRAL)}
     return dict(sorted(settings.items()))
 
 
