@@ -1,72 +1,93 @@
-"""Training throughput: our jitted train step vs HF transformers PyTorch, same card.
+"""Training throughput: our jitted train step beside HF transformers, eager and compiled.
 
-    python bench/train_throughput.py --preset tinyllama_1b --seq 2048 --batch 8
+    python bench/train_throughput.py --model tinyllama_1b            # seq 2048, batch 8
+    python bench/train_throughput.py --model smollm2_135m --loop     # seq 1024, batch 32
+    python bench/train_throughput.py --model llama2_7b               # full fine-tune, one card
+    python bench/train_throughput.py --tiny --skip_torch_compile     # CPU check
 
-Each side runs in its own subprocess (JAX preallocates GPU memory, torch caches it; a
-crash on one side must not lose the other's figures). Every result is printed as soon as
-it is measured and the JSON file (default $OUT/train_throughput.json) is rewritten after
-each. On a GPU it first checks the cuDNN attention paths against the XLA path on packed,
-padded rows, and benchmarks the best one that passed.
+Sides, each in its own subprocess (bench/sides.py `run_sides`: an OOM loses one side):
+- ours: fp32 params + AdamW state, bf16 compute, the whole step (loss, grads, clipping,
+  AdamW) as `lumos-jax train` runs it; `--loop` also times `train()` itself (prefetching
+  thread, metrics read every log_every steps) on in-memory packed data, as `loop_*` fields.
+- hf_eager / hf_compiled: fp32 params, bf16 autocast, SDPA, fused AdamW (CUDA), clip 1.0;
+  hf_compiled adds `torch.compile(model)`. llama2_7b turns on HF gradient checkpointing
+  (our side: remat 'full'), as a full fine-tune of 6.7B needs on one card.
 
-Ours: fp32 params + AdamW state, bf16 compute, the full step (loss, grads, clipping,
-AdamW) as in training. HF: fp32 params, bf16 autocast, SDPA attention, fused AdamW,
-clip_grad_norm. MFU uses 6N + 12*L*T*d_attn FLOPs per token over 989 TFLOP/s (H100
-dense bf16) and over the card's measured matmul peak (--measured_peak_tflops).
+Per row: tokens_per_s (median step), peak_gib (the device's peak), mfu_measured (model
+FLOPs 6N + 12*L*T*d_attn per token over the measured bf16 matmul peak,
+--measured_peak_tflops), init_s (random-weight state on the device), compile_s (ours:
+lowering + XLA compile; HF: the warm-up steps, where torch.compile does its work).
+`--out` (default bench/results/train_throughput.json) is rewritten after every row; rows of
+other models or shapes already in it are kept, a re-measured row replaces its old one.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
-import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.sides import emit, run_sides, write_json  # noqa: E402
+
+SIDES = ("ours", "hf_eager", "hf_compiled")
+# name -> (seq, batch, remat, shape overrides on a preset, or a full shape)
+MODELS = {
+    "tinyllama_1b": dict(seq=2048, batch=8, remat="none"),
+    # SmolLM2-135M (HuggingFaceTB/SmolLM2-135M config.json): tied embeddings, GQA 9/3.
+    "smollm2_135m": dict(seq=1024, batch=32, remat="none", shape=dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+        rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1,
+        eos_token_id=2, pad_token_id=None)),
+    # fp32 master + AdamW = 16 bytes/param = 108 GB: batch 1 x 2048 with full remat.
+    "llama2_7b": dict(seq=2048, batch=1, remat="full"),
+    "tiny": dict(seq=64, batch=4, remat="none"),
+}
 
 
-def log(msg):
-    print(msg, flush=True)
+def model_shape(name: str):
+    from lumos_jax.models import PRESETS, LlamaConfig
+
+    spec = MODELS[name]
+    return LlamaConfig(**spec["shape"]) if "shape" in spec else PRESETS[name]
 
 
-# ---------------------------------------------------------------- shared helpers
-def model_shape(preset: str):
-    from lumos_jax.models import PRESETS
-
-    return PRESETS[preset]
-
-
-def mfu_fields(config, seq, tokens_per_s, peak_tflops, measured_tflops):
+def figures(args, config, s_per_step: float) -> dict:
     from lumos_jax.training.metrics import flops_per_token
 
-    model_tflops = flops_per_token(config, seq) * tokens_per_s / 1e12
-    out = {"model_tflops_per_s": round(model_tflops, 1)}
-    if peak_tflops:
-        out["mfu_vs_spec"] = round(model_tflops / peak_tflops, 4)
-    if measured_tflops:
-        out["mfu_vs_measured"] = round(model_tflops / measured_tflops, 4)
-    return out
+    tokens_per_s = args.batch * args.seq / s_per_step
+    tflops = flops_per_token(config, args.seq) * tokens_per_s / 1e12
+    return dict(s_per_step=round(s_per_step, 4), tokens_per_s=round(tokens_per_s, 1),
+                model_tflops_per_s=round(tflops, 1),
+                mfu_measured=round(tflops / args.measured_peak_tflops, 4))
 
 
-def time_steps(run_one, sync, warmup, steps):
-    for _ in range(warmup):
-        run_one()
-    sync()
+def median_step(run_one, sync, steps: int) -> tuple[float, list]:
     times = []
     for _ in range(steps):
         t = time.perf_counter()
         run_one()
         sync()
         times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2], times
+    return sorted(times)[len(times) // 2], [round(x, 4) for x in times]
 
 
-# ---------------------------------------------------------------- JAX side
+def row(args, side: str, **kw) -> dict:
+    return dict(side=side, model=args.model, seq=args.seq, batch=args.batch, **kw)
+
+
+def is_oom(e: BaseException) -> bool:
+    text = f"{type(e).__name__} {e}".lower()
+    return "out of memory" in text or "resource_exhausted" in text or "outofmemory" in text
+
+
+# ---------------------------------------------------------------- ours
 def attention_check() -> dict:
     """cuDNN attention vs the XLA path on packed + padded rows: outputs and grads."""
     import jax
@@ -81,255 +102,279 @@ def attention_check() -> dict:
                                    num_key_value_heads=2, vocab_size=512, dtype="bfloat16",
                                    max_position_embeddings=512)
     b, t = 2, 256
-    seg = np.zeros((b, t), np.int32)
-    pos = np.zeros((b, t), np.int32)
-    for row, lens in enumerate([[100, 60, 50], [200]]):  # row 0: 3 segments + 46 pad; row 1: 56 pad
+    seg, pos = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
+    for r, lens in enumerate([[100, 60, 50], [200]]):  # row 0: 3 segments + 46 pad; row 1: 56 pad
         at = 0
         for s, n in enumerate(lens, 1):
-            seg[row, at:at + n] = s
-            pos[row, at:at + n] = np.arange(n)
+            seg[r, at:at + n], pos[r, at:at + n] = s, np.arange(n)
             at += n
     ids = np.random.default_rng(0).integers(0, 512, (b, t)).astype(np.int32)
     valid = seg != 0
 
     def run(impl):
-        model = create_model(base.replace(attention_impl=impl), seed=0)
-        graphdef, params = nnx.split(model)
+        graphdef, params = nnx.split(create_model(base.replace(attention_impl=impl), seed=0))
 
         def loss(p):
             logits, _ = nnx.merge(graphdef, p)(jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg))
             return jnp.sum(jnp.where(valid[..., None], logits.astype(jnp.float32), 0.0) ** 2) / 1e4, logits
 
-        (l, logits), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        (_, logits), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
         return np.asarray(logits, np.float32)[valid], jax.tree.leaves(jax.device_get(g))
 
     ref_logits, ref_grads = run("xla")
-    out = {}
-    for impl in ("cudnn",):
-        try:
-            logits, grads = run(impl)
-            ldiff = float(np.abs(logits - ref_logits).max() / (np.abs(ref_logits).max() + 1e-6))
-            gdiff = max(float(np.abs(a - r).max() / (np.abs(r).max() + 1e-6))
-                        for a, r in zip(grads, ref_grads))
-            out[impl] = {"logits_rel_err": ldiff, "grads_rel_err": gdiff,
-                         "ok": bool(ldiff < 2e-2 and gdiff < 5e-2)}
-        except Exception as e:  # report and fall back; never lose the run
-            out[impl] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-        log(f"[attention-check] {impl}: {out[impl]}")
-    return out
+    try:
+        logits, grads = run("cudnn")
+    except Exception as e:  # report and fall back; never lose the run
+        return {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    ldiff = float(np.abs(logits - ref_logits).max() / (np.abs(ref_logits).max() + 1e-6))
+    gdiff = max(float(np.abs(a - r).max() / (np.abs(r).max() + 1e-6)) for a, r in zip(grads, ref_grads))
+    return {"logits_rel_err": ldiff, "grads_rel_err": gdiff, "ok": bool(ldiff < 2e-2 and gdiff < 5e-2)}
 
 
-def jax_side(args) -> dict:
-    import jax
+def synthetic_host_batch(vocab: int, batch: int, seq: int) -> dict:
     import numpy as np
+
+    rng = np.random.default_rng(0)
+    return {"input_ids": rng.integers(0, vocab, (batch, seq)), "targets": rng.integers(0, vocab, (batch, seq)),
+            "loss_mask": np.ones((batch, seq)), "segment_ids": np.ones((batch, seq)),
+            "positions": np.broadcast_to(np.arange(seq), (batch, seq))}
+
+
+def run_ours(args) -> None:
+    import jax
 
     from lumos_jax.sharding import make_mesh
     from lumos_jax.training import state as state_lib
     from lumos_jax.training import step as step_lib
     from lumos_jax.training.data import global_batch_array
 
-    result = {"side": "jax", "device": jax.devices()[0].device_kind, "jax": jax.__version__}
-    t0 = time.perf_counter()
-    phase = lambda name: log(f"[phase] {name} at {time.perf_counter() - t0:.1f}s")  # noqa: E731
-    impl = args.attention
+    dev = jax.devices()[0]
+    impl, extra = args.attention, {}
     if impl == "auto":
         impl = "xla"
         if jax.default_backend() == "gpu":
-            checks = attention_check()
-            result["attention_check"] = checks
-            impl = "cudnn" if checks.get("cudnn", {}).get("ok") else "xla"
-    config = model_shape(args.preset).replace(
-        param_dtype="float32", dtype=args.dtype, attention_impl=impl, remat_policy=args.remat,
-        vocab_multiple=args.vocab_multiple)
-    result.update(attention_impl=impl, remat=args.remat, batch=args.batch, seq=args.seq)
+            check = attention_check()
+            extra["attention_check"] = check
+            impl = "cudnn" if check.get("ok") else "xla"
+    config = model_shape(args.model).replace(param_dtype="float32", dtype=args.dtype, attention_impl=impl,
+                                             remat_policy=args.remat, vocab_multiple=args.vocab_multiple)
     mesh = make_mesh(1, -1, 1)
+    peak = lambda: round((dev.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30, 2)  # noqa: E731
+    base = dict(device=dev.device_kind, attention_impl=impl, remat=args.remat, grad_accum=args.grad_accum,
+                jax=jax.__version__, **extra)
     with jax.set_mesh(mesh):
-        phase("setup")
+        t0 = time.perf_counter()
         setup = state_lib.build_setup(config, mesh, 1000, state_lib.optimizer_settings(learning_rate=1e-5))
         state = state_lib.init_state(setup, state_lib.random_params(setup, 0), 0)
         jax.block_until_ready(state)
-        phase("state initialised")
+        init_s = round(time.perf_counter() - t0, 1)
         step = step_lib.make_train_step(setup, args.grad_accum)
-        rng = np.random.default_rng(0)
-        host = {"input_ids": rng.integers(0, config.vocab_size, (args.batch, args.seq)),
-                "targets": rng.integers(0, config.vocab_size, (args.batch, args.seq)),
-                "loss_mask": np.ones((args.batch, args.seq)), "segment_ids": np.ones((args.batch, args.seq)),
-                "positions": np.broadcast_to(np.arange(args.seq), (args.batch, args.seq))}
-        batch = global_batch_array(host, step_lib.batch_sharding(setup), args.batch)
-        t = time.perf_counter()
-        compiled = step.lower(state, batch).compile()
-        result["compile_s"] = round(time.perf_counter() - t, 1)
-        phase("compiled")
+        batch = global_batch_array(synthetic_host_batch(config.vocab_size, args.batch, args.seq),
+                                   step_lib.batch_sharding(setup), args.batch)
+        t0 = time.perf_counter()
+        try:
+            compiled = step.lower(state, batch).compile()
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            emit(**row(args, "ours", init_s=init_s, error=f"out of memory: {str(e)[:200]}", **base))
+            return
+        compile_s = round(time.perf_counter() - t0, 1)
         holder = {"state": state}
+        del state
 
         def one():
             holder["state"], holder["metrics"] = compiled(holder["state"], batch)
 
-        med, times = time_steps(one, lambda: jax.block_until_ready(holder["metrics"]), args.warmup, args.steps)
-        result["final_loss"] = float(holder["metrics"]["loss"])
-    stats = jax.devices()[0].memory_stats() or {}
-    result["peak_memory_gib"] = round(stats.get("peak_bytes_in_use", 0) / 2**30, 2)
-    result["s_per_step"] = round(med, 4)
-    result["step_times_s"] = [round(x, 4) for x in times]
-    result["tokens_per_s"] = round(args.batch * args.seq / med, 1)
-    result.update(mfu_fields(config, args.seq, result["tokens_per_s"], args.peak_tflops,
-                             args.measured_peak_tflops))
-    return result
+        for _ in range(args.warmup):
+            one()
+        jax.block_until_ready(holder["metrics"])
+        med, times = median_step(one, lambda: jax.block_until_ready(holder["metrics"]), args.steps)
+        loss = float(holder["metrics"]["loss"])
+    emit(**row(args, "ours", peak_gib=peak(), init_s=init_s, compile_s=compile_s, final_loss=loss,
+               step_times_s=times, **figures(args, config, med), **base))
+    if args.loop:
+        del holder, compiled
+        gc.collect()
+        emit(**row(args, "ours", measure="train_loop", **run_loop(args, config, mesh), **base))
 
 
-# ---------------------------------------------------------------- HF side
-def hf_side(args) -> dict:
+def run_loop(args, config, mesh) -> dict:
+    """`train()` itself on in-memory packed synthetic conversations (the parts injected):
+    its logged tokens/s, median over the log intervals after the first (compile)."""
+    import tempfile
+
+    from lumos_jax.training import data as data_lib
+    from lumos_jax.training.loop import train
+
+    steps = args.loop_steps
+    examples = data_lib.synthetic_examples(2 * steps * args.batch, config.vocab_size, args.seq // 4,
+                                           args.seq + 1, seed=0)
+
+    def data(seq_len, global_batch, seed):
+        return data_lib.InMemoryBatches(examples, seq_len, global_batch, seed, packing=True,
+                                        token_vocab_size=config.vocab_size), None
+
+    log_every = max(1, steps // 8)
+    with tempfile.TemporaryDirectory() as work:
+        t0 = time.perf_counter()
+        train(work, seq_len=args.seq, global_batch=args.batch, grad_accum_steps=args.grad_accum,
+              max_steps=steps, save_every=10 * steps, log_every=log_every, export_native=False,
+              progress_bar=False, config_factory=lambda: config, mesh_factory=lambda: mesh,
+              data_factory=data)
+        wall = time.perf_counter() - t0
+        rows = [json.loads(x) for x in (Path(work) / "logs/metrics.jsonl").read_text().splitlines()]
+    dts = sorted(r["step_time_s"] for r in rows if r["split"] == "train" and r["step"] > 2 * log_every)
+    med = dts[len(dts) // 2]
+    out = figures(args, config, med)
+    return {"loop_steps": steps, "loop_log_every": log_every, "loop_wall_s": round(wall, 1), **out}
+
+
+# ---------------------------------------------------------------- HF
+def run_hf(args) -> None:
     import torch
     import transformers
 
-    cfg = model_shape(args.preset)
+    compiled = args.worker == "hf_compiled"
+    cfg = model_shape(args.model)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    base = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", torch=torch.__version__,
+                transformers=transformers.__version__, grad_checkpointing=args.hf_grad_checkpointing)
+    t0 = time.perf_counter()
     hf_cfg = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=max(cfg.max_position_embeddings, args.seq),
-        rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_word_embeddings)
-    try:
-        model = transformers.LlamaForCausalLM._from_config(hf_cfg, attn_implementation="sdpa")
-    except TypeError:
-        hf_cfg._attn_implementation = "sdpa"
-        model = transformers.LlamaForCausalLM(hf_cfg)
-    model = model.float().to(dev).train()
-    result = {"side": "hf", "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-              "torch": torch.__version__, "transformers": transformers.__version__,
-              "attn_implementation": getattr(model.config, "_attn_implementation", "?"),
-              "batch": args.batch, "seq": args.seq}
-    fused = dev == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8,
-                            weight_decay=0.0, fused=fused)
-    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=dev)
-    labels = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=dev)
-    holder = {}
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+        max_position_embeddings=max(cfg.max_position_embeddings, args.seq), rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_word_embeddings, attn_implementation="sdpa")
+    with torch.device(dev):
+        model = transformers.LlamaForCausalLM(hf_cfg).float().train()
+    if args.hf_grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                            fused=dev == "cuda")
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    sync()
+    init_s = round(time.perf_counter() - t0, 1)
+    base["attn_implementation"] = getattr(model.config, "_attn_implementation", "?")
+    forward = model
+    if compiled and not args.skip_torch_compile:
+        forward = torch.compile(model)
+    base["torch_compile"] = compiled and not args.skip_torch_compile
+    gen = torch.Generator(device=dev).manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=dev, generator=gen)
+    labels = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=dev, generator=gen)
     amp = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    holder = {}
 
     def one():
         with torch.autocast(device_type=dev, dtype=amp, enabled=amp != torch.float32):
-            logits = model(input_ids=ids).logits
+            logits = forward(input_ids=ids).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        holder["loss"] = loss
+        holder["loss"] = loss.detach()
 
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    med, times = time_steps(one, sync, args.warmup, args.steps)
-    result["final_loss"] = float(holder["loss"])
-    result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None
-    result["s_per_step"] = round(med, 4)
-    result["step_times_s"] = [round(x, 4) for x in times]
-    result["tokens_per_s"] = round(args.batch * args.seq / med, 1)
-    result.update(mfu_fields(cfg, args.seq, result["tokens_per_s"], args.peak_tflops,
-                             args.measured_peak_tflops))
-    return result
+    try:
+        t0 = time.perf_counter()
+        for _ in range(max(1, args.warmup)):
+            one()
+        sync()
+        compile_s = round(time.perf_counter() - t0, 1)
+        med, times = median_step(one, sync, args.steps)
+    except torch.cuda.OutOfMemoryError as e:
+        emit(**row(args, args.worker, init_s=init_s, error=f"out of memory: {str(e)[:200]}", **base))
+        return
+    peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None
+    emit(**row(args, args.worker, peak_gib=peak, init_s=init_s, compile_s=compile_s,
+               final_loss=float(holder["loss"]), step_times_s=times, **figures(args, cfg, med), **base))
 
 
 # ---------------------------------------------------------------- driver
+def row_key(r: dict) -> tuple:
+    return (r.get("side"), r.get("model"), r.get("seq"), r.get("batch"), r.get("measure", "step"))
+
+
+def drive(args, argv) -> int:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(out.read_text()) if out.exists() else {}
+    record = {"card": args.card or old.get("card"), "date": time.strftime("%Y-%m-%d", time.gmtime()),
+              "command": "python bench/train_throughput.py " + " ".join(argv),
+              "measured_peak_tflops": args.measured_peak_tflops, "rows": list(old.get("rows", [])),
+              "errors": []}
+    args.out = str(out)
+
+    def on_result(res: dict) -> None:
+        if record["card"] is None and res.get("device"):
+            record["card"] = res["device"]
+        record["rows"] = [r for r in record["rows"] if row_key(r) != row_key(res)] + [res]
+        write_json(args.out, record)
+
+    status = run_sides(__file__, args, argv, REPO, record, on_result)
+    print("\n| side | model | seq x batch | tokens/s | MFU (measured) | peak GiB | init s | compile s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in record["rows"]:
+        side = r["side"] + (" (train loop)" if r.get("measure") == "train_loop" else "")
+        print(f"| {side} | {r['model']} | {r['seq']} x {r['batch']} | {r.get('tokens_per_s', r.get('error'))} "
+              f"| {r.get('mfu_measured')} | {r.get('peak_gib')} | {r.get('init_s')} | {r.get('compile_s')} |")
+    return status
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tinyllama_1b")
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    p.add_argument("--model", "--preset", dest="model", default="tinyllama_1b", choices=sorted(MODELS))
+    p.add_argument("--seq", type=int, help="default: the model's (see MODELS)")
+    p.add_argument("--batch", type=int, help="default: the model's")
+    p.add_argument("--remat", help="ours: none | dots | full (default: the model's)")
+    p.add_argument("--hf_grad_checkpointing", type=int, help="1/0 (default: on where ours uses remat)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--grad_accum", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--remat", default="none")
     p.add_argument("--vocab_multiple", type=int, default=1)
-    p.add_argument("--attention", default="auto", help="auto (cudnn if it passes the check) | xla | cudnn")
-    p.add_argument("--sides", default="hf,jax", help="comma list of hf, jax")
-    p.add_argument("--extra", action="append", default=[],
-                   help="extra runs, e.g. 'batch=16,remat=dots' or 'side=hf,batch=16' (repeatable)")
-    p.add_argument("--peak_tflops", type=float, default=989.0)
-    p.add_argument("--measured_peak_tflops", type=float, default=802.0)
-    p.add_argument("--timeout", type=int, default=300, help="seconds per side")
-    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "train_throughput.json"))
-    p.add_argument("--side", help=argparse.SUPPRESS)
-    p.add_argument("--result_file", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
-
-
-def child(args) -> int:
-    try:
-        res = jax_side(args) if args.side == "jax" else hf_side(args)
-    except Exception as e:
-        res = {"side": args.side, "error": f"{type(e).__name__}: {str(e)[:2000]}",
-               "traceback": traceback.format_exc()[-4000:]}
-    Path(args.result_file).write_text(json.dumps(res))
-    return 0 if "error" not in res else 1
-
-
-def run_side(argv, side, extra_args, timeout, tag) -> dict:
-    rf = Path(os.environ.get("TMPDIR", "/tmp")) / f"train_throughput_{tag}_{os.getpid()}.json"
-    cmd = [sys.executable, __file__, *argv, *extra_args, "--side", side, "--result_file", str(rf)]
-    t = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
-        tail = (proc.stdout + proc.stderr)[-3000:]
-    except subprocess.TimeoutExpired as e:
-        return {"side": side, "tag": tag, "error": f"timed out after {timeout}s",
-                "output_tail": str(e.stdout or "")[-2000:]}
-    res = json.loads(rf.read_text()) if rf.exists() else {"side": side, "error": f"exit {proc.returncode}"}
-    res["tag"], res["wall_s"] = tag, round(time.perf_counter() - t, 1)
-    for line in proc.stdout.splitlines():
-        if line.startswith(("[attention-check]", "[phase]")):
-            log(line)
-    if "error" in res:
-        res["output_tail"] = tail
-    return res
+    p.add_argument("--attention", default="auto", help="ours: auto (cudnn if it passes the check) | xla | cudnn")
+    p.add_argument("--loop", action="store_true", help="ours: also time train() itself")
+    p.add_argument("--loop_steps", type=int, default=80)
+    p.add_argument("--skip_torch_compile", action="store_true",
+                   help="hf_compiled without torch.compile (a quick CPU check of the code path)")
+    p.add_argument("--sides", default=",".join(SIDES))
+    p.add_argument("--measured_peak_tflops", type=float, default=808.0,
+                   help="the card's measured dense bf16 matmul peak (H200: 808)")
+    p.add_argument("--card", help="card name for the record (default: the device's)")
+    p.add_argument("--timeout_ours", type=float, default=540)
+    p.add_argument("--timeout_hf", type=float, default=420)
+    p.add_argument("--tiny", action="store_true", help="tiny model, few steps, fp32: a CPU check")
+    p.add_argument("--out", help="default: bench/results/train_throughput.json "
+                   "($TMPDIR/train_throughput_tiny.json with --tiny)")
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = (os.path.join(os.environ.get("TMPDIR", "/tmp"), "train_throughput_tiny.json") if args.tiny
+                    else str(REPO / "bench/results/train_throughput.json"))
+    if args.tiny:
+        args.model, args.dtype, args.steps, args.warmup = "tiny", "float32", 2, 1
+        args.loop_steps = min(args.loop_steps, 8)
+    spec = MODELS[args.model]
+    args.seq = args.seq or spec["seq"]
+    args.batch = args.batch or spec["batch"]
+    args.remat = args.remat or spec["remat"]
+    if args.hf_grad_checkpointing is None:
+        args.hf_grad_checkpointing = int(args.remat != "none")
+    return args
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
-    if args.side:
-        return child(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"command": "python bench/train_throughput.py " + " ".join(argv),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": []}
-    base = [f"--{k}={v}" for k, v in vars(args).items()
-            if k not in ("extra", "side", "result_file", "out") and v is not None]
-    runs = [(s, [], s) for s in args.sides.split(",")]
-    for extra in args.extra:
-        kv = dict(x.split("=") for x in extra.split(","))
-        side = kv.pop("side", "jax")
-        runs.append((side, [f"--{k}={v}" for k, v in kv.items()], f"{side}_{extra}"))
-    for side, extra_args, tag in runs:
-        res = run_side(base, side, extra_args, args.timeout, tag)
-        report["results"].append(res)
-        short = {k: v for k, v in res.items() if k not in ("step_times_s", "traceback", "output_tail", "attention_check")}
-        log(f"[result] {json.dumps(short)}")
-        if "error" in res:
-            log(f"[error-tail {tag}] {res.get('traceback') or res.get('output_tail', '')}"[-3000:])
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, out)
-    by = {r["tag"]: r for r in report["results"] if "error" not in r}
-    if "hf" in by and "jax" in by:
-        ratio = by["jax"]["tokens_per_s"] / by["hf"]["tokens_per_s"]
-        report["speedup_jax_over_hf"] = round(ratio, 3)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, out)
-    log("\n| run | tokens/s | s/step | model TFLOP/s | MFU (spec) | peak GiB |")
-    log("|---|---|---|---|---|---|")
-    for r in report["results"]:
-        if "error" in r:
-            log(f"| {r['tag']} | error: {r['error'][:80]} | | | | |")
-        else:
-            log(f"| {r['tag']} | {r['tokens_per_s']} | {r['s_per_step']} | {r.get('model_tflops_per_s')} "
-                f"| {r.get('mfu_vs_spec')} | {r.get('peak_memory_gib')} |")
-    if "speedup_jax_over_hf" in report:
-        log(f"speedup jax/hf: {report['speedup_jax_over_hf']}x")
-    return 0
+    if args.worker:  # one side, in the subprocess run_sides started
+        {"ours": run_ours, "hf_eager": run_hf, "hf_compiled": run_hf}[args.worker](args)
+        return 0
+    return drive(args, argv)
 
 
 if __name__ == "__main__":

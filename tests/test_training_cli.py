@@ -5,13 +5,27 @@ trace, a checkpoint and an HF export that transformers loads."""
 import glob
 import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
+import gin
+import jax
 import numpy as np
 import pytest
 
 from conftest import REPO
 from lumos_jax.cli import main as cli_main
+from lumos_jax.config import parse_gin
+from lumos_jax.models import PRESETS
+from lumos_jax.sharding import make_mesh
+from lumos_jax.training import data as data_lib
 from lumos_jax.training import loop as loop_lib
+from lumos_jax.training.checkpointing import Checkpointer
+from lumos_jax.training.data import training_data
+from lumos_jax.training.metrics import MetricsWriter
 
 BASE = ["--gin_file=runs/cpu_debug.gin", "--gin_file=mesh/fsdp.gin",
         "--gin.training_data.source='synthetic'", "--gin.training_data.synthetic_vocab=512",
@@ -41,9 +55,6 @@ def test_bad_gin_is_one_clear_line_before_compile(tmp_path, capsys, no_compile, 
 
 
 def test_every_experiment_gin_parses():
-    from lumos_jax.config import parse_gin
-    import gin
-
     files = sorted(glob.glob(str(REPO / "gin/experiments/*.gin")))
     assert len(files) >= 12
     for f in files:
@@ -85,7 +96,6 @@ def test_cli_run_writes_metrics_checkpoint_and_hf_export(tmp_path):
         assert glob.glob(str(tmp_path / "run/logs/tensorboard/events.out.tfevents.*"))
     assert (tmp_path / "run/checkpoints/4").is_dir()
 
-    from lumos_jax.training.data import training_data
 
     _, held_out = training_data(seq_len=512, global_batch=8, seed=0)
     hf = transformers.LlamaForCausalLM.from_pretrained(export).float().eval()
@@ -108,6 +118,14 @@ def test_cli_run_writes_metrics_checkpoint_and_hf_export(tmp_path):
     assert count == evals[-1]["target_tokens"] > 0
     assert abs(total / count - evals[-1]["loss"]) < 1e-4
     assert abs(evals[-1]["perplexity"] - np.exp(evals[-1]["loss"])) < 1e-3 * evals[-1]["perplexity"]
+    # The run's gin values as gin itself reads them back (t5x's operative config).
+    operative = (tmp_path / "run/operative_config.gin").read_text()
+    gin.clear_config()
+    gin.parse_config(operative)
+    assert gin.query_parameter("train.seq_len") == 512
+    assert gin.query_parameter("training_data.holdout_fraction") == 0.2
+    assert gin.query_parameter("model_config.preset") == "tiny"
+    gin.clear_config()
 
 
 def test_workdir_of_another_model_fails_in_one_line(tmp_path, capsys):
@@ -127,12 +145,6 @@ def test_workdir_of_another_model_fails_in_one_line(tmp_path, capsys):
 def test_ctrl_c_saves_at_a_step_boundary_and_exits_130(tmp_path):
     """ctrl-C (SIGINT) lets the step in flight finish, saves it, prints one line and exits 130;
     the resumed run's metrics.jsonl has each step once."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     work = tmp_path / "run"
     cmd = [sys.executable, "-m", "lumos_jax", "train", f"--workdir={work}", *BASE, "--gin.train.max_steps=100000",
            "--gin.train.save_every=100000", "--gin.train.progress_bar=False"]
@@ -162,8 +174,6 @@ def test_ctrl_c_saves_at_a_step_boundary_and_exits_130(tmp_path):
 def test_resume_drops_metrics_rows_past_the_restored_step(tmp_path):
     """A run killed after its last checkpoint logged steps it will redo: those rows go (a
     torn last line too), so the history has each step once."""
-    from lumos_jax.training.metrics import MetricsWriter
-
     logs = tmp_path / "logs"
     logs.mkdir()
     rows = [json.dumps({"step": s, "split": "train", "loss": 1.0 / s}) for s in range(1, 7)]
@@ -173,3 +183,34 @@ def test_resume_drops_metrics_rows_past_the_restored_step(tmp_path):
     writer.close()
     steps = [json.loads(x)["step"] for x in (logs / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_train_builds_nothing_itself_its_parts_are_injected(tmp_path):
+    """Model config, mesh, data, optimizer settings and checkpointer come from train's
+    factories: with data of our own (one epoch = its steps_per_epoch) and a checkpointer that
+    records what it was built with, the run uses exactly those."""
+    parse_gin([], [])
+    examples = data_lib.synthetic_examples(24, 300, 8, 40, seed=5)
+    built = {}
+
+    def data(seq_len, global_batch, seed):
+        built["data"] = data_lib.InMemoryBatches(examples, seq_len, global_batch, seed, packing=True,
+                                                 token_vocab_size=300)
+        return built["data"], None
+
+    def checkpointer(directory, save_every, keep, async_save):
+        built["ckpt"] = (save_every, keep)
+        return Checkpointer(directory, save_every, keep, async_save)
+
+    config = PRESETS["tiny"].replace(vocab_size=300, hidden_size=32, intermediate_size=48)
+    result = loop_lib.train(
+        str(tmp_path / "run"), seq_len=48, global_batch=2, num_epochs=1, save_every=7, keep_checkpoints=1,
+        log_every=2, progress_bar=False, export_native=False, config_factory=lambda: config,
+        mesh_factory=lambda: make_mesh(devices=jax.devices()[:1]), data_factory=data,
+        optimizer_factory=lambda: dict(loop_lib.state_lib.optimizer_settings(), learning_rate=0.5),
+        checkpointer_factory=checkpointer)
+    assert result["step"] == built["data"].steps_per_epoch > 2
+    assert result["setup"].config == config and result["setup"].mesh.size == 1
+    assert built["ckpt"] == (7, 1)
+    assert max(float(result["setup"].schedule(s)) for s in range(result["step"])) == pytest.approx(0.5)
+    assert (tmp_path / "run/operative_config.gin").exists()

@@ -1,17 +1,24 @@
 """Training batches: ids fit the model's vocab (the bundled 512-piece stories260k
 tokenizer's <pad> is id 512, past a 512-row embedding: NaN losses, no error), and packed
-epochs after the first keep the full batch shape."""
+epochs after the first keep the full batch shape; the loop's data thread places batches on
+the device ahead of the step, and the loop reads the device only on log and save steps."""
 
 import json
+import threading
 
+import jax
 import numpy as np
 import pytest
+from jax._src.array import ArrayImpl
+from jax.sharding import NamedSharding, PartitionSpec
 
 from conftest import DATA, REPO
 from lumos_jax.config import parse_gin
 from lumos_jax.jsonl import read_jsonl
 from lumos_jax.tokenization import Tokenizer
 from lumos_jax.training import data as data_lib
+from lumos_jax.training import loop
+from lumos_jax.training.loop import DevicePrefetcher
 
 STORIES_TOKENIZER = REPO / "lumos_jax" / "assets" / "stories260k"
 
@@ -52,9 +59,6 @@ def test_vocab_check_names_both_sizes_and_the_gin_key(small_file):
 def test_train_rejects_pipeline_data_past_the_model_vocab_before_compiling(small_file, tmp_path,
                                                                           monkeypatch):
     """The data pipeline pads input_ids with the tokenizer's <pad> (512 here): same check."""
-    from lumos_jax.training import loop
-    from lumos_jax.training.loop import train
-
     def boom(*a, **k):
         raise AssertionError("got to compiling despite the vocab mismatch")
     monkeypatch.setattr(loop, "make_train_step", boom)
@@ -64,7 +68,7 @@ def test_train_rejects_pipeline_data_past_the_model_vocab_before_compiling(small
         "model_config.preset = 'tiny'", "training_data.source = 'pipeline'",
         f"training_data.files = ['{small_file}']", f"training_data.tokenizer = '{STORIES_TOKENIZER}'"])
     with pytest.raises(ValueError, match=r"up to 512 .*vocab_size is 512"):
-        train(workdir=str(tmp_path / "run"), seq_len=256, global_batch=2, max_steps=1)
+        loop.train(workdir=str(tmp_path / "run"), seq_len=256, global_batch=2, max_steps=1)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -87,3 +91,81 @@ def test_packed_epochs_all_give_full_batches():
     empty = [(b, r) for b in batches for r in range(batch) if b["segment_ids"][r].max() == 0]
     assert len(empty) == sum(max(0, it.steps_per_epoch * batch - n) for n in rows) > 0
     assert all(b["loss_mask"][r].sum() == 0 and b["input_ids"][r].max() == 0 for b, r in empty)
+
+
+def test_prefetcher_gives_the_iterators_batches_on_device_with_the_state_after_each():
+    """The loop's data thread: same rows as the iterator itself, already laid out on the batch
+    sharding, each with the iterator state a checkpoint after that step must hold; an error in
+    the thread comes out of next() in the caller's thread."""
+    examples = data_lib.synthetic_examples(30, 512, 5, 40, seed=2)
+    make = lambda: data_lib.InMemoryBatches(examples, 32, 4, seed=0, packing=True, num_epochs=2,  # noqa: E731
+                                            process_index=0, process_count=1)
+    direct = make()
+    expected = [(next(direct), direct.get_state()) for _ in range(5)]
+    sharding = NamedSharding(jax.make_mesh((1,), ("data",), devices=jax.devices()[:1]), PartitionSpec("data"))
+    fetch = DevicePrefetcher(make(), sharding, 4, depth=2)
+    try:
+        for want, want_state in expected:
+            batch, state = next(fetch)
+            assert state == want_state
+            for k, v in want.items():
+                assert isinstance(batch[k], jax.Array) and batch[k].sharding == sharding
+                np.testing.assert_array_equal(np.asarray(batch[k]), v)
+    finally:
+        fetch.close()
+
+    class Broken:
+        def __next__(self):
+            raise data_lib.BadRecordError("x.jsonl:3: not JSON")
+    fetch = DevicePrefetcher(Broken(), sharding, 4)
+    with pytest.raises(data_lib.BadRecordError, match="x.jsonl:3"):
+        next(fetch)
+    fetch.close()
+
+
+def test_loop_reads_the_device_only_on_log_and_save_steps(tmp_path, monkeypatch):
+    """Between log steps the host never waits on the device: every device-to-host read in the
+    loop's thread (`ArrayImpl._value`, behind np.asarray / float / device_get, and
+    block_until_ready) comes right after a log or save step. (JAX's transfer guard cannot
+    see this on CPU, where device arrays are host memory, so the reads are counted.)"""
+    dispatched, reads = [0], []
+    main = threading.main_thread()
+
+    def record():
+        if threading.current_thread() is main:
+            reads.append(dispatched[0])
+
+    real_value, real_block = ArrayImpl._value, ArrayImpl.block_until_ready
+
+    def value(self):
+        record()
+        return real_value.fget(self)
+
+    def block(self):
+        record()
+        return real_block(self)
+    real_make = loop.make_train_step
+
+    def counting_step(*a, **k):
+        fn = real_make(*a, **k)
+
+        def step(*args):
+            dispatched[0] += 1
+            return fn(*args)
+        return step
+    parse_gin(["mesh/single_device.gin"], [
+        "model_config.preset = 'tiny'", "training_data.source = 'synthetic'",
+        "training_data.synthetic_vocab = 512"])
+    monkeypatch.setattr(loop, "make_train_step", counting_step)
+    monkeypatch.setattr(ArrayImpl, "_value", property(value))
+    monkeypatch.setattr(ArrayImpl, "block_until_ready", block)
+    result = loop.train(workdir=str(tmp_path / "run"), seq_len=32, global_batch=4, max_steps=13,
+                        save_every=6, log_every=4, progress_bar=False, export_native=False)
+    monkeypatch.undo()
+    assert sorted(result["losses"]) == list(range(1, 14))
+    # orbax saves the first step of a fresh run, then every save_every; logs every 4 and at the end
+    # (steps 1-4 are read at step 8, 5-8 at 12)
+    allowed = {1, 4, 6, 8, 12, 13}
+    assert {8, 12}.issubset(reads), "the counter saw no log reads: it tests nothing"
+    assert set(reads) <= allowed, sorted(set(reads) - allowed)
+    assert 4 not in reads  # step 4's interval is read at step 8, once computed

@@ -33,10 +33,10 @@ def test_checkpointer_and_train_hand_orbax_the_gs_uri(tmp_path, monkeypatch):
         "gs://bucket/run/checkpoints"
     assert seen["manager"] == "gs://bucket/run/checkpoints"
     monkeypatch.setattr(loop, "_run", lambda workdir, **_: seen.setdefault("workdir", workdir))
-    monkeypatch.setattr(loop, "make_mesh", lambda: None)
+    monkeypatch.setattr(loop, "write_operative_config", lambda d: seen.setdefault("gin", d))
     monkeypatch.setattr(loop.jax, "set_mesh", lambda mesh: __import__("contextlib").nullcontext())
-    loop.train(workdir="gs://bucket/run")
-    assert str(seen["workdir"]) == "gs://bucket/run"
+    loop.train(workdir="gs://bucket/run", mesh_factory=lambda: None)
+    assert str(seen["workdir"]) == "gs://bucket/run" == str(seen["gin"])
     assert os.fspath(seen["workdir"] / "checkpoints") == "gs://bucket/run/checkpoints"
 
 

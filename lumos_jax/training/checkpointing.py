@@ -187,6 +187,14 @@ class Checkpointer:
                                  f"{list(have[key])}, this run needs {list(leaf.shape)}; resume "
                                  "with the gin that wrote it or use a fresh workdir")
 
+    def preempted(self, step: int, flag: "PreemptionFlag") -> bool:
+        """Whether to save and stop after `step`. Several processes: orbax's
+        `reached_preemption` (JAX's preemption service takes SIGTERM on any host and agrees
+        on one step for all, with no collective of ours per step); one process: our flag."""
+        if jax.process_count() > 1:
+            return self.manager.reached_preemption(step)
+        return flag.is_set()
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
         self._seal()
@@ -198,7 +206,10 @@ class Checkpointer:
 
 class PreemptionFlag:
     """Set by SIGTERM (TPU/GPU-cluster preemption) or ctrl-C (SIGINT); the loop finishes the
-    step, saves and exits cleanly (143 / 130). A second ctrl-C interrupts at once."""
+    step, saves and exits cleanly (143 / 130). A second ctrl-C interrupts at once.
+    Single process only: with several, JAX's preemption service owns SIGTERM (see
+    `Checkpointer.preempted`), and a ctrl-C on one host could not stop the others at the
+    same step, so no handler is installed."""
 
     def __init__(self):
         self.event = threading.Event()
@@ -206,7 +217,7 @@ class PreemptionFlag:
         self._previous: dict[int, object] = {}
 
     def install(self) -> "PreemptionFlag":
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
