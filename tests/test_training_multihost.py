@@ -1,11 +1,14 @@
 """Two processes (jax.distributed on localhost, 4 CPU devices each, one 8-device FSDP
-mesh) train with the same losses as one process holding all 8 devices."""
+mesh) train with the same losses as one process holding all 8 devices, and a SIGTERM to
+one of them stops both at the same saved step."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -50,3 +53,38 @@ def test_two_processes_match_one(tmp_path):
     single = train(workdir=str(tmp_path / "single"))["losses"]
     assert len(multi) == 6
     np.testing.assert_allclose(multi, [single[s] for s in range(1, 7)], rtol=0, atol=1e-5)
+
+
+def test_sigterm_on_one_host_saves_the_same_step_on_both(tmp_path):
+    """Preemption across processes goes through JAX's preemption service and orbax's
+    `reached_preemption`: a SIGTERM to the non-lead process alone makes both save one agreed
+    step and exit 143."""
+    port = free_port()
+    work = tmp_path / "run"
+    gin = [g for g in GIN if not g.startswith(("train.max_steps", "train.save_every"))]
+    cmd = [sys.executable, "-c", "import sys; from lumos_jax.cli import main; sys.exit(main(sys.argv[1:]))",
+           "train", f"--workdir={work}", *[f"--gin.{g.replace(' = ', '=')}" for g in gin],
+           "--gin.train.max_steps=100000", "--gin.train.save_every=100000"]
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+                   XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                   LUMOS_COORDINATOR_ADDRESS=f"localhost:{port}", LUMOS_NUM_PROCESSES="2",
+                   LUMOS_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT))
+    metrics = work / "logs/metrics.jsonl"
+    t0 = time.time()
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert all(p.poll() is None for p in procs) and time.time() - t0 < 240
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=240)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], [o[-2000:] for o in outs]
+    said = [line for line in outs[0].splitlines() if "SIGTERM; saved step" in line]
+    assert len(said) == 1, outs[0][-2000:]
+    saved = int(said[0].split("saved step ")[1].split()[0])
+    steps = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == saved > 3
+    logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert logged == list(range(1, saved + 1))
