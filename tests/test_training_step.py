@@ -216,3 +216,42 @@ def test_train_step_program_does_not_grow_with_depth(remat):
             text = step_lib.make_train_step(setup).lower(state_lib.restore_target(setup), batch).as_text()
         sizes.append(len(text))
     assert abs(sizes[1] - sizes[0]) <= 0.02 * sizes[0], sizes
+
+
+def test_random_state_is_hf_init_made_on_device():
+    """One jitted call makes the whole state with no device-to-host copy: weights drawn as
+    HF's LlamaForCausalLM initialises them (normal(0, initializer_range), norms 1), each
+    stacked layer its own draw; zero Adam moments, step 0, each array on its sharding."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from lumos_jax.checkpoints.hf import hf_tensors
+
+    config = TINY.replace(hidden_size=128, intermediate_size=256, num_hidden_layers=3, head_dim=None)
+    mesh = make_mesh(1, 4, 2, devices=jax.devices()[:8])
+    with jax.set_mesh(mesh):
+        setup = state_lib.build_setup(config, mesh, 10, state_lib.optimizer_settings())
+        with jax.transfer_guard_device_to_host("disallow"):
+            state = state_lib.random_state(setup, 7)
+            jax.block_until_ready(state)
+    assert jax.tree.map(lambda a, s: a.sharding == s, state, setup.shardings) == jax.tree.map(
+        lambda _: True, setup.shardings)
+    assert int(state["step"]) == 0
+    adam = state["opt_state"][1][0]
+    assert all(float(np.abs(np.asarray(m)).max()) == 0 for m in jax.tree.leaves((adam.mu, adam.nu)))
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads))
+    want = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    got = dict(hf_tensors(state_lib.model_from_params(setup, jax.device_get(state["params"]))))
+    assert sorted(got) == sorted(want)
+    for name, ours in got.items():
+        ref = want[name]
+        assert ours.shape == ref.shape, name
+        if "norm" in name:
+            assert (ours == 1).all() and (ref == 1).all(), name
+        else:
+            assert abs(ours.std() - ref.std()) <= 0.1 * ref.std() and abs(ours.mean()) < 3e-3, name
+    q = np.asarray(state["params"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"])
+    assert not np.allclose(q[0], q[1])  # layers are independent draws

@@ -203,7 +203,7 @@ def save_hf_model(model: LlamaForCausalLM, directory: str | Path, dtype: str | N
     tmp.mkdir(parents=True)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
-    for name, arr in _hf_tensors(model):
+    for name, arr in hf_tensors(model):
         arr = arr.astype(np_dtype)
         if size and size + arr.nbytes > max_shard_bytes:
             shards.append({})
@@ -237,7 +237,7 @@ def save_hf_model(model: LlamaForCausalLM, directory: str | Path, dtype: str | N
     return directory
 
 
-def _hf_tensors(model: LlamaForCausalLM):
+def hf_tensors(model: LlamaForCausalLM):
     """(HF name, array in HF's layout) for every weight, in HF's order (embeddings, layer
     by layer, final norm, lm_head): stacked leaves are split into their rows."""
     config = model.config

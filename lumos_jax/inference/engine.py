@@ -27,8 +27,8 @@ from jax.sharding import Mesh, NamedSharding
 from lumos_jax.inference.decode_attention import resolve_decode_attention
 from lumos_jax.inference.forward import PagedCache
 from lumos_jax.inference.paged import PagedMemory, pool_blocks
-from lumos_jax.inference.paged_slots import (WINDOW_MIN, Slot, attention_window, checked_token_ids,
-                                             length_bucket, pow2_at_least, row_controls)
+from lumos_jax.inference.paged_slots import (Slot, checked_token_ids, length_bucket, pow2_at_least,
+                                             row_count, row_controls)
 from lumos_jax.inference.params import decode_params
 from lumos_jax.inference.sampling import SamplingParams
 from lumos_jax.inference.steps import decode_loop, prefill_step
@@ -343,16 +343,15 @@ class Engine:
         return self._stats
 
     # -- device calls -----------------------------------------------------------------------
-    def _row_count(self, n: int) -> int:
-        return min(pow2_at_least(n), pow2_at_least(self.num_slots))
+    def _row_count(self, n: int, tokens: int = 1) -> int:
+        return row_count(n, tokens, self.num_slots)
 
-    def _table_width(self, tokens: int, fine: bool) -> int:
-        """Blocks per row a call reads: covering a window of `tokens` positions, rounded to
-        a quarter octave (`fine`: decode, bound by reading the cache) or a power of two
-        (prefill, bound by compute: fewer compiled shapes)."""
-        window = attention_window(tokens, 0, self.max_len) if fine else \
-            min(self.max_len, max(WINDOW_MIN, pow2_at_least(tokens)))
-        return min(self.memory.max_blocks, -(-window // self.block_size))
+    @property
+    def _table_width(self) -> int:
+        """Every call passes whole block tables (max_len wide): attention stops after the
+        call's longest row (decode_attention.py), so the width costs nothing and is not a
+        compiled shape of its own."""
+        return self.memory.max_blocks
 
     def _decode_need(self, s: Slot) -> int:
         """Positions a generating slot may fill in one decode call."""
@@ -394,7 +393,7 @@ class Engine:
         return bool(ready)
 
     def _prefill_rows(self, slots: list[int], t: int, finished: list[TurnResult]) -> None:
-        n = self._row_count(len(slots))
+        n = max(len(slots), min(self._row_count(len(slots), t), self.max_prefill_tokens // t))
         ids = np.zeros((n, t), np.int32)
         starts = np.zeros(n, np.int32)
         valid = np.zeros(n, np.int32)                      # padding rows write nothing
@@ -404,8 +403,7 @@ class Engine:
             toks = s.history[s.cache_len:]
             ids[r, : len(toks)] = toks
             starts[r], valid[r], rows[r] = s.cache_len, len(toks), s
-        width = self._table_width(max(len(self._slots[i].history) for i in slots), fine=False)
-        table = self.memory.table(rows, width)
+        table = self.memory.table(rows, self._table_width)
         first, self.cache = prefill_step(self.params, self.cache, table, ids, starts, valid,
                                          row_controls(rows), spec=self.spec,
                                          cache_sharding=self.cache_sharding)
@@ -435,8 +433,7 @@ class Engine:
         if not runnable:
             return False
         b = self._row_count(len(runnable))
-        longest = max(self._slots[i].cache_len for i in runnable)
-        width = self._table_width(longest + self.steps_per_call, fine=True)
+        width = self._table_width
         last, lengths, generated = (np.zeros(b, np.int32) for _ in range(3))
         capacity = np.zeros(b, np.int32)
         active = np.zeros(b, bool)

@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lumos_jax.inference.decode_attention import DECODE_ATTENTION, NEG, attend, gather_pages
+from lumos_jax.inference.decode_attention import DECODE_ATTENTION, NEG, paged_attention
 from lumos_jax.inference.params import ForwardSpec
 from lumos_jax.inference.quant import constrain_pages, qeinsum, set_pages, zero_pages
-from lumos_jax.models.llama import apply_rope
+from lumos_jax.models.llama import apply_rope, rms_norm
 
 
 class PagedCache(NamedTuple):
@@ -55,12 +55,6 @@ class PagedCache(NamedTuple):
     @property
     def block_size(self) -> int:
         return self.k.shape[3]
-
-
-def rms_norm(x, weight, eps):
-    h = x.astype(jnp.float32)
-    h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + eps)
-    return weight.astype(x.dtype) * h.astype(x.dtype)
 
 
 def _qkv(lyr, x, positions, inv_freq, spec: ForwardSpec):
@@ -159,17 +153,15 @@ def prefill_forward(params, cache: PagedCache, spec: ForwardSpec, table, tokens,
     positions = starts[:, None] + steps[None, :]                      # (N, T)
     blocks, offsets = _locate(table, positions, steps[None, :] < valid[:, None],
                               cache.num_blocks, cache.block_size)
-    seen = table.shape[1] * cache.block_size
-    mask = jnp.arange(seen)[None, None, :] <= positions[:, :, None]   # (N, T, S)
+    last = jnp.where(steps[None, :] < valid[:, None], positions, -1)   # padding sees nothing
 
     def attend_rows(q, kc, vc, base):
-        rows = table + base
-        return attend(q, gather_pages(kc, rows, dtype), gather_pages(vc, rows, dtype), mask)
+        return paged_attention(q, kc, vc, table + base, last)
 
     x, cache = _scan_layers(params, cache, spec, embed(params, tokens, dtype), positions,
                             blocks, offsets, attend_rows, cache_sharding)
-    last = jnp.take_along_axis(x, jnp.maximum(valid - 1, 0)[:, None, None], axis=1)[:, 0]
-    return logits(params, last, spec), cache
+    final = jnp.take_along_axis(x, jnp.maximum(valid - 1, 0)[:, None, None], axis=1)[:, 0]
+    return logits(params, final, spec), cache
 
 
 def decode_forward(params, cache: PagedCache, spec: ForwardSpec, table, tokens, lengths, active,

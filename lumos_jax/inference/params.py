@@ -136,3 +136,48 @@ def decode_params(model: LlamaForCausalLM, mesh: Mesh | None = None, rules=None)
            "lm_head": embed.T if c.tie_word_embeddings else model.lm_head.kernel[...],
            "inv_freq": rope_inv_freq(c)}
     return _fuse_jit(spec, c.jnp_dtype, mesh, rules, raw), spec
+
+
+def random_decode_params(config, key: jax.Array, dtype=None, mesh: Mesh | None = None,
+                         rules=None) -> tuple[dict, ForwardSpec]:
+    """(params, spec) with random weights (normal * config.initializer_range, norms 1) made
+    straight in their decode layout and shardings by one jitted call: for benchmarks, where
+    building a random model and regrouping it takes minutes at 7B. `dtype` defaults to the
+    config's compute dtype; stacked leaves are drawn a layer at a time (small temporaries)."""
+    spec = forward_spec(config)
+    dtype = jnp.dtype(dtype or config.dtype)
+    e, i, n = config.hidden_size, config.intermediate_size, spec.num_layers
+    h, kvd = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    shapes = {"embed": (config.vocab_size, e), "norm": (e,), "lm_head": (e, config.vocab_size),
+              "layers": {"attn_norm": (n, e), "q": (n, e, h), "k": (n, e, kvd), "v": (n, e, kvd),
+                         "o": (n, h, e), "mlp_norm": (n, e), "gate": (n, e, i), "up": (n, e, i),
+                         "down": (n, i, e)}}
+    raw_struct = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), shapes,
+                              is_leaf=lambda s: isinstance(s, tuple))
+    raw_struct["inv_freq"] = jax.ShapeDtypeStruct((spec.head_dim // 2,), jnp.float32)
+    fused = jax.eval_shape(lambda r: _fuse(r, spec, dtype), raw_struct)
+    std = config.initializer_range
+
+    def draw(k, path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            return jnp.ones(leaf.shape, leaf.dtype)
+        if "layers" in name:
+            keys = jax.random.split(k, leaf.shape[0])
+            return jax.lax.map(lambda kk: (std * jax.random.normal(kk, leaf.shape[1:], jnp.float32)
+                                           ).astype(leaf.dtype), keys)
+        return (std * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype)
+
+    def make(k, inv_freq):
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(fused)
+        keys = jax.random.split(k, len(leaves))
+        out = [draw(kk, path, leaf) for kk, (path, leaf) in zip(keys, leaves)]
+        params = jax.tree_util.tree_unflatten(treedef, out)
+        vocab_ok = jnp.arange(params["embed"].shape[0]) < spec.vocab_size   # padding rows zero
+        params["embed"] = jnp.where(vocab_ok[:, None], params["embed"], 0).astype(dtype)
+        params["lm_head"] = jnp.where(vocab_ok[None, :], params["lm_head"], 0).astype(dtype)
+        params["inv_freq"] = inv_freq
+        return params
+
+    shardings = param_shardings(fused, mesh, rules) if mesh is not None else None
+    return jax.jit(make, out_shardings=shardings)(key, rope_inv_freq(config)), spec

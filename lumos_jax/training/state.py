@@ -99,13 +99,28 @@ def build_setup(config: LlamaConfig, mesh: Mesh, total_steps: int, settings: dic
     return TrainSetup(config, mesh, graphdef, tx, schedule, abstract, shardings)
 
 
+def _draw_params(config: LlamaConfig, seed_array) -> dict:
+    """The model's initial weights from a traced seed (jit it: never constant-folded)."""
+    return nnx.to_pure_dict(nnx.state(LlamaForCausalLM(config, rngs=nnx.Rngs(jax.random.key(seed_array)))))
+
+
 def random_params(setup: TrainSetup, seed: int) -> dict:
-    """Fresh weights, each created directly in its shard (never whole on one device).
-    The seed is a traced argument, so XLA cannot try to constant-fold the random init."""
-    def make(seed_array):
-        model = LlamaForCausalLM(setup.config, rngs=nnx.Rngs(jax.random.key(seed_array)))
-        return nnx.to_pure_dict(nnx.state(model))
+    """Fresh weights, each created directly in its shard (never whole on one device)."""
+    make = lambda seed_array: _draw_params(setup.config, seed_array)  # noqa: E731
     return jax.jit(make, out_shardings=setup.shardings["params"])(jnp.uint32(seed))
+
+
+def random_state(setup: TrainSetup, seed: int) -> dict:
+    """A fresh train state (random params, zero optimizer moments, step 0, the RNG) from one
+    jitted call, each array created in its shard: one program to compile, nothing through
+    the host. Same values as `init_state(setup, random_params(setup, seed), seed)`.
+    (Stacked layers keep that program's size independent of depth: compile of the state of
+    a 16-layer, 1024-wide model on CPU took 3.0 s of CPU time, 10.8 s when unrolled.)"""
+    def make(seed_array):
+        params = _draw_params(setup.config, seed_array)
+        return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=setup.tx.init(params),
+                    rng=jax.random.key_data(jax.random.key(seed_array)))
+    return jax.jit(make, out_shardings=setup.shardings)(jnp.uint32(seed))
 
 
 def params_from_model(setup: TrainSetup, model, source: str = "init_from") -> dict:
