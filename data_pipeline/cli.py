@@ -17,9 +17,16 @@ import os
 import sys
 from pathlib import Path
 
+from data_pipeline.teacher import ChatClient, convert_with_teacher, gsm8k_items
 from lumos_jax.assets import bundled
 from lumos_jax.config import parse_args
+from lumos_jax.data.encoding import encode_fast
+from lumos_jax.data.gsm8k import convert_file
+from lumos_jax.data.loader import make_train_iterator
+from lumos_jax.data.records import write_jsonl_atomic
+from lumos_jax.data.reference_conversion import convert_domain, convert_rows
 from lumos_jax.jsonl import iter_jsonl, read_jsonl
+from lumos_jax.tokenization import concat_messages
 
 USAGE = __doc__
 
@@ -39,8 +46,6 @@ def _convert(argv: list[str]) -> int:
     parser.add_argument("--max_retries", type=int, default=5)
     args = parse_args(parser, argv)
     if args.kind == "reference":
-        from lumos_jax.data.reference_conversion import convert_domain
-
         stats = convert_domain(args.input, args.domain, args.out)
         for name, st in stats.items():
             print(f"{Path(args.out) / name}: {st.written} written, {st.dropped} dropped")
@@ -51,10 +56,6 @@ def _convert(argv: list[str]) -> int:
 
 
 def _convert_gsm8k(args) -> int:
-    from lumos_jax.data.gsm8k import convert_file
-    from lumos_jax.data.records import write_jsonl_atomic
-    from lumos_jax.data.reference_conversion import convert_rows
-
     out = Path(args.out)
     rows, report = convert_file(args.input[0])
     write_jsonl_atomic(out / "gsm8k_converted.jsonl", (json.dumps(r) for r in rows))
@@ -73,8 +74,6 @@ def _convert_gsm8k(args) -> int:
 
 
 def _convert_teacher(args) -> int:
-    from data_pipeline.teacher import ChatClient, convert_with_teacher, gsm8k_items
-
     if not args.endpoint or not args.model:
         raise ValueError("convert teacher: --endpoint and --model are required")
     path = args.input[0]
@@ -148,9 +147,6 @@ def _inspect(argv: list[str]) -> int:
     parser.add_argument("--skip_bad_records", action="store_true")
     parser.add_argument("--tfds_data_dir")
     args = parse_args(parser, argv)
-    from lumos_jax.data.encoding import encode_fast
-    from lumos_jax.data.loader import make_train_iterator
-    from lumos_jax.tokenization import concat_messages
 
     kwargs = {k: v for k, v in dict(sources=args.sources or None, tokenizer=args.tokenizer, seq_len=args.seq_len,
                                     batch_size=args.batch_size, tfds_data_dir=args.tfds_data_dir).items()

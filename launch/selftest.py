@@ -10,18 +10,18 @@ from __future__ import annotations
 import argparse
 import sys
 
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from launch.env import initialize_args_from_env
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.selftest", description=__doc__.splitlines()[0])
     parser.add_argument("--auto", action="store_true",
                         help="jax.distributed.initialize() with no arguments (TPU VM / SLURM detection)")
     args, _ = parser.parse_known_args(argv)
-
-    import jax
-    import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from launch.env import initialize_args_from_env
 
     kwargs = initialize_args_from_env()
     if kwargs is not None:

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 from launch import cli_args
 from launch.commands import LaunchError, Shell
 from launch.topology import TpuSlice, parse_accelerator_type
+from lumos_jax.config import GIN_DIR
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY = {"READY", "ACTIVE"}
@@ -236,8 +237,6 @@ class TpuLauncher:
 
 def check_gin_files_inside_repo(forwarded: Sequence[str]) -> None:
     """Only the checkout is copied: a gin file outside it would be missing on the workers."""
-    from lumos_jax.config import GIN_DIR
-
     for i, a in enumerate(forwarded):
         name = a.split("=", 1)[1] if a.startswith("--gin_file=") else (
             forwarded[i + 1] if a == "--gin_file" and i + 1 < len(forwarded) else None)

@@ -24,8 +24,18 @@ from typing import Sequence
 
 from tqdm import tqdm
 
+from lumos_jax.agent.cli import render_trace, use_colour
 from lumos_jax.assets import ASSETS_DIR
+from lumos_jax.config import parse_args, parse_gin
+from lumos_jax.data.gsm8k import convert_file
+from lumos_jax.data.reference_conversion import convert_rows
+from lumos_jax.evaluation.datasets import read_gsm8k
+from lumos_jax.evaluation.lumos_adapter import lumos_agent
+from lumos_jax.evaluation.report import detail_tables, markdown_table
+from lumos_jax.evaluation.runner import evaluate
 from lumos_jax.jsonl import read_jsonl
+from lumos_jax.tokenization import Tokenizer
+from lumos_jax.training.loop import train
 
 ASSETS = ASSETS_DIR
 DEMO_DATA = ASSETS / "demo_data"
@@ -38,9 +48,6 @@ def _say(msg: str) -> None:
 
 def prepare_data(out_dir: Path, train_examples: int) -> dict[str, list[str]]:
     """Training files per module: bundled annotations + converted GSM8K rationales."""
-    from lumos_jax.data.gsm8k import convert_file
-    from lumos_jax.data.reference_conversion import convert_rows
-
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, report = convert_file(DEMO_DATA / "gsm8k_train_500.jsonl")
     rows = rows[:train_examples]
@@ -81,10 +88,6 @@ def train_module(module: str, files: list[str], workdir: Path, steps: int, batch
     """Train one module from scratch; returns its lumos-jax checkpoint (tokenizer included).
 
     Checkpoints every ~tenth of the stage, so an interrupted stage (ctrl-C) resumes there."""
-    from lumos_jax.config import parse_gin
-    from lumos_jax.tokenization import Tokenizer
-    from lumos_jax.training.loop import train
-
     vocab = Tokenizer(TOKENIZER, add_pad_token=True).vocab_size
     parse_gin([], demo_bindings(files, lr, vocab) + list(user_bindings))
     t0 = time.perf_counter()
@@ -102,10 +105,6 @@ def train_module(module: str, files: list[str], workdir: Path, steps: int, batch
 
 def run_agent(planner: Path, grounder: Path, out_dir: Path, num_questions: int, max_new_tokens: int,
               batch: int) -> dict:
-    from lumos_jax.evaluation.datasets import read_gsm8k
-    from lumos_jax.evaluation.lumos_adapter import lumos_agent
-    from lumos_jax.evaluation.runner import evaluate
-
     examples = read_gsm8k(DEMO_DATA / "gsm8k_test_50.jsonl")[:num_questions]
     # the checkpoints carry their tokenizer: no tokenizer path needed
     agent = lumos_agent(domain="maths", metric="numeric_match", default_max_rounds=8, examples=examples,
@@ -128,10 +127,6 @@ def run_agent(planner: Path, grounder: Path, out_dir: Path, num_questions: int, 
 
 
 def main(argv: Sequence[str]) -> int:
-    from lumos_jax.agent.cli import render_trace, use_colour
-    from lumos_jax.config import parse_args
-    from lumos_jax.evaluation.report import detail_tables, markdown_table
-
     parser = argparse.ArgumentParser(prog="lumos-jax demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="demo_out", help="data, checkpoints and eval outputs go here")
     parser.add_argument("--plan_steps", type=int, default=120, help="planner training steps")

@@ -16,17 +16,20 @@ from typing import Sequence
 import gin
 
 from lumos_jax.atomic import write_atomic
+from lumos_jax.config import parse_args
+from lumos_jax.inference import Engine, SamplingParams
+from lumos_jax.inference.chat import chat_format, chat_prompt_ids
+from lumos_jax.inference.engine import pow2_at_least as _pow2
+from lumos_jax.inference.settings import load_engines, make_sampling
 from lumos_jax.jsonl import iter_jsonl
 from lumos_jax.models.llama import LlamaForCausalLM
+from lumos_jax.tokenization import Tokenizer
 
 
 def greedy_generate(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     stop_ids: Sequence[int] = ()) -> list[list[int]]:
     """Greedy continuations of token-id prompts (each row stops at its first stop id,
     which is included in its output)."""
-    from lumos_jax.inference import Engine, SamplingParams
-    from lumos_jax.inference.engine import pow2_at_least as _pow2
-
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("greedy_generate: every prompt needs at least one token")
     longest = max(len(p) for p in prompts) + max_new_tokens
@@ -43,11 +46,6 @@ def generation_settings(max_new_tokens: int = 128, stop_at_eos: bool = True,
 
 
 def main(argv: Sequence[str]) -> int:
-    from lumos_jax.config import parse_args
-    from lumos_jax.inference.chat import chat_format, chat_prompt_ids
-    from lumos_jax.inference.settings import load_engines, make_sampling
-    from lumos_jax.tokenization import Tokenizer
-
     parser = argparse.ArgumentParser(prog="lumos-jax generate", description=__doc__)
     parser.add_argument("--model", required=True, help="HF directory or lumos-jax checkpoint")
     parser.add_argument("--tokenizer", help="tokenizer directory or tokenizer.model (default: --model)")

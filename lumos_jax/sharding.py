@@ -14,6 +14,7 @@ from typing import Any, Iterable, Sequence
 import gin
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -122,8 +123,6 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 
 def param_logical_axes(state) -> Any:
     """Pytree (like an nnx.State of Params) → pytree of logical-name tuples."""
-    from flax import nnx
-
     def names(v):
         if isinstance(v, nnx.Variable):
             return v.get_metadata().get("logical_axes") or (None,) * np.ndim(v.get_value())
@@ -134,8 +133,6 @@ def param_logical_axes(state) -> Any:
 
 def state_shardings(state, mesh: Mesh, rules=None):
     """NamedShardings for every Variable in an nnx.State, from its logical axes."""
-    from flax import nnx
-
     def one(v):
         value = v.get_value() if isinstance(v, nnx.Variable) else v
         names = (v.get_metadata().get("logical_axes") if isinstance(v, nnx.Variable) else None)

@@ -13,6 +13,9 @@ import itertools
 import threading
 from typing import Sequence
 
+from lumos_jax.generation import greedy_generate
+from lumos_jax.inference import SamplingParams
+
 
 class GreedyBackend:
     def __init__(self, model):
@@ -22,8 +25,6 @@ class GreedyBackend:
 
     def generate_tokens(self, batch: Sequence[tuple[str, list[int]]], max_new_tokens: int,
                         stop_ids: Sequence[int]) -> list[tuple[list[int], int]]:
-        from lumos_jax.generation import greedy_generate
-
         with self._lock:
             prompts = [list(ids) for _, ids in batch]
             outs = greedy_generate(self.model, prompts, max_new_tokens, stop_ids)
@@ -38,8 +39,6 @@ class EngineBackend:
     """Sessions on `lumos_jax.inference.Engine` slots (API in docs/inference.md)."""
 
     def __init__(self, engine, seed: int = 0):
-        from lumos_jax.inference import SamplingParams
-
         self.engine, self._params_cls, self.seed = engine, SamplingParams, seed
         self.slots: dict[str, int] = {}
         self.recomputed_tokens = 0

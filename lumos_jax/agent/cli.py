@@ -19,6 +19,14 @@ from typing import Sequence
 
 import gin
 
+from lumos_jax.agent.execution import Executor
+from lumos_jax.agent.gin_configurables import agent_episode, agent_models, scripted_files
+from lumos_jax.agent.prompts import plan_first
+from lumos_jax.agent.runner import EpisodeRunner
+from lumos_jax.agent.tools.qa import GeneratorQA
+from lumos_jax.agent.tools.registry import build_registry
+from lumos_jax.agent.trace import write_traces
+from lumos_jax.config import parse_args
 from lumos_jax.jsonl import iter_jsonl, read_jsonl
 
 _COLOURS = {"plan": "\033[36m", "ground": "\033[35m", "ok": "\033[32m", "err": "\033[31m", "dim": "\033[2m",
@@ -84,8 +92,6 @@ def _read_tasks(path: str) -> list[str]:
 
 def scripted_tasks(plan_file: Path) -> list[str]:
     """The task texts the scripted backend knows: the tasks of the plan annotation file."""
-    from lumos_jax.agent.prompts import plan_first
-
     tasks = []
     for row in read_jsonl(plan_file):
         first = row["messages"][0]["content"]
@@ -106,14 +112,6 @@ def _gin(name: str, default):
 
 
 def main(argv: Sequence[str]) -> int:
-    from lumos_jax.agent.execution import Executor
-    from lumos_jax.agent.gin_configurables import agent_episode, agent_models, scripted_files
-    from lumos_jax.agent.runner import EpisodeRunner
-    from lumos_jax.agent.tools.qa import GeneratorQA
-    from lumos_jax.agent.tools.registry import build_registry
-    from lumos_jax.agent.trace import write_traces
-    from lumos_jax.config import parse_args
-
     parser = argparse.ArgumentParser(prog="lumos-jax agent", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", action="append", default=[], help="a task (repeatable)")

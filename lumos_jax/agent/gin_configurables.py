@@ -10,9 +10,15 @@ from pathlib import Path
 
 import gin
 
+from lumos_jax.agent.backends import EngineBackend, GreedyBackend
+from lumos_jax.agent.generators import ChatModelGenerator, ScriptedGenerator
 from lumos_jax.agent.loops import EpisodeConfig
-from lumos_jax.assets import bundled
+from lumos_jax.agent.prompts import check, load_webshop_exemplars, webshop_exemplar_conversations
 from lumos_jax.agent.tools import registry as _registry  # noqa: F401 - registers agent_tools
+from lumos_jax.assets import bundled
+from lumos_jax.checkpoints.native import load_model
+from lumos_jax.inference.settings import load_engines
+from lumos_jax.tokenization import Tokenizer
 
 DEFAULT_MAX_ROUNDS = {"maths": 8, "complex_qa": 5, "web_agent": 15, "webshop": 5}
 BUNDLED_ANNOTATIONS = bundled("demo_data/annotations")  # the 12 sample annotation files
@@ -27,8 +33,6 @@ def agent_episode(domain: str = "maths", formulation: str = "iterative", style: 
     """Max rounds default to the reference's: GSM8K 8, StrategyQA/HotpotQA 5, WebShop 5, Mind2Web 15.
     WebShop puts the reference's two exemplars (`webshop_exemplars`, default the bundled
     copy) before the task, as the reference's unseen-task prompt does."""
-    from lumos_jax.agent.prompts import check
-
     check(domain, style)
     if protocol not in ("reference", "robust"):
         raise ValueError(f"agent_episode.protocol={protocol!r}: expected 'reference' or 'robust'")
@@ -39,8 +43,6 @@ def agent_episode(domain: str = "maths", formulation: str = "iterative", style: 
         raise ValueError(f"agent_episode.max_rounds={rounds}: must be >= 1")
     plan_prefix, ground_prefix = [], []
     if domain == "webshop":
-        from lumos_jax.agent.prompts import load_webshop_exemplars, webshop_exemplar_conversations
-
         path = webshop_exemplars or str(BUNDLED_WEBSHOP_EXEMPLARS)
         plans, grounds = webshop_exemplar_conversations(load_webshop_exemplars(path))
         plan_prefix = [m for c in plans for m in c]
@@ -69,26 +71,17 @@ def agent_models(cfg: EpisodeConfig, backend: str = "scripted", plan_model: str 
     `reference_retokenize` (reference style): True re-tokenizes each whole prompt as the
     reference does; False appends the new turn's tokens (no cache restarts)."""
     if backend == "scripted":
-        from lumos_jax.agent.generators import ScriptedGenerator
-
         g = ScriptedGenerator.from_files(*scripted_files(cfg, scripted_dir))
         return {"plan": g, "ground": g}
     if backend not in ("greedy", "engine"):
         raise ValueError(f"agent_models.backend={backend!r}: expected 'scripted', 'greedy' or 'engine'")
     if not plan_model or not ground_model:
         raise ValueError("agent_models: set plan_model and ground_model (HF dirs or lumos-jax checkpoints)")
-    from lumos_jax.agent.backends import GreedyBackend
-    from lumos_jax.agent.generators import ChatModelGenerator
-    from lumos_jax.checkpoints.native import load_model
-    from lumos_jax.tokenization import Tokenizer
 
     tok = Tokenizer(tokenizer or plan_model)
     modules = [(m, str(p)) for m, p in (("plan", plan_model), ("ground", ground_model), ("qa", qa_model)) if p]
     loaded: dict[str, object] = {}
     if backend == "engine":
-        from lumos_jax.agent.backends import EngineBackend
-        from lumos_jax.inference.settings import load_engines
-
         sizes = dict(num_slots=engine_slots, max_len=engine_max_len, steps_per_call=engine_steps_per_call)
         engines = load_engines([p for _, p in modules], **{k: v for k, v in sizes.items() if v is not None})
         loaded = {p: EngineBackend(e) for p, e in engines.items()}

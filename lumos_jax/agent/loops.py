@@ -16,6 +16,7 @@ from typing import Any, Callable, Generator as PyGenerator
 
 from lumos_jax.agent import prompts
 from lumos_jax.agent.execution import ActionRecord, Executor, last_result_text
+from lumos_jax.agent.generators import GenRequest
 from lumos_jax.agent.parsing import KEEP_MARK, parse_actions, parse_onetime_plan, parse_plan_turn
 from lumos_jax.agent.reference import ReferenceExecutor, ReferenceOutcome
 from lumos_jax.agent.tools.base import ToolContext, value_text
@@ -280,7 +281,5 @@ def run_episode(ep, generators: dict) -> EpisodeResult:
 
 
 def _request(req: Generate, episode_id: str):
-    from lumos_jax.agent.generators import GenRequest
-
     return GenRequest(session=f"{episode_id}/{req.module}", module=req.module, messages=list(req.messages),
                       prefill=req.prefill)

@@ -16,6 +16,7 @@ import numpy as np
 
 from lumos_jax.agent.tools.base import ToolContext
 from lumos_jax.agent.tools.retrieval import BM25Ranker, DenseRanker, DocStore, KnowledgeQuery, Passage
+from lumos_jax.agent.tools.retrieval import tokenize
 from lumos_jax.agent.tools.web import ElementRanker, Mind2WebReplay, load_mind2web
 from lumos_jax.jsonl import read_jsonl
 
@@ -53,8 +54,6 @@ def retrieval(shared: Path, dense: bool) -> dict:
 
 
 def _bm25_only(store: DocStore, query: str) -> int:
-    from lumos_jax.agent.tools.retrieval import tokenize
-
     q = tokenize(query)
     scores = 2.0 * store._title_bm25.get_scores(q) + store._text_bm25.get_scores(q)  # noqa: SLF001
     return int(np.argmax(scores))

@@ -12,13 +12,13 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
+from lumos_jax.checkpoints.gguf import GGUFFile, is_gguf, load_gguf_model, write_hf_sidecar
+from lumos_jax.checkpoints.hf import save_hf_model
+from lumos_jax.checkpoints.native import is_native_checkpoint, load_model, save_native
+from lumos_jax.config import parse_args
+
 
 def main(argv: Sequence[str]) -> int:
-    from lumos_jax.checkpoints.gguf import GGUFFile, is_gguf, load_gguf_model, write_hf_sidecar
-    from lumos_jax.checkpoints.hf import save_hf_model
-    from lumos_jax.checkpoints.native import is_native_checkpoint, load_model, save_native
-    from lumos_jax.config import parse_args
-
     parser = argparse.ArgumentParser(prog="lumos-jax convert", description=__doc__)
     parser.add_argument("src", help="HF directory, lumos-jax checkpoint or .gguf file")
     parser.add_argument("dst", help="output directory")

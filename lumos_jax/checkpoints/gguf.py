@@ -19,6 +19,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 from jax.sharding import Mesh
+from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -228,8 +229,6 @@ class GGUFFile:
         return "tokenizer.json"
 
     def _write_sentencepiece(self, directory: Path, tokens, types) -> str:
-        from sentencepiece import sentencepiece_model_pb2 as spm_pb2  # protobuf, only for SPM vocabularies
-
         scores = self.meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
         proto = spm_pb2.ModelProto()
         for t, s, ty in zip(tokens, scores, types):

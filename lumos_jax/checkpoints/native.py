@@ -14,9 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lumos_jax.checkpoints.gguf import is_gguf, load_gguf_model
+from lumos_jax.checkpoints.hf import TOKENIZER_FILES, load_hf_model
 from lumos_jax.models.config import LlamaConfig
 from lumos_jax.models.llama import LlamaForCausalLM, abstract_model
 from lumos_jax.sharding import state_shardings
@@ -31,7 +34,6 @@ def save_native(model: LlamaForCausalLM, directory: str | Path,
     """Writes params/ + config.json, and the tokenizer files of `tokenizer_dir` beside them, so
     generate, serve and agent work from the checkpoint alone."""
     if "://" in str(directory):  # gs://... stays a URI (etils.epath, as orbax expects)
-        from etils import epath
 
         directory = epath.Path(str(directory))
     else:
@@ -50,8 +52,6 @@ def save_native(model: LlamaForCausalLM, directory: str | Path,
 
 def copy_tokenizer(src: str | Path | None, directory) -> None:
     """Copies the tokenizer files (tokenizer.model / .json / configs) that `src` holds."""
-    from lumos_jax.checkpoints.hf import TOKENIZER_FILES
-
     if not src or not Path(src).is_dir():
         return
     for name in TOKENIZER_FILES:
@@ -114,9 +114,6 @@ def _restore_per_layer(ckptr, path, target: dict) -> dict:
 
 def load_model(path: str | Path, mesh: Mesh | None = None, rules=None, **overrides) -> LlamaForCausalLM:
     """An HF directory, a lumos-jax checkpoint or a llama.cpp `.gguf` file, whichever `path` holds."""
-    from lumos_jax.checkpoints.gguf import is_gguf, load_gguf_model
-    from lumos_jax.checkpoints.hf import load_hf_model
-
     if is_native_checkpoint(path):
         return load_native(path, mesh, rules, **overrides)
     if is_gguf(path):

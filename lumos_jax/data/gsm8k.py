@@ -22,6 +22,11 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import sympy
+
+from lumos_jax.agent.tools.base import ToolContext, ToolError
+from lumos_jax.agent.tools.maths import Calculator
+from lumos_jax.agent.tools.maths_parse import parse_math
 from lumos_jax.jsonl import iter_jsonl
 
 MARK = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
@@ -52,11 +57,6 @@ def parse_number(text: str) -> Fraction | None:
 def sympy_calculator(expression: str) -> Fraction:
     """Exact value of an arithmetic expression (numbers, + - * / ( ) and %), read by the
     maths tools' parser (no `sympify`: `9**9**9**9` must be refused, not computed)."""
-    import sympy
-
-    from lumos_jax.agent.tools.base import ToolError
-    from lumos_jax.agent.tools.maths_parse import parse_math
-
     if not SAFE_EXPR.match(expression) or "R" in expression:
         raise ValueError(f"not plain arithmetic: {expression!r}")
     try:
@@ -143,9 +143,6 @@ def sympy_executor(expression: str, variables: dict) -> str:
 
 def agent_executor() -> Executor:
     """The agent's Calculator tool, called as the execution module calls it."""
-    from lumos_jax.agent.tools.base import ToolContext
-    from lumos_jax.agent.tools.maths import Calculator
-
     calculator = Calculator()
 
     def run(expression: str, variables: dict) -> str:

@@ -14,6 +14,7 @@ import sys
 from typing import Sequence
 
 import gin
+import jax
 import numpy as np
 
 from lumos_jax.data.encoding import Encoded, encode_fast
@@ -34,8 +35,6 @@ def _as_tokenizer(tokenizer) -> Tokenizer:
 
 def _process_info(process_index, process_count) -> tuple[int, int]:
     if process_index is None or process_count is None:
-        import jax
-
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     return int(process_index), int(process_count)

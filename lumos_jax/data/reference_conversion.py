@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
+from lumos_jax.data.records import write_jsonl_atomic
 from lumos_jax.jsonl import iter_jsonl
 
 DOMAINS = ("maths", "complex_qa", "web_agent")
@@ -222,8 +223,6 @@ def read_converted(paths: Iterable[str | Path]) -> list[dict]:
 
 def convert_domain(paths: Iterable[str | Path], domain: str, out_dir: str | Path) -> dict[str, ConversionStats]:
     """Write `lumos_{domain}_{module}_{formulation}.jsonl` (all four) into out_dir."""
-    from lumos_jax.data.records import write_jsonl_atomic
-
     rows = read_converted(paths)
     stats = {}
     for module in MODULES:

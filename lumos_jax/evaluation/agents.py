@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lumos_jax.evaluation.datasets import Example
+from lumos_jax.evaluation.metrics import parse_number, yes_no_gold
 from lumos_jax.evaluation.mind2web import StepPrediction, oracle_predictions
 
 
@@ -49,8 +50,6 @@ def as_result(obj: Any) -> AgentResult:
 
 def _oracle_answer(example: Example, metric: str) -> Any:
     if metric == "yes_no":
-        from lumos_jax.evaluation.metrics import yes_no_gold
-
         return "Answer: " + ("yes" if yes_no_gold(example.answer) else "no")
     if metric == "mind2web_step_sr":
         return oracle_predictions(example)
@@ -60,8 +59,6 @@ def _oracle_answer(example: Example, metric: str) -> Any:
 
 
 def _wrong_answer(example: Example, metric: str) -> Any:
-    from lumos_jax.evaluation.metrics import parse_number, yes_no_gold
-
     if metric == "numeric_match":
         value = parse_number(example.answer)
         return str((value or 0) + 1)

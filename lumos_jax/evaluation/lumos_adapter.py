@@ -11,8 +11,15 @@ from typing import Any, Callable, Sequence
 
 import gin
 
+from lumos_jax.agent.execution import Executor
+from lumos_jax.agent.gin_configurables import agent_episode, agent_models
+from lumos_jax.agent.runner import EpisodeRunner
+from lumos_jax.agent.tools.qa import GeneratorQA
+from lumos_jax.agent.tools.registry import build_registry
+from lumos_jax.agent.tools.retrieval import DocStore
 from lumos_jax.evaluation.agents import AgentResult
 from lumos_jax.evaluation.datasets import Example
+from lumos_jax.evaluation.mind2web_agent import Mind2WebStepAgent
 
 
 def episode_to_result(ep) -> AgentResult:
@@ -25,8 +32,6 @@ def episode_to_result(ep) -> AgentResult:
 
 
 def documents_store(documents: Sequence[dict]):
-    from lumos_jax.agent.tools.retrieval import DocStore
-
     return DocStore([(str(d["title"]), str(d["text"])) for d in documents])
 
 
@@ -40,9 +45,6 @@ class LumosEvalAgent:
         self.last_stats = None
 
     def run_batch(self, examples: Sequence[Example]) -> list[AgentResult]:
-        from lumos_jax.agent.execution import Executor
-        from lumos_jax.agent.runner import EpisodeRunner
-
         registries = [self.registry_for(ex) for ex in examples]
         runner = EpisodeRunner(self.generators, lambda i: (Executor(registries[i]), None), self.cfg,
                                max_concurrent=self.max_concurrent, tool_workers=self.tool_workers)
@@ -54,9 +56,6 @@ class LumosEvalAgent:
         """(index, result, seconds) as each episode ends; at most `concurrency` episodes live,
         each example's tools built only when its episode starts (the evaluator's streaming
         seam: no batch barriers)."""
-        from lumos_jax.agent.execution import Executor
-        from lumos_jax.agent.runner import EpisodeRunner
-
         runner = EpisodeRunner(self.generators, lambda i: (Executor(self.registry_for(examples[i])), None),
                                self.cfg, max_concurrent=concurrency, tool_workers=self.tool_workers)
         self.last_stats = runner.stats
@@ -70,8 +69,6 @@ class LumosEvalAgent:
 def make_registry_factory(domain: str, qa_backend=None, use_example_documents: bool = True,
                           **tool_kwargs) -> Callable[[Example], Any]:
     """Tools per example: the domain's registry; with per-question documents when present."""
-    from lumos_jax.agent.tools.registry import build_registry
-
     kwargs = dict(tool_kwargs)
     if qa_backend is not None:
         kwargs["qa_backend"] = qa_backend
@@ -103,9 +100,6 @@ def lumos_agent(domain: str, metric: str, default_max_rounds: int, examples: lis
     Mind2Web steps as the reference's scripts do; 'robust' is ours (docs/evaluation.md).
     Engine sizes come from gin's `engine_settings`; `engine_slots` / `engine_max_len`
     override them for Python callers."""
-    from lumos_jax.agent.gin_configurables import agent_episode, agent_models
-    from lumos_jax.agent.tools.qa import GeneratorQA
-
     cfg = agent_episode(domain=domain, formulation=formulation, style=prompt_style,
                         max_rounds=max_rounds or default_max_rounds, protocol=protocol,
                         yes_no=metric == "yes_no")
@@ -118,7 +112,6 @@ def lumos_agent(domain: str, metric: str, default_max_rounds: int, examples: lis
                             qa_model=qa_model_path, tokenizer=tokenizer_path, max_new_tokens=max_new_tokens,
                             engine_slots=engine_slots, engine_max_len=engine_max_len)
     if metric == "mind2web_step_sr":  # the reference's teacher-forced step-level protocol
-        from lumos_jax.evaluation.mind2web_agent import Mind2WebStepAgent
 
         return Mind2WebStepAgent(gens, style=prompt_style, protocol=protocol)
     qa = GeneratorQA(gens["qa"]) if "qa" in gens else None

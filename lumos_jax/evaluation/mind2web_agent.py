@@ -21,6 +21,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from lumos_jax.agent import prompts
+from lumos_jax.agent.execution import Executor
+from lumos_jax.agent.generators import GenRequest
+from lumos_jax.agent.parsing import KEEP_MARK, parse_actions, parse_plan_turn
+from lumos_jax.agent.tools.base import ToolContext, ToolRegistry
+from lumos_jax.agent.tools.web import ElementRanker, WebPage, web_tools
 from lumos_jax.evaluation.agents import AgentResult
 from lumos_jax.evaluation.datasets import Example
 from lumos_jax.evaluation.mind2web import OPERATIONS, REFERENCE_MAX_STEPS, StepPrediction
@@ -48,13 +54,9 @@ class StepPage:
         self.choice: StepPrediction | None = None
 
     def page(self):
-        from lumos_jax.agent.tools.web import WebPage
-
         return WebPage([c["html"] for c in self.candidates])
 
     def act(self, op: str, element_index: int, value: str = ""):
-        from lumos_jax.agent.tools.web import WebPage
-
         if self.choice is None:
             self.choice = StepPrediction(self.candidates[element_index]["id"], op, value)
         return WebPage([])
@@ -75,17 +77,12 @@ class Mind2WebStepAgent:
     """Teacher-forced step-level Mind2Web evaluation over a batch of tasks."""
 
     def __init__(self, generators: dict, style: str = "reference", ranker=None, protocol: str = "robust"):
-        from lumos_jax.agent.tools.web import ElementRanker, web_tools
-        from lumos_jax.agent.tools.base import ToolRegistry
-
         if protocol not in ("reference", "robust"):
             raise ValueError(f"Mind2WebStepAgent protocol={protocol!r}: expected 'reference' or 'robust'")
         self.generators, self.style, self.protocol = generators, style, protocol
         self.registry = ToolRegistry(web_tools(ranker or ElementRanker()))
 
     def _plan_messages(self, task: _Task, i: int) -> list[dict]:
-        from lumos_jax.agent import prompts
-
         msgs = [{"role": "user", "content": prompts.plan_first(task.example.question)}]
         for j in range(i):
             sub = synthetic_subgoal(task.reprs[j])
@@ -98,17 +95,10 @@ class Mind2WebStepAgent:
         return msgs
 
     def _generate(self, module: str, sessions: list[str], conversations: list[list[dict]]):
-        from lumos_jax.agent.generators import GenRequest
-
         reqs = [GenRequest(session=s, module=module, messages=list(c)) for s, c in zip(sessions, conversations)]
         return self.generators[module].generate(reqs)
 
     def run_batch(self, examples: Sequence[Example]) -> list[AgentResult]:
-        from lumos_jax.agent import prompts
-        from lumos_jax.agent.execution import Executor
-        from lumos_jax.agent.parsing import KEEP_MARK, parse_actions, parse_plan_turn
-        from lumos_jax.agent.tools.base import ToolContext
-
         tasks = [_Task(ex) for ex in examples]
         executor = Executor(self.registry)
         ref = self.protocol == "reference"
@@ -170,8 +160,6 @@ class Mind2WebStepAgent:
 
     def _reference_step(self, executor, t: _Task, step: dict, actions, i: int) -> list[StepPrediction]:
         """One prediction per grounded CLICK/TYPE/SELECT action, each on the reference's page."""
-        from lumos_jax.agent.tools.base import ToolContext
-
         by_id = {c["id"]: c for c in step["candidates"]}
         pool = [by_id[j] for j in step.get("reference_pool", []) if j in by_id]
         preds = []

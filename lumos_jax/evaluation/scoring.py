@@ -18,6 +18,7 @@ from typing import Any, Callable
 from lumos_jax.evaluation import metrics
 from lumos_jax.evaluation.datasets import Example
 from lumos_jax.evaluation.mind2web import score_actions_reference, score_steps
+from lumos_jax.evaluation.user_datasets import sql_execution_match
 
 Scorer = Callable[[Example, Any], dict]
 
@@ -94,8 +95,6 @@ def score_vqa_direct(example: Example, prediction: Any) -> dict:
 
 def score_sql(example: Example, prediction: Any) -> dict:
     """InterCode-SQL: execution match of the predicted query against the gold on the task's db."""
-    from lumos_jax.evaluation.user_datasets import sql_execution_match
-
     return {"correct": float(sql_execution_match(_as_text(prediction), example)), "total": 1.0}
 
 

@@ -27,12 +27,16 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Sequence
 
+from lumos_jax.config import parse_args
 from lumos_jax.inference.chat import chat_prompt_ids
+from lumos_jax.inference.chat import chat_format
 from lumos_jax.inference.http_body import BodyError, read_body
 from lumos_jax.inference.openai_api import (RequestError, chunk, completion_text, cut_at_stop,
                                             decode_json, error_body, new_id, parse_request,
                                             response)
 from lumos_jax.inference.serve_worker import EngineWorker, _Job
+from lumos_jax.inference.settings import load_engines
+from lumos_jax.tokenization import Tokenizer
 
 _LINGER_S, _LINGER_BYTES = 1.0, 8 << 20  # draining a refused request's unread body
 
@@ -378,11 +382,6 @@ def api_key_from_env(name: str | None) -> str | None:
 
 
 def main(argv: Sequence[str]) -> int:
-    from lumos_jax.config import parse_args
-    from lumos_jax.inference.chat import chat_format
-    from lumos_jax.inference.settings import load_engines
-    from lumos_jax.tokenization import Tokenizer
-
     parser = argparse.ArgumentParser(prog="lumos-jax serve", description=__doc__)
     parser.add_argument("--model", required=True, help="HF directory or lumos-jax checkpoint")
     parser.add_argument("--tokenizer", help="tokenizer directory or tokenizer.model (default: --model)")

@@ -9,6 +9,7 @@ from typing import Sequence
 import gin
 import jax
 
+from lumos_jax.checkpoints.native import load_model
 from lumos_jax.inference.engine import Engine
 from lumos_jax.inference.paged import free_device_bytes
 from lumos_jax.inference.params import decode_params
@@ -74,8 +75,6 @@ def load_engines(paths: Sequence[str], tokenizer=None, mesh=None, **overrides) -
     placed first, then the KV budget (`engine_settings`, `overrides` win) split evenly
     between the engines' pools. Weights are read straight into their shards in
     `inference_dtypes`; the model copy is dropped once regrouped for decoding."""
-    from lumos_jax.checkpoints.native import load_model
-
     mesh = mesh if mesh is not None else inference_mesh()
     settings = {**engine_settings(), **overrides}
     dtypes = inference_dtypes()

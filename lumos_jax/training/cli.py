@@ -6,10 +6,13 @@ import argparse
 import json
 from typing import Sequence
 
+import jax
+
+from lumos_jax.config import ConfigError, parse_args
+from lumos_jax.training.loop import train
+
 
 def main(argv: Sequence[str]) -> int:
-    from lumos_jax.config import ConfigError, parse_args
-
     parser = argparse.ArgumentParser(prog="lumos-jax train", description=__doc__)
     parser.add_argument("--workdir", help="checkpoints, logs and profile go here "
                         "(default: gin train.workdir)")
@@ -17,8 +20,6 @@ def main(argv: Sequence[str]) -> int:
                         help="write a JAX profiler trace of a few steps to WORKDIR/profile")
     parser.add_argument("--max_steps", type=int, help="stop after this many steps (overrides gin)")
     args = parse_args(parser, argv)
-
-    from lumos_jax.training.loop import train
 
     kwargs = {}
     if args.workdir:
@@ -32,7 +33,6 @@ def main(argv: Sequence[str]) -> int:
     except (ValueError, FileNotFoundError) as e:
         # gin appends "In call to configurable ..." lines; the first line is the message.
         raise ConfigError(str(e).strip().splitlines()[0]) from None
-    import jax
 
     if jax.process_index() == 0:
         last = max(result["losses"]) if result["losses"] else None

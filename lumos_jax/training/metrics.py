@@ -16,6 +16,7 @@ from pathlib import Path
 
 import gin
 import jax
+from tqdm import tqdm
 
 from lumos_jax.models.config import LlamaConfig
 from lumos_jax.training.paths import copy_tree, is_remote, resolve_dir
@@ -146,8 +147,6 @@ class Progress:
     def __init__(self, total: int, initial: int, enabled: bool):
         self.bar = None
         if enabled:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
                             disable=None if not os.environ.get("LUMOS_PROGRESS") else False)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from etils import epath
+
 
 def is_remote(path) -> bool:
     """True for a URI with a scheme (gs://bucket/run), false for a local path."""
@@ -20,8 +22,6 @@ def resolve_dir(path):
 
     Both support `/`, `str()` and `os.fspath()`, which is all orbax and the loop need."""
     if is_remote(path):
-        from etils import epath
-
         return epath.Path(str(path))
     return Path(path).absolute()
 

@@ -15,6 +15,7 @@ import os
 import re
 from typing import Callable, Iterable, Protocol, Sequence
 
+from lumos_jax.agent.generators import GenRequest
 from lumos_jax.agent.tools.base import BadArguments, Tool, ToolContext, ToolError, VARIABLE_RE, value_text
 from lumos_jax.openai_chat import ChatClient, ChatError
 
@@ -44,8 +45,6 @@ class GeneratorQA:
         self._n = 0
 
     def complete(self, prompts: Sequence[str]) -> list[str]:
-        from lumos_jax.agent.generators import GenRequest
-
         reqs = []
         for p in prompts:
             self._n += 1

