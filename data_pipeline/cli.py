@@ -100,7 +100,7 @@ def _build(argv: list[str]) -> int:
     parser.add_argument("--manual_dir", required=True, help="directory holding the source files")
     parser.add_argument("--data_dir", required=True, help="where the array_record dataset is written")
     args = parse_args(parser, argv)
-    from lumos_jax.data.tfds_builders import build
+    from lumos_jax.data.tfds_builders import build  # imports tensorflow_datasets (seconds): `build` only
 
     builder = build(args.name, args.data_dir, args.manual_dir)
     for split, info in builder.info.splits.items():

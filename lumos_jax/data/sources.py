@@ -48,6 +48,7 @@ def _decode_tfds_example(example: dict) -> dict:
 def open_source(spec: str, skip_bad_records: bool = False, report: BadRecordReport | None = None,
                 tfds_data_dir: str | None = None) -> RecordSource:
     if spec.startswith("tfds:"):
+        # deferred: grain and tensorflow_datasets take seconds to import and only tfds: specs use them
         import grain
         import tensorflow_datasets as tfds
 

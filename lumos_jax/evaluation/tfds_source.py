@@ -42,6 +42,7 @@ def read_tfds(name: str, data_dir: str | Path, manual_dir: str | Path) -> list[E
     """Build `lumos_eval/<name>` under data_dir from the files in manual_dir (once), then read."""
     if name not in TFDS_NAMES:
         raise ValueError(f"no tfds builder for eval dataset {name!r}; have {', '.join(TFDS_NAMES)}")
+    # deferred: tensorflow_datasets takes seconds to import and only tfds eval sets need it
     import tensorflow_datasets as tfds
 
     from lumos_jax.data.tfds_builders import build

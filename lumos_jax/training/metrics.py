@@ -85,7 +85,7 @@ class MetricsWriter:
             drop_rows_after(log_dir / "metrics.jsonl", resume_step)
         self._file = open(log_dir / "metrics.jsonl", "a", encoding="utf-8")
         try:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # seconds to import; only with tensorboard on
         except ImportError:
             print("lumos-jax train: tensorboardX not installed; metrics go to metrics.jsonl only")
         else:

@@ -172,6 +172,7 @@ class DenseRanker:
         with self._lock:
             key = self.model_dir or "package"
             if key not in self._loaded:
+                # deferred: torch/transformers are heavy and only the dense ranker needs them
                 import torch  # noqa: F401 - fail early with a clear message if absent
                 from transformers import AutoModel, AutoTokenizer
 
