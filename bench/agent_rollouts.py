@@ -94,30 +94,27 @@ def plan_for(args) -> list[tuple[int, int]]:
 
 
 # -- ours ----------------------------------------------------------------------------------------
-def random_model(config, seed: int):
-    """A LlamaForCausalLM with random weights made by one jitted call on the device (eager
-    per-parameter init of a 7B model takes minutes); norms are 1."""
+def compilation_cache() -> None:
+    """A persistent XLA compilation cache ($JAX_COMPILATION_CACHE_DIR, default /tmp/jax_cache),
+    so a second process (the next side, the next run) reuses the compiled programs."""
+    import os
+
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
-    from lumos_jax.models.llama import abstract_model
+    jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR", "/tmp/jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
-    graphdef, state = nnx.split(abstract_model(config))
-    paths, treedef = jax.tree_util.tree_flatten_with_path(state)
 
-    @jax.jit
-    def init(key):
-        keys = jax.random.split(key, len(paths))
-        out = []
-        for k, (path, leaf) in zip(keys, paths):
-            if "norm" in jax.tree_util.keystr(path):
-                out.append(jnp.ones(leaf.shape, leaf.dtype))
-            else:
-                out.append((0.02 * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype))
-        return out
+def random_engine(config, seed: int, **settings):
+    """An Engine over random decode weights made on the device in one jitted call
+    (`random_decode_params`): seconds at 7B, where building a random model takes minutes."""
+    import jax
 
-    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, init(jax.random.PRNGKey(seed))))
+    from lumos_jax.inference import Engine
+    from lumos_jax.inference.params import random_decode_params
+
+    params, spec = random_decode_params(config, jax.random.PRNGKey(seed), config.dtype)
+    return Engine.from_params(config, params, spec, **settings)
 
 
 def run_ours(args) -> None:
@@ -129,9 +126,9 @@ def run_ours(args) -> None:
     from lumos_jax.agent.replay import GoldForcing
     from lumos_jax.agent.runner import EpisodeRunner
     from lumos_jax.agent.tools.registry import build_registry
-    from lumos_jax.inference import Engine
     from lumos_jax.tokenization import Tokenizer
 
+    compilation_cache()
     clock = CompileClock()
     dev = jax.devices()[0]
     peak = lambda: (dev.memory_stats() or {}).get("peak_bytes_in_use")  # noqa: E731
@@ -141,9 +138,9 @@ def run_ours(args) -> None:
     config = model_config(args)
     engines = {}
     for seed, m in enumerate(("plan", "ground")):
-        engines[m] = Engine(random_model(config, seed), num_slots=args.slots, max_len=args.max_len,
-                            steps_per_call=args.steps_per_call, max_prefill_tokens=args.max_prefill_tokens,
-                            kv_memory_gb=args.kv_memory_gb)
+        engines[m] = random_engine(config, seed, num_slots=args.slots, max_len=args.max_len,
+                                   steps_per_call=args.steps_per_call, max_prefill_tokens=args.max_prefill_tokens,
+                                   kv_memory_gb=args.kv_memory_gb, decode_attention=args.attention)
     emit(side="ours", event="setup", device=str(dev.device_kind), seconds=round(time.perf_counter() - t0, 1),
          blocks=engines["plan"].num_blocks, peak_bytes=peak(), **clock.read())
     registry = build_registry("maths")
@@ -330,6 +327,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps_per_call", type=int, default=16)
     p.add_argument("--max_prefill_tokens", type=int, default=16384)
     p.add_argument("--kv_memory_gb", type=float, default=40.0, help="ours: KV pool per engine")
+    p.add_argument("--attention", default="auto", help="ours: engine decode_attention (auto: pallas_gpu on GPU)")
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
     p.add_argument("--gsm8k", default=DEFAULT_GSM8K)
     p.add_argument("--timeout_ours", type=float, default=300)

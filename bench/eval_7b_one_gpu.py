@@ -30,44 +30,81 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench.agent_rollouts import DEFAULT_GSM8K, DEFAULT_TOKENIZER  # noqa: E402
+from bench.agent_rollouts import DEFAULT_GSM8K, DEFAULT_TOKENIZER, compilation_cache  # noqa: E402
 from bench.sides import CompileClock, emit, run_side, write_json  # noqa: E402
 
 GIN = "experiments/eval/lumos_maths_iterative_7b_gsm8k.gin"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
 
 
+def hf_tensor_shapes(config) -> dict[str, tuple[int, ...]]:
+    """HF Llama tensor names -> shapes ((out, in) for projections)."""
+    e, i, d = config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, e), "model.norm.weight": (e,),
+              "lm_head.weight": (config.vocab_size, e)}
+    for n in range(config.num_hidden_layers):
+        pre = f"model.layers.{n}."
+        shapes.update({pre + "input_layernorm.weight": (e,), pre + "post_attention_layernorm.weight": (e,),
+                       pre + "self_attn.q_proj.weight": (q, e), pre + "self_attn.k_proj.weight": (kv, e),
+                       pre + "self_attn.v_proj.weight": (kv, e), pre + "self_attn.o_proj.weight": (e, q),
+                       pre + "mlp.gate_proj.weight": (i, e), pre + "mlp.up_proj.weight": (i, e),
+                       pre + "mlp.down_proj.weight": (e, i)})
+    return shapes
+
+
 def write_checkpoints(args) -> None:
-    """Two HF directories of random bf16 weights (seeds 0, 1), made on the GPU by torch."""
+    """Two HF directories of random bf16 weights (seeds 0, 1): each tensor drawn by torch
+    (on the GPU when there is one) and written straight to safetensors shards with an
+    index, no model built (a 7B HF model's init takes minutes)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
 
     from lumos_jax.models import PRESETS
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     preset = PRESETS["tiny" if args.tiny else "llama2_7b"]
     fields = {k: v for k, v in preset.to_hf_dict().items() if k not in ("torch_dtype", "dtype", "architectures")}
-    fields.update(vocab_size=32001, pad_token_id=32000, bos_token_id=1, eos_token_id=2)
+    fields.update(vocab_size=32001, pad_token_id=32000, bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
     if args.tiny:
         fields["max_position_embeddings"] = 4096
     config = LlamaConfig(**fields)
+    shapes = hf_tensor_shapes(preset.replace(vocab_size=32001))
     for seed, name in enumerate(("lumos_maths_plan_iterative", "lumos_maths_ground_iterative")):
         out = Path(args.workdir) / name
+        out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        torch.manual_seed(seed)
-        torch.set_default_dtype(torch.bfloat16)
-        with torch.device(device):
-            model = LlamaForCausalLM(config).eval()
-        torch.set_default_dtype(torch.float32)
-        model.save_pretrained(out, safe_serialization=True)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        config.save_pretrained(out)
+        weight_map, shard, shard_bytes, files = {}, {}, 0, []
+
+        def flush():
+            fname = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(shard, out / fname, metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+            files.append(fname)
+
+        for key, shape in shapes.items():
+            if key.endswith("norm.weight"):
+                t = torch.ones(shape, dtype=torch.bfloat16)
+            else:
+                t = (torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+                     * config.initializer_range).to(torch.bfloat16).cpu()
+            shard[key] = t
+            shard_bytes += t.numel() * 2
+            if shard_bytes >= 4 * 2**30:
+                flush()
+                shard, shard_bytes = {}, 0
+        if shard:
+            flush()
+        total = sum((out / f).stat().st_size for f in files)
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
         for f in TOKENIZER_FILES:
             if (Path(args.tokenizer) / f).exists():
                 shutil.copy(Path(args.tokenizer) / f, out / f)
-        size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-        emit(event="checkpoint", path=str(out), gb=round(size / 2**30, 2), seconds=round(time.perf_counter() - t0, 1))
-        del model
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        emit(event="checkpoint", path=str(out), gb=round(total / 2**30, 2), seconds=round(time.perf_counter() - t0, 1))
 
 
 def run_eval(args) -> None:
@@ -78,6 +115,7 @@ def run_eval(args) -> None:
 
     from lumos_jax.cli import main as cli
 
+    compilation_cache()
     clock = CompileClock()
     work = Path(args.workdir)
     os.environ["LUMOS_EVAL_DATA"] = str(Path(args.gsm8k).parent)

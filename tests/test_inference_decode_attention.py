@@ -91,3 +91,32 @@ def test_engine_with_the_gpu_kernel_equals_hf_greedy():
     prompts = [[1, 403, 407, 261, 378], [1] + list(range(300, 320))]
     for p, r in zip(prompts, engine.generate(prompts, SamplingParams(max_new_tokens=8))):
         assert r.tokens == hf_greedy(hf, p, 8)
+
+
+@pytest.mark.parametrize("chunk_tokens", [4, 8, 512])
+def test_chunked_prefill_attention_equals_causal_attention(chunk_tokens):
+    """Queries at positions start..start+T-1 of rows with cached prefixes see keys <= their
+    own position, whatever the chunking of the keys; padding queries (last = -1) get zeros."""
+    from lumos_jax.inference.decode_attention import paged_attention
+
+    kv, g, t = 2, 2, 6
+    q, k, v = _inputs(kv, g, seed=2)
+    rng = np.random.default_rng(3)
+    qt = rng.standard_normal((len(LENGTHS), t, kv, g, D)).astype(np.float32)
+    starts = np.array([4, 25, 0, 2])
+    valid = np.array([6, 6, 0, 5])
+    last = np.where(np.arange(t)[None] < valid[:, None], starts[:, None] + np.arange(t)[None], -1)
+    out = np.asarray(paged_attention(jnp.asarray(qt), jnp.asarray(k), jnp.asarray(v), jnp.asarray(TABLES),
+                                     jnp.asarray(last, jnp.int32), chunk_tokens=chunk_tokens))
+    for r in range(len(LENGTHS)):
+        kr = np.concatenate([k[:, b] for b in TABLES[r]], axis=1)
+        vr = np.concatenate([v[:, b] for b in TABLES[r]], axis=1)
+        for i in range(t):
+            n = last[r, i] + 1
+            if n == 0:
+                assert not out[r, i].any()
+                continue
+            s = np.einsum("kgd,ksd->kgs", qt[r, i], kr[:, :n]) / np.sqrt(D)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            want = np.einsum("kgs,ksd->kgd", p / p.sum(-1, keepdims=True), vr[:, :n])
+            np.testing.assert_allclose(out[r, i], want, atol=1e-5, rtol=0, err_msg=f"row {r} query {i}")

@@ -47,19 +47,16 @@ def test_greedy_generate_wrapper_matches_llama2c_reference(stories):
 
 @pytest.mark.parametrize("cfg,max_len", [
     (dict(num_attention_heads=4, num_key_value_heads=2), 64),                 # GQA
-    # MQA, odd head_dim, tied embeddings; a long cache read through a 256-entry window
+    # MQA, odd head_dim, tied embeddings; a table wider than one attention chunk (512)
     (dict(num_attention_heads=4, num_key_value_heads=1, head_dim=24, tie_word_embeddings=True,
           rope_theta=500.0, max_position_embeddings=1024), 600),
 ], ids=["gqa", "mqa_tied_windowed"])
 def test_greedy_matches_hf_on_random_configs(tmp_path, cfg, max_len):
     from transformers import LlamaForCausalLM
 
-    from lumos_jax.inference.engine import attention_window
-
     hf_dir = random_hf_dir(tmp_path, seed=len(cfg), **cfg)
     hf = LlamaForCausalLM.from_pretrained(hf_dir).eval()
     engine = Engine(load_hf_model(hf_dir), num_slots=4, max_len=max_len, steps_per_call=5)
-    assert max_len == 64 or attention_window(40, 5, max_len) == 256
     prompts = random_prompts(np.random.default_rng(1), 5, 1, 30, 300)
     results = engine.generate(prompts, SamplingParams(max_new_tokens=12))
     for p, r in zip(prompts, results):
@@ -166,3 +163,41 @@ def test_cancel_frees_queued_and_running_requests(stories_engine):
         done += eng.step()
     assert sorted(r.request_id for r in done) == ids[1:-1]
     assert all(len(r.tokens) == 40 for r in done) and eng.free_slots == eng.num_slots
+
+
+def test_random_decode_params_have_the_models_layout_and_scale():
+    import jax
+
+    from lumos_jax.inference.params import decode_params, padded_vocab, random_decode_params
+    from lumos_jax.models import PRESETS
+    from lumos_jax.models.llama import create_model
+
+    config = PRESETS["tiny"].replace(vocab_size=300)
+    params, spec = random_decode_params(config, jax.random.PRNGKey(0), "bfloat16")
+    ref, ref_spec = decode_params(create_model(config, 0))
+    assert spec == ref_spec._replace(dtype=spec.dtype)
+    assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda a: a.shape, ref)
+    assert params["layers"]["wqkv"].dtype == jax.numpy.bfloat16
+    w = np.asarray(params["layers"]["w_gate_up"], np.float32)
+    assert abs(w.std() - config.initializer_range) < 0.1 * config.initializer_range
+    assert not np.array_equal(w[0], w[1])                         # each layer its own draw
+    assert (np.asarray(params["layers"]["attn_norm"], np.float32) == 1).all()
+    assert padded_vocab(300) > 300 and not np.asarray(params["embed"], np.float32)[300:].any()
+    np.testing.assert_array_equal(params["inv_freq"], ref["inv_freq"])
+    engine = Engine.from_params(config, params, spec, num_slots=2, max_len=64, steps_per_call=4)
+    (r,) = engine.generate([[1, 5, 9]], SamplingParams(max_new_tokens=3))
+    assert len(r.tokens) == 3
+
+
+def test_shape_buckets_stay_few():
+    """Calls of any size map to few compiled shapes: prefill rows x length, decode rows."""
+    from lumos_jax.inference.paged_slots import length_bucket, row_count
+
+    prefill = {(row_count(n, length_bucket(t, 4096), 512), length_bucket(t, 4096))
+               for n in range(1, 65) for t in range(1, 1025)}
+    decode = {row_count(n, 1, 512) for n in range(1, 65)}
+    assert len(prefill) <= 18 and decode == {16, 32, 64}
+    for n, t in ((1, 1), (3, 70), (64, 1000)):
+        rows, length = row_count(n, length_bucket(t, 4096), 512), length_bucket(t, 4096)
+        assert rows >= n and length >= t and (rows <= 4 * n or rows * length <= 256)
+    assert row_count(5, 1, 1) == 1 and row_count(1, 64, 2) == 2       # never past the slots

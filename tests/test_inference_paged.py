@@ -253,7 +253,7 @@ def test_reference_style_episodes_compute_under_half_the_prompt_tokens():
 
 
 def test_decode_program_updates_the_pool_in_place_and_does_not_grow_with_depth():
-    """Layers are scanned: the compiled decode loop is the same program at 2 and 6 layers,
+    """Layers are scanned: the compiled decode loop is the same size at 2 and 6 layers,
     and the donated pool is aliased to the output with no pool-sized temporary (no copy)."""
     from lumos_jax.inference.paged_slots import row_controls
     from lumos_jax.inference.steps import decode_loop
@@ -273,4 +273,4 @@ def test_decode_program_updates_the_pool_in_place_and_does_not_grow_with_depth()
         pool = e.cache.k.nbytes + e.cache.v.nbytes
         assert mem.alias_size_in_bytes >= pool and mem.temp_size_in_bytes < pool / 8, (layers, mem)
         sizes[layers] = compiled.as_text().count("\n")
-    assert sizes[2] == sizes[6], sizes
+    assert abs(sizes[6] - sizes[2]) < 0.05 * sizes[2], sizes          # unrolled: ~3x

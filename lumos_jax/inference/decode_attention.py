@@ -3,8 +3,10 @@
 Every variant takes q (B, 1, KV, G, D), the pool pages k/v (KV, P, BS, D), block tables
 (B, W) of page ids into them and `lengths` (B,) = tokens each row attends over (the new one
 included; 0 for a row that is not generating) and returns (B, 1, KV, G, D):
-  - 'dot': gather the row's W pages, masked softmax by matmuls (the reference path);
-  - 'reduce': the same as multiply + reduce (one fused pass over the keys);
+  - 'dot': `paged_attention` below (prefill uses it too): the table's pages a chunk at a
+    time, online softmax, a loop that stops after the chunk holding the call's longest row;
+    so the table may be as wide as max_len (one compiled shape) and only used pages are read;
+  - 'reduce': the same with multiply + reduce instead of matmuls (one fused pass over keys);
   - 'pallas': our Pallas TPU kernel (lumos_jax.models.attention_tpu), reads only the row's pages;
   - 'pallas_gpu': JAX's Pallas (Triton) GPU paged-attention kernel, same pool layout.
 'auto' picks 'pallas' on TPU, 'pallas_gpu' on GPU, 'dot' elsewhere. The Pallas kernels run
@@ -41,34 +43,61 @@ def gather_pages(pages, table, dtype):
     return as_float(g.reshape(kv, n, w * bs, d), dtype)  # int8: codes x scales
 
 
-def attend(q, k, v, mask):
-    """q (N, T, KV, G, D), k/v (KV, N, S, D), mask (N, T, S) -> (N, T, KV, G, D)."""
-    scores = jnp.einsum("ntkgd,knsd->nkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(q.shape[-1])
-    scores = jnp.where(mask[:, None, None], scores, NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return jnp.einsum("nkgts,knsd->ntkgd", probs, v)
+# Keys per step of `paged_attention`'s loop (rounded to whole pages).
+CHUNK_TOKENS = 512
 
 
-def _length_mask(lengths, width):
-    return (jnp.arange(width)[None, :] < lengths[:, None])[:, None, :]          # (B, 1, S)
+def paged_attention(q, kc, vc, table, last, *, reduce: bool = False, chunk_tokens: int = CHUNK_TOKENS):
+    """q (N, T, KV, G, D) attends to key positions s <= last (N, T) (-1: none) of rows whose
+    pages are listed by `table` (N, W) in the pool kc/vc (KV, P, BS, D); -> (N, T, KV, G, D).
+    The keys are taken `chunk_tokens` at a time with an online softmax (fp32), for as many
+    chunks as the largest `last` needs: the cost follows the rows' lengths, not W, and no
+    (T x W) score matrix is made. A query that sees no key gets zeros."""
+    n, t, kv, g, d = q.shape
+    bs = kc.shape[2]
+    cb = max(1, min(chunk_tokens // bs, table.shape[1]))
+    chunks = -(-table.shape[1] // cb)
+    table = jnp.pad(table, ((0, 0), (0, chunks * cb - table.shape[1])))
+    f32 = jnp.float32
+    dtype = f32 if reduce else q.dtype          # matmuls in the compute dtype, fp32 accumulation
+    qs = (q.astype(f32) / math.sqrt(d)).astype(dtype)
+    limit = last[:, None, None, :, None]                                      # (N, 1, 1, T, 1)
+
+    def step(c, carry):
+        m, l, acc = carry
+        cols = jax.lax.dynamic_slice_in_dim(table, c * cb, cb, axis=1)
+        k = gather_pages(kc, cols, dtype)                                     # (KV, N, S, D)
+        v = gather_pages(vc, cols, dtype)
+        if reduce:
+            s = jnp.sum(qs.transpose(0, 2, 3, 1, 4)[:, :, :, :, None] * jnp.swapaxes(k, 0, 1)[:, :, None, None],
+                        axis=-1)                                              # (N, KV, G, T, S)
+        else:
+            s = jnp.einsum("ntkgd,knsd->nkgts", qs, k, preferred_element_type=f32)
+        seen = (c * cb * bs + jnp.arange(cb * bs)) <= limit                 # (N, 1, 1, T, S)
+        s = jnp.where(seen, s, NEG)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.where(seen, jnp.exp(s - m_new[..., None]), 0.0)
+        scale = jnp.exp(m - m_new)
+        if reduce:
+            pv = jnp.sum(p[..., None] * jnp.swapaxes(v, 0, 1)[:, :, None, None], axis=-2)
+        else:
+            pv = jnp.einsum("nkgts,knsd->nkgtd", p.astype(dtype), v, preferred_element_type=f32)
+        return m_new, l * scale + p.sum(-1), acc * scale[..., None] + pv
+
+    needed = jnp.clip((jnp.max(last) + cb * bs) // (cb * bs), 0, chunks)
+    init = (jnp.full((n, kv, g, t), NEG, f32), jnp.zeros((n, kv, g, t), f32), jnp.zeros((n, kv, g, t, d), f32))
+    _, l, acc = jax.lax.fori_loop(0, needed, step, init)
+    out = acc / jnp.maximum(l, jnp.finfo(f32).tiny)[..., None]
+    return out.transpose(0, 3, 1, 2, 4).astype(q.dtype)
 
 
 def _dot(q, kc, vc, table, lengths):
-    k, v = gather_pages(kc, table, q.dtype), gather_pages(vc, table, q.dtype)
-    return attend(q, k, v, _length_mask(lengths, k.shape[2]))
+    return paged_attention(q, kc, vc, table, (lengths - 1)[:, None])
 
 
 def _reduce(q, kc, vc, table, lengths):
     """Multiply + reduce instead of batched matrix-vector products; sometimes faster on GPU."""
-    q1 = q[:, 0].astype(jnp.float32) / math.sqrt(q.shape[-1])               # (B, KV, G, D)
-    kb = jnp.swapaxes(gather_pages(kc, table, jnp.float32), 0, 1)           # (B, KV, S, D)
-    vb = jnp.swapaxes(gather_pages(vc, table, jnp.float32), 0, 1)
-    scores = jnp.sum(q1[:, :, :, None, :] * kb[:, :, None], axis=-1)
-    scores = jnp.where(_length_mask(lengths, kb.shape[2])[:, :, None, :], scores, NEG)
-    probs = jax.nn.softmax(scores, axis=-1)                                 # (B, KV, G, S)
-    out = jnp.sum(probs[..., None] * vb[:, :, None], axis=3)
-    return out.astype(q.dtype)[:, None]
+    return paged_attention(q, kc, vc, table, (lengths - 1)[:, None], reduce=True)
 
 
 def _pallas_tpu(q, kc, vc, table, lengths):

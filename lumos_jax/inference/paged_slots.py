@@ -34,10 +34,13 @@ class Slot:
     last_used: int = 0               # idle slots are evicted least recently used first
 
 
-# Attention reads a window of positions (at least this many) covering every row of a call:
-# its length plus the steps of one decode call. The window is rounded up to a quarter
-# octave (2^k x 1, 1.25, 1.5, 1.75): few compiled shapes, at most 25% read for nothing.
-WINDOW_MIN = 256
+# Compiled shapes, bucketed so that an agent run compiles few programs: a prefill call's
+# rows are a power of four (at least ROW_FLOOR_TOKENS tokens in all: a call that small is
+# bound by reading the weights, so padding rows cost nothing) and its length a power of
+# two (at least PREFILL_MIN); a decode call's rows a power of two, at least DECODE_ROW_FLOOR.
+ROW_FLOOR_TOKENS = 256
+PREFILL_MIN = 64
+DECODE_ROW_FLOOR = 16
 
 
 def checked_token_ids(ids: Sequence[int], vocab_size: int, what: str) -> list[int]:
@@ -51,21 +54,21 @@ def checked_token_ids(ids: Sequence[int], vocab_size: int, what: str) -> list[in
     return ids
 
 
-def attention_window(longest: int, steps: int, max_len: int) -> int:
-    return min(max_len, max(WINDOW_MIN, quarter_octave(longest + steps)))
-
-
-def quarter_octave(n: int) -> int:
-    """The smallest 2^k x (4 + j) / 4 (j = 0..3) that is >= n."""
-    if n <= 4:
-        return pow2_at_least(n)
-    step = pow2_at_least(n) // 8
-    return -(-n // step) * step
-
-
-def length_bucket(n: int, max_len: int, minimum: int = 16) -> int:
-    """Power-of-two buckets (capped at max_len) so prefill compiles for few lengths."""
+def length_bucket(n: int, max_len: int, minimum: int = PREFILL_MIN) -> int:
+    """The prefill length of a row with n new tokens (capped at max_len)."""
     return min(max_len, max(minimum, pow2_at_least(n)))
+
+
+def row_count(n: int, tokens: int, num_slots: int) -> int:
+    """Rows of a call of n rows of `tokens` tokens each (1: decode), at most num_slots'
+    power of two."""
+    if tokens == 1:
+        rows = pow2_at_least(max(n, DECODE_ROW_FLOOR))
+    else:
+        rows = 1
+        while rows < max(n, ROW_FLOOR_TOKENS // tokens):
+            rows *= 4
+    return min(rows, pow2_at_least(num_slots))
 
 
 def pow2_at_least(n: int) -> int:
