@@ -53,6 +53,7 @@ import jax  # noqa: E402
 
 from bench.reproduce_agents import LumosAgents, direct_agents, engine_counters  # noqa: E402
 from bench.sides import CompileClock  # noqa: E402
+from lumos_jax.atomic import atomic_path, write_atomic  # noqa: E402
 from lumos_jax.checkpoints.convert import main as convert  # noqa: E402
 from lumos_jax.cli import main as lumos_cli  # noqa: E402
 from lumos_jax.config import parse_gin  # noqa: E402
@@ -82,16 +83,14 @@ def reassemble(parts: list[str], out: Path) -> Path:
     if not parts:
         raise SystemExit("--gguf_parts: no file matches")
     h = hashlib.sha256()
-    tmp = out.with_suffix(".partial")
-    with open(tmp, "wb") as f:
-        for p in sorted(parts):
-            data = Path(p).read_bytes()
-            h.update(data)
-            f.write(data)
-    if h.hexdigest() != SHA256:
-        tmp.unlink()
-        raise SystemExit(f"--gguf_parts: sha256 {h.hexdigest()} is not the published {SHA256}")
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:  # a wrong checksum leaves no file behind
+        with open(tmp, "wb") as f:
+            for p in sorted(parts):
+                data = Path(p).read_bytes()
+                h.update(data)
+                f.write(data)
+        if h.hexdigest() != SHA256:
+            raise SystemExit(f"--gguf_parts: sha256 {h.hexdigest()} is not the published {SHA256}")
     return out
 
 
@@ -401,11 +400,7 @@ def write(args, rows, phases, skipped):
                                                       "seq_len", "max_steps", "train_examples", "limit",
                                                       "seeds", "concurrency", "kv_gb", "budget_s")},
            "rows": rows, "phases": phases, "skipped": skipped}
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(args.out, json.dumps(out, indent=1) + "\n")
 
 
 def _card() -> str:

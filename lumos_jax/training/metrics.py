@@ -18,6 +18,7 @@ import gin
 import jax
 from tqdm import tqdm
 
+from lumos_jax.atomic import write_atomic
 from lumos_jax.models.config import LlamaConfig
 from lumos_jax.training.paths import copy_tree, is_remote, resolve_dir
 
@@ -129,9 +130,7 @@ def drop_rows_after(path: Path, step: int) -> None:
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     kept = [line for line in lines if _row_step(line) <= step]
     if len(kept) != len(lines):
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, "".join(kept))
 
 
 def _row_step(line: str) -> float:
