@@ -28,10 +28,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
+def start_two(workdir, gin) -> list:
+    """`lumos-jax train` as processes 0 and 1 of one job on localhost, 4 CPU devices each."""
     port = free_port()
     cmd = [sys.executable, "-c", "import sys; from lumos_jax.cli import main; sys.exit(main(sys.argv[1:]))",
-           "train", f"--workdir={tmp_path / 'multi'}", *[f"--gin.{g.replace(' = ', '=')}" for g in GIN]]
+           "train", f"--workdir={workdir}", *[f"--gin.{g.replace(' = ', '=')}" for g in gin]]
     procs = []
     for pid in range(2):
         env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
@@ -40,6 +41,11 @@ def test_two_processes_match_one(tmp_path):
                    LUMOS_PROCESS_ID=str(pid))
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT))
+    return procs
+
+
+def test_two_processes_match_one(tmp_path):
+    procs = start_two(tmp_path / "multi", GIN)
     outs = [p.communicate(timeout=240)[0].decode() for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
@@ -59,20 +65,9 @@ def test_sigterm_on_one_host_saves_the_same_step_on_both(tmp_path):
     """Preemption across processes goes through JAX's preemption service and orbax's
     `reached_preemption`: a SIGTERM to the non-lead process alone makes both save one agreed
     step and exit 143."""
-    port = free_port()
     work = tmp_path / "run"
     gin = [g for g in GIN if not g.startswith(("train.max_steps", "train.save_every"))]
-    cmd = [sys.executable, "-c", "import sys; from lumos_jax.cli import main; sys.exit(main(sys.argv[1:]))",
-           "train", f"--workdir={work}", *[f"--gin.{g.replace(' = ', '=')}" for g in gin],
-           "--gin.train.max_steps=100000", "--gin.train.save_every=100000"]
-    procs = []
-    for pid in range(2):
-        env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-                   XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                   LUMOS_COORDINATOR_ADDRESS=f"localhost:{port}", LUMOS_NUM_PROCESSES="2",
-                   LUMOS_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT))
+    procs = start_two(work, gin + ["train.max_steps = 100000", "train.save_every = 100000"])
     metrics = work / "logs/metrics.jsonl"
     t0 = time.time()
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
