@@ -18,7 +18,7 @@ TINY = PRESETS["tiny"]
 
 
 def run_steps(config, mesh_shape, batches, grad_accum=1, lr=1e-3, total=10, params=None,
-              warmup_steps=None):
+              warmup_steps=None, loss_chunk=None):
     devices = jax.devices()[: int(np.prod(mesh_shape))]
     mesh = make_mesh(*mesh_shape, devices=devices)
     with jax.set_mesh(mesh):
@@ -27,7 +27,7 @@ def run_steps(config, mesh_shape, batches, grad_accum=1, lr=1e-3, total=10, para
         params = (state_lib.random_params(setup, 0) if params is None
                   else jax.device_put(params, setup.shardings["params"]))
         state = state_lib.init_state(setup, params, 0)
-        fn = step_lib.make_train_step(setup, grad_accum)
+        fn = step_lib.make_train_step(setup, grad_accum, loss_chunk)
         bsh = step_lib.batch_sharding(setup)
         losses = []
         for host in batches:
@@ -95,8 +95,9 @@ def test_matches_hf_transformers_and_torch_adamw(tmp_path):
                                   seed=0, packing=False)
     batches = [next(it) for _ in range(4)]
     lr, total = 3e-3, 4
+    # loss in chunks of 7 positions (24 = 3 x 7 + 3 padded): the chunked cross-entropy vs torch
     got, _ = run_steps(ours.config, (1, 1, 1), batches, lr=lr, total=total, params=params,
-                       warmup_steps=1)
+                       warmup_steps=1, loss_chunk=7)
 
     opt = torch.optim.AdamW(hf.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     sched = transformers.get_linear_schedule_with_warmup(opt, 1, total)
@@ -255,3 +256,30 @@ def test_random_state_is_hf_init_made_on_device():
             assert abs(ours.std() - ref.std()) <= 0.1 * ref.std() and abs(ours.mean()) < 3e-3, name
     q = np.asarray(state["params"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"])
     assert not np.allclose(q[0], q[1])  # layers are independent draws
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_loss_equals_plain_loss_and_grads(tied):
+    """Chunked cross-entropy (5 positions at a time over 23, so the last chunk is padded; a
+    padded vocabulary) == optax's plain cross-entropy on full logits: value and gradients."""
+    from flax import nnx
+
+    from lumos_jax.models.llama import create_model
+
+    config = TINY.replace(vocab_size=300, vocab_multiple=128, tie_word_embeddings=tied,
+                          num_hidden_layers=1)
+    graphdef, params = nnx.split(create_model(config, seed=1))
+    params = nnx.to_pure_dict(params)
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": rng.integers(0, 300, (3, 23)), "targets": rng.integers(0, 300, (3, 23)),
+             "loss_mask": rng.integers(0, 2, (3, 23)), "segment_ids": np.ones((3, 23), np.int32),
+             "positions": np.broadcast_to(np.arange(23), (3, 23))}
+    batch = {k: jax.numpy.asarray(v, jax.numpy.int32) for k, v in batch.items()}
+    results = []
+    for chunk in (0, 5):
+        fn = jax.jit(jax.value_and_grad(lambda p: step_lib.summed_loss(graphdef, p, batch, chunk)[0]))
+        results.append(fn(params))
+    (plain, g_plain), (chunked, g_chunked) = results
+    assert abs(float(chunked) - float(plain)) <= 1e-5 * abs(float(plain))
+    for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_plain)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)

@@ -4,6 +4,11 @@ accumulation over microbatches, clipping and AdamW, one `jax.jit` over the mesh.
 Loss = sum(loss_mask * xent) / sum(loss_mask) over the *global* batch: microbatches
 add up summed losses and gradients and divide once by the global target count, so
 accumulation gives the same update as one big batch.
+
+The cross-entropy is chunked along the sequence (`train_loss.chunk` tokens per row at a
+time): a scan makes each chunk's fp32 logits, takes logsumexp minus the target's logit and
+drops them, recomputing them in the backward pass, so the (batch, length, vocab) fp32
+logits never exist whole (at vocab 32k they are the largest activation of a 1B model).
 """
 
 from __future__ import annotations
@@ -11,13 +16,14 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import gin
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lumos_jax.sharding import logical_to_spec
+from lumos_jax.sharding import constrain, logical_to_spec
 from lumos_jax.training.state import TrainSetup
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
@@ -50,14 +56,48 @@ def check_batch(setup: TrainSetup, global_batch: int, grad_accum: int) -> None:
                          f"{jax.process_count()} processes")
 
 
-def summed_loss(graphdef, params, batch):
+@gin.configurable
+def train_loss(chunk: int = 512) -> int:
+    """Tokens per row whose logits the loss holds at once; 0 = all (plain cross-entropy)."""
+    if chunk < 0:
+        raise ValueError(f"train_loss.chunk={chunk}; expected 0 (off) or a positive token count")
+    return chunk
+
+
+def summed_loss(graphdef, params, batch, chunk: int = 0):
     """(sum of masked token losses, number of target tokens) for one (micro)batch."""
     model = nnx.merge(graphdef, params)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    if chunk and chunk < batch["input_ids"].shape[1]:
+        hidden = model(batch["input_ids"], batch["positions"], batch["segment_ids"], return_hidden=True)
+        return chunked_xent(model.logits, hidden, batch["targets"], mask, chunk), jnp.sum(mask)
     logits = model(batch["input_ids"], batch["positions"], batch["segment_ids"])
     xent = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                            batch["targets"])
-    mask = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(xent * mask), jnp.sum(mask)
+
+
+def chunked_xent(logits_fn, hidden, targets, mask, chunk: int):
+    """sum(mask * cross-entropy) with `logits_fn` applied to `chunk` positions at a time.
+    hidden (B, T, E); a T that is not a multiple of `chunk` is padded with masked tokens."""
+    b, t, e = hidden.shape
+    pad = -t % chunk
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets, mask = (jnp.pad(a, ((0, 0), (0, pad))) for a in (targets, mask))
+    n = (t + pad) // chunk
+    to_chunks = lambda a: jnp.moveaxis(a.reshape(b, n, chunk, *a.shape[2:]), 1, 0)  # noqa: E731
+    xs = (to_chunks(hidden), to_chunks(targets), to_chunks(mask))
+
+    @jax.checkpoint  # save nothing: the backward pass remakes one chunk's logits at a time
+    def body(total, x):
+        h, y, m = x
+        logits = logits_fn(constrain(h, ("batch", "length", "act_embed"))).astype(jnp.float32)
+        picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+        return total + jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * m), None
+
+    total, _ = jax.lax.scan(body, jnp.float32(0), xs)
+    return total
 
 
 def _microbatches(batch, accum: int, spec):
@@ -70,12 +110,14 @@ def _microbatches(batch, accum: int, spec):
     return jax.tree.map(split, batch)
 
 
-def make_train_step(setup: TrainSetup, grad_accum: int = 1) -> Callable:
+def make_train_step(setup: TrainSetup, grad_accum: int = 1, loss_chunk: int | None = None) -> Callable:
     """jit(step)(state, batch) -> (state, metrics); the state is donated. Call it
-    under `jax.set_mesh(setup.mesh)` so activation constraints see the mesh."""
+    under `jax.set_mesh(setup.mesh)` so activation constraints see the mesh.
+    `loss_chunk` defaults to gin's `train_loss.chunk`."""
     graphdef, tx, schedule = setup.graphdef, setup.tx, setup.schedule
     spec = batch_sharding(setup).spec
-    grad_fn = jax.value_and_grad(lambda p, b: summed_loss(graphdef, p, b), has_aux=True)
+    chunk = train_loss() if loss_chunk is None else loss_chunk
+    grad_fn = jax.value_and_grad(lambda p, b: summed_loss(graphdef, p, b, chunk), has_aux=True)
 
     def step(state, batch):
         params = state["params"]
@@ -106,11 +148,12 @@ def make_train_step(setup: TrainSetup, grad_accum: int = 1) -> Callable:
                    donate_argnums=0)
 
 
-def make_eval_step(setup: TrainSetup) -> Callable:
+def make_eval_step(setup: TrainSetup, loss_chunk: int | None = None) -> Callable:
     """(sum of token losses, target count) of a batch, for held-out loss / perplexity."""
     graphdef = setup.graphdef
     bsh = batch_sharding(setup)
-    return jax.jit(lambda params, batch: summed_loss(graphdef, params, batch),
+    chunk = train_loss() if loss_chunk is None else loss_chunk
+    return jax.jit(lambda params, batch: summed_loss(graphdef, params, batch, chunk),
                    in_shardings=(setup.shardings["params"], {k: bsh for k in BATCH_KEYS}),
                    out_shardings=setup.replicated)
 
