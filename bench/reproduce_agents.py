@@ -37,16 +37,16 @@ class DirectAnswerAgent:
 
     def __init__(self, engine, tok: Tokenizer, chat_template: bool, max_new_tokens: int):
         self.engine, self.tok = engine, tok
-        self.template = chat_template and tok.backend == "hf" and tok._hf.chat_template
-        stops = {tok.eos_id} | {i for t, i in tok._specials.items() if t in ("<|im_end|>", "<|endoftext|>")}
+        self.template = chat_template and tok.chat_template is not None
+        stops = {tok.eos_id} | {tok.special_id(t) for t in ("<|im_end|>", "<|endoftext|>")} - {None}
         self.params = SamplingParams(max_new_tokens=max_new_tokens, stop_ids=tuple(sorted(stops)))
 
     def prompt(self, question: str) -> list[int]:
         if self.template:
             msgs = [{"role": "user", "content": ZERO_SHOT.format(question=question)}]
-            text = self.tok._hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            text = self.tok.apply_chat_template(msgs)
             return self.tok.encode(text, add_bos=self.tok.chat_bos)
-        return chat_prompt_ids([{"role": "user", "content": question}], self.tok, "training")
+        return chat_prompt_ids([{"role": "user", "content": question}], self.tok, "train")
 
     def result(self, tokens) -> dict:
         text = self.tok.decode(tokens)

@@ -152,6 +152,21 @@ class Tokenizer:
             return self._sp.decode(ids)
         return self._hf.decode(ids, skip_special_tokens=skip_special)
 
+    def special_id(self, token: str) -> int | None:
+        """The id of a special-token string (`</s>`, `<|im_end|>`, `<pad>`), None if it is not one."""
+        return self._specials.get(token)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer.json folder's own chat template (a base model's), None without one."""
+        return getattr(self._hf, "chat_template", None) if self.backend == "hf" else None
+
+    def apply_chat_template(self, messages: Sequence[dict]) -> str:
+        """`messages` in the folder's own chat template, ready for the assistant's turn (text)."""
+        if self.chat_template is None:
+            raise ValueError(f"tokenizer {self.path}: has no chat template")
+        return self._hf.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+
     @functools.cached_property
     def _special_ids(self) -> set[int]:
         return set(self._specials.values())

@@ -164,6 +164,19 @@ def test_bpe_chat_encoding_equals_open_instruct(bpe):
     assert n >= 40
 
 
+def test_bpe_chat_template_and_special_ids_equal_transformers(bpe):
+    """The tokenizer's own chat template and special ids, as transformers gives them."""
+    ours, hf = bpe
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    assert ours.chat_template == hf.chat_template and ours.chat_template
+    assert ours.apply_chat_template(messages) == hf.apply_chat_template(messages, tokenize=False,
+                                                                         add_generation_prompt=True)
+    assert ours.special_id("<|im_end|>") == hf.convert_tokens_to_ids("<|im_end|>")
+    assert ours.special_id("plain text") is None
+    with pytest.raises(ValueError, match="has no chat template"):
+        Tokenizer(FIXTURES / "llama2-tokenizer").apply_chat_template(messages)
+
+
 def test_bpe_pad_and_stop_ids(bpe):
     tok, hf = bpe
     assert (tok.pad_id, tok.vocab_size) == (hf.pad_token_id, len(hf)) == (2, 49152)  # reused, not added
