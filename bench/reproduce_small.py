@@ -248,9 +248,12 @@ def _median_step_time(run: Path) -> float | None:
 # -- evaluation -------------------------------------------------------------------------------
 
 def eval_bindings(args) -> list[str]:
-    """Inference settings: bf16 weights and cache, one KV budget, the mesh."""
-    return [f"engine_settings.kv_memory_gb = {args.kv_gb}", "inference_dtypes.weights = 'bfloat16'",
-            "inference_dtypes.compute = 'bfloat16'", f"engine_settings.max_prefill_tokens = {args.prefill_tokens}"]
+    """Inference settings of every engine: bf16 weights and cache, one KV budget per model pair,
+    a slot per episode in flight."""
+    return [f"engine_settings.kv_memory_gb = {args.kv_gb}", f"engine_settings.num_slots = {args.concurrency}",
+            f"engine_settings.max_len = {args.max_len}", f"engine_settings.steps_per_call = {args.steps_per_call}",
+            f"engine_settings.max_prefill_tokens = {args.prefill_tokens}",
+            "inference_dtypes.weights = 'bfloat16'", "inference_dtypes.compute = 'bfloat16'"]
 
 
 def evaluate(args, work: Path, name: str, dataset: str, agent) -> dict:
@@ -291,7 +294,7 @@ def parse(argv=None):
     p.add_argument("--max_len", type=int, default=4096, help="longest sequence of a slot (paged: no reservation)")
     p.add_argument("--kv_gb", type=float, default=48.0, help="KV pool GiB, all engines of a model pair")
     p.add_argument("--prefill_tokens", type=int, default=32768, help="most tokens per prefill call")
-    p.add_argument("--steps_per_call", type=int, default=16, help="decode steps per device call (direct rows)")
+    p.add_argument("--steps_per_call", type=int, default=16, help="decode steps per device call")
     p.add_argument("--cache_dir", default="/tmp/jax_cache", help="persistent compilation cache")
     p.add_argument("--prepare_only", action="store_true",
                    help="only convert the training data into WORKDIR/data (to carry it to the GPU machine)")
