@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from lumos_jax.checkpoints.native import load_model
 from lumos_jax.inference.decode_attention import resolve_decode_attention
 from lumos_jax.inference.forward import PagedCache
 from lumos_jax.inference.paged import PagedMemory, pool_blocks
@@ -131,8 +132,6 @@ class Engine:
                   model_overrides: dict | None = None, **kw) -> "Engine":
         """Weights from an HF directory or a lumos-jax (orbax) checkpoint, read straight
         into their shards on `mesh`."""
-        from lumos_jax.checkpoints.native import load_model
-
         model = load_model(path, mesh, rules, **(model_overrides or {}))
         return cls(model, mesh=mesh, tokenizer=tokenizer, rules=rules, **kw)
 

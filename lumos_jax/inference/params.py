@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
-from lumos_jax.inference.quant import QTensor
 from lumos_jax.models.llama import LlamaForCausalLM, rope_inv_freq
 from lumos_jax.sharding import logical_to_spec
 
@@ -94,8 +93,8 @@ def _fuse(raw: dict, spec: ForwardSpec, dtype) -> dict:
 def param_shardings(params: dict, mesh: Mesh, rules=None) -> dict:
     """NamedShardings for a decode-params tree (arrays or shape structs) from its logical axes."""
     def one(axes, leaf):
-        if isinstance(leaf, QTensor):  # int8 weight: its scales take the same axes (size 1: replicated)
-            return QTensor(one(axes, leaf.q), one(axes, leaf.scale))
+        if hasattr(leaf, "scale"):  # an int8 quant.QTensor: its scales take the same axes (size 1: replicated)
+            return type(leaf)(one(axes, leaf.q), one(axes, leaf.scale))
         return NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh, rules))
 
     return {**{k: one(TOP_AXES[k], params[k]) for k in TOP_AXES},
