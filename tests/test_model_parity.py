@@ -79,6 +79,17 @@ def test_logits_match_hf(tmp_path, case, left):
     assert np.abs(got[valid] - expected[valid]).max() <= 1e-4
 
 
+def test_unrolled_layers_match_hf(tmp_path):
+    """scan_layers=False runs the same stacked weights layer by layer: still HF's logits."""
+    hf = make_hf(tmp_path, **CASES["gqa_8q_2kv"])
+    ours = load_hf_model(tmp_path, scan_layers=False)
+    ids, mask, positions = padded_batch(256, [13, 7, 1], 16, left=True)
+    got = np.asarray(ours(jnp.asarray(ids, jnp.int32), jnp.asarray(positions, jnp.int32),
+                          jnp.asarray(mask, jnp.int32)))
+    valid = mask.astype(bool)
+    assert np.abs(got[valid] - hf_logits(hf, ids, mask, positions)[valid]).max() <= 1e-4
+
+
 def test_vocab_padding_to_multiple_of_128_changes_no_output(tmp_path):
     hf = make_hf(tmp_path, **CASES["vocab_32001"])
     plain = load_hf_model(tmp_path)

@@ -53,6 +53,10 @@ class LlamaConfig:
     # interpret mode elsewhere, for tests) or "auto" (splash on TPU, xla otherwise). Used
     # without a KV cache (training, prefill-free scoring); decoding has its own path.
     attention_impl: str = "auto"
+    # The stacked decoder layers run as one lax.scan (compile time independent of depth) or,
+    # False, unrolled over static slices of the same stacked weights (a switch to measure:
+    # in decode on GPU, XLA copied each scanned layer's dynamic slice of the weights).
+    scan_layers: bool = True
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -178,11 +182,12 @@ PRESETS: dict[str, LlamaConfig] = {
 def model_config(preset: str = "tiny", hf_dir: str | None = None, overrides: dict | None = None,
                  param_dtype: str | None = None, dtype: str | None = None,
                  remat_policy: str | None = None, vocab_multiple: int | None = None,
-                 attention_impl: str | None = None) -> LlamaConfig:
+                 attention_impl: str | None = None, scan_layers: bool | None = None) -> LlamaConfig:
     """The config a run uses: a named preset or an HF directory's config.json, plus overrides."""
     overrides = dict(overrides or {})
     for key, value in dict(param_dtype=param_dtype, dtype=dtype, remat_policy=remat_policy,
-                           vocab_multiple=vocab_multiple, attention_impl=attention_impl).items():
+                           vocab_multiple=vocab_multiple, attention_impl=attention_impl,
+                           scan_layers=scan_layers).items():
         if value is not None:
             overrides[key] = value
     bad = set(overrides) - {f.name for f in dataclasses.fields(LlamaConfig)}

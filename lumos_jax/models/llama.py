@@ -245,7 +245,11 @@ class LlamaForCausalLM(nnx.Module):
         if c.remat_policy != "none":
             # Inside a scan, CSE cannot undo the recomputation, so prevent_cse is not needed.
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, layer_state)
+        if c.scan_layers:
+            x, _ = jax.lax.scan(body, x, layer_state)
+        else:
+            for i in range(c.num_hidden_layers):
+                x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], layer_state))
         x = self.model.norm(x)
         return x if return_hidden else self.logits(x)
 
