@@ -30,7 +30,7 @@ from lumos_jax.inference.forward import PagedCache
 from lumos_jax.inference.paged import PagedMemory, pool_blocks
 from lumos_jax.inference.paged_slots import (Slot, checked_token_ids, length_bucket, pow2_at_least,
                                              row_count, row_controls)
-from lumos_jax.inference.params import decode_params
+from lumos_jax.inference.params import decode_params, layer_layout, resolve_scan_layers
 from lumos_jax.inference.sampling import SamplingParams
 from lumos_jax.inference.steps import decode_loop, prefill_step
 from lumos_jax.inference.stops import find_stop_string
@@ -78,11 +78,13 @@ class Engine:
                steps_per_call: int = 16, tokenizer=None, max_prefill_tokens: int = 16384,
                decode_attention: str = "auto", block_size: int = 16, num_blocks: int | None = None,
                kv_memory_gb: float | None = None, kv_memory_fraction: float | None = None,
-               cache_dtype: str | None = None):
+               cache_dtype: str | None = None, scan_layers="auto"):
         if num_slots < 1 or max_len < 2 or steps_per_call < 1:
             raise ValueError(f"Engine: num_slots={num_slots}, max_len={max_len}, "
                              f"steps_per_call={steps_per_call} must be positive (max_len >= 2)")
         decode_attention = resolve_decode_attention(decode_attention)
+        self.scan_layers = resolve_scan_layers(scan_layers)
+        params = layer_layout(params, self.scan_layers)
         if cache_dtype not in (None, *CACHE_DTYPES):
             raise ValueError(f"Engine: cache_dtype={cache_dtype!r}; expected one of {CACHE_DTYPES}")
         self.config, self.params, self.spec, self.mesh, self._rules = config, params, spec, mesh, rules
@@ -119,7 +121,8 @@ class Engine:
         if its cache should be freed."""
         kw = dict(num_slots=self.num_slots, max_len=self.max_len, steps_per_call=self.steps_per_call,
                   tokenizer=self.tokenizer, max_prefill_tokens=self.max_prefill_tokens,
-                  decode_attention=self.decode_attention, **self._budget)
+                  decode_attention=self.decode_attention, scan_layers=self.scan_layers,
+                  **self._budget)
         bad = set(changes) - set(kw)
         if bad:
             raise ValueError(f"Engine.resized: unknown setting(s) {sorted(bad)}")

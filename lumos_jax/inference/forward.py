@@ -135,8 +135,14 @@ def _scan_layers(params, cache: PagedCache, spec: ForwardSpec, x, positions, blo
         x = _out(lyr, attend_fn(q, kc, vc, base), x)
         return (x + _mlp(lyr, x, spec), kc, vc), None
 
-    bases = jnp.arange(n_layers, dtype=jnp.int32) * nb
-    (x, kc, vc), _ = jax.lax.scan(layer, (x, flat(cache.k), flat(cache.v)), (params["layers"], bases))
+    carry = (x, flat(cache.k), flat(cache.v))
+    if isinstance(params["layers"], (tuple, list)):   # unrolled: per-layer weight buffers
+        for i, lyr in enumerate(params["layers"]):
+            carry, _ = layer(carry, (lyr, jnp.int32(i * nb)))
+        x, kc, vc = carry
+    else:
+        bases = jnp.arange(n_layers, dtype=jnp.int32) * nb
+        (x, kc, vc), _ = jax.lax.scan(layer, carry, (params["layers"], bases))
     shape = cache.k.shape
     return x, PagedCache(_constrain(kc.reshape(shape), cache_sharding),
                          _constrain(vc.reshape(shape), cache_sharding))

@@ -12,7 +12,7 @@ import jax
 from lumos_jax.checkpoints.native import load_model
 from lumos_jax.inference.engine import Engine
 from lumos_jax.inference.paged import free_device_bytes
-from lumos_jax.inference.params import decode_params
+from lumos_jax.inference.params import decode_params, layer_layout, resolve_scan_layers
 from lumos_jax.inference.quant import check_quant_dtype, convert_weights, is_int8_checkpoint, load_int8
 from lumos_jax.inference.sampling import SamplingParams
 from lumos_jax.sharding import make_mesh
@@ -23,7 +23,7 @@ def engine_settings(num_slots: int = 8, max_len: int = 2048, steps_per_call: int
                     max_prefill_tokens: int = 16384, block_size: int = 16,
                     kv_memory_gb: float | None = None, kv_memory_fraction: float | None = 0.8,
                     decode_attention: str = "auto", weight_dtype: str = "bf16",
-                    kv_dtype: str = "bf16") -> dict:
+                    kv_dtype: str = "bf16", scan_layers="auto") -> dict:
     """Engine size: slots (concurrent sequences; a slot costs only a block-table row),
     the longest sequence, decode steps per device call, the most tokens one prefill call
     may process, and the KV pool: `block_size` tokens per block, `kv_memory_gb` GiB per
@@ -33,13 +33,16 @@ def engine_settings(num_slots: int = 8, max_len: int = 2048, steps_per_call: int
     on GPU, 'dot' elsewhere), 'dot', 'reduce', 'pallas' or 'pallas_gpu'.
     `weight_dtype='int8'`: every matmul weight int8 with per-channel scales, converted at
     load time (an int8 checkpoint loads as it is); `kv_dtype='int8'`: int8 K/V pages with
-    a scale per token and head ('bf16': the float dtypes of `inference_dtypes`)."""
+    a scale per token and head ('bf16': the float dtypes of `inference_dtypes`).
+    `scan_layers`: 'auto' (unrolled on GPU, scanned elsewhere), True or False; see
+    `lumos_jax.inference.params.resolve_scan_layers`."""
     return dict(num_slots=num_slots, max_len=max_len, steps_per_call=steps_per_call,
                 max_prefill_tokens=max_prefill_tokens, block_size=block_size,
                 kv_memory_gb=kv_memory_gb, kv_memory_fraction=kv_memory_fraction,
                 decode_attention=decode_attention,
                 weight_dtype=check_quant_dtype(weight_dtype, "weight_dtype"),
-                kv_dtype=check_quant_dtype(kv_dtype, "kv_dtype"))
+                kv_dtype=check_quant_dtype(kv_dtype, "kv_dtype"),
+                scan_layers=scan_layers)
 
 
 @gin.configurable
@@ -82,6 +85,7 @@ def load_engines(paths: Sequence[str], tokenizer=None, mesh=None, **overrides) -
     weight_dtype = check_quant_dtype(settings.pop("weight_dtype", "bf16"), "weight_dtype")
     if check_quant_dtype(settings.pop("kv_dtype", "bf16"), "kv_dtype") == "int8":
         cache_dtype = "int8"
+    scan = settings.get("scan_layers", "auto")
     built = {}
     for path in dict.fromkeys(str(p) for p in paths):
         if is_int8_checkpoint(path):
@@ -89,7 +93,9 @@ def load_engines(paths: Sequence[str], tokenizer=None, mesh=None, **overrides) -
             continue
         model = load_model(path, mesh, **dtypes)
         params, spec = decode_params(model, mesh)
-        built[path] = (model.config, convert_weights(params, weight_dtype, mesh=mesh), spec)
+        params = convert_weights(params, weight_dtype, mesh=mesh)
+        # unrolled layers are split here, leaf by leaf, while nothing else holds the stacked tree
+        built[path] = (model.config, layer_layout(params, resolve_scan_layers(scan)), spec)
         del model, params
     share = max(1, len(built))
     if settings.get("kv_memory_gb") is not None:

@@ -1,0 +1,53 @@
+"""Unrolled (per-layer buffers, the GPU default) and scanned layers give HF's tokens."""
+
+import numpy as np
+import pytest
+
+from inference_helpers import STORIES, hf_greedy, random_prompts
+
+from lumos_jax.checkpoints.hf import load_hf_model
+from lumos_jax.inference import Engine, SamplingParams
+from lumos_jax.inference.params import decode_params, layer_layout, param_shardings, resolve_scan_layers
+from lumos_jax.sharding import make_mesh
+
+
+@pytest.fixture(scope="module")
+def stories():
+    from transformers import LlamaForCausalLM
+
+    return load_hf_model(STORIES), LlamaForCausalLM.from_pretrained(STORIES).eval()
+
+
+def test_unrolled_and_scanned_engines_both_match_hf_greedy(stories):
+    model, hf = stories
+    rng = np.random.default_rng(3)
+    prompts = [[1, 403, 407, 261]] + random_prompts(rng, 3, 2, 30, 512)
+    n = 16
+    scanned = Engine(model, num_slots=4, max_len=96, steps_per_call=8, scan_layers=True)
+    unrolled = scanned.resized(scan_layers=False)
+    assert scanned.scan_layers and not unrolled.scan_layers
+    assert isinstance(unrolled.params["layers"], tuple) and len(unrolled.params["layers"]) == model.config.num_hidden_layers
+    a = scanned.generate(prompts, SamplingParams(max_new_tokens=n))
+    b = unrolled.generate(prompts, SamplingParams(max_new_tokens=n))
+    for p, ra, rb in zip(prompts, a, b):
+        want = hf_greedy(hf, p, n)
+        assert ra.tokens == want and rb.tokens == want
+
+
+def test_layer_layout_round_trip_and_shardings(stories):
+    params, _ = decode_params(stories[0])
+    per_layer = layer_layout(params, scan=False)
+    back = layer_layout(per_layer, scan=True)
+    for k, v in params["layers"].items():
+        np.testing.assert_array_equal(np.asarray(back["layers"][k]), np.asarray(v))
+        np.testing.assert_array_equal(np.asarray(per_layer["layers"][1][k]), np.asarray(v[1]))
+    mesh = make_mesh(1, 1, -1)
+    sh = param_shardings(per_layer, mesh)
+    assert len(sh["layers"]) == len(per_layer["layers"])
+    assert tuple(sh["layers"][0]["wqkv"].spec) == tuple(param_shardings(params, mesh)["layers"]["wqkv"].spec)[1:]
+
+
+def test_scan_layers_setting_is_checked():
+    assert resolve_scan_layers(True) is True and resolve_scan_layers(False) is False
+    with pytest.raises(ValueError, match="scan_layers"):
+        resolve_scan_layers("sometimes")
