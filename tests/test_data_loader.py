@@ -153,3 +153,18 @@ def test_state_from_other_settings_is_refused():
     state = _it().get_state()
     with pytest.raises(ValueError, match="different settings.*seed"):
         _it(seed=3).set_state(state)
+
+
+def test_encoding_cache_changes_no_batch():
+    """Encoded examples kept across epochs (all, some within a small budget, none) give the
+    same batches: the cache only saves re-encoding (most of the loader's host time)."""
+    runs = [list(_it(num_epochs=2, encode_cache_tokens=n)) for n in (1 << 25, 3000, 0)]
+    assert len(runs[0]) > 2
+    it = _it(num_epochs=2, encode_cache_tokens=3000)
+    it.steps_per_epoch  # encodes every example once, into the cache while it lasts
+    assert 0 < sum(len(e.input_ids) for e in it._by_example.values()) <= 3000
+    for other in runs[1:]:
+        assert len(other) == len(runs[0])
+        for a, b in zip(runs[0], other):
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
