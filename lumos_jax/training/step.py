@@ -23,10 +23,10 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lumos_jax.data.packing import BATCH_KEYS
 from lumos_jax.sharding import constrain, logical_to_spec
 from lumos_jax.training.state import TrainSetup
 
-BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
 
 def batch_sharding(setup: TrainSetup) -> NamedSharding:
