@@ -179,9 +179,14 @@ class Checkpointer:
         stored = self.manager.item_metadata(step)["state"]
         if stored is None:
             return
-        have = {_path_key(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(stored)}
+        # keystr's simple form spells a dict key and a list index alike ('params.model.layers.0...'):
+        # the stored metadata and the live target spell list levels differently
+        def key_of(path):
+            return jax.tree_util.keystr(path, simple=True, separator=".")
+
+        have = {key_of(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(stored)}
         for path, leaf in jax.tree_util.tree_leaves_with_path(target):
-            key = _path_key(path)
+            key = key_of(path)
             if key in have and have[key] != tuple(leaf.shape):
                 raise ValueError(f"{self.directory}/{step}: checkpoint array {key} has shape "
                                  f"{list(have[key])}, this run needs {list(leaf.shape)}; resume "
@@ -259,12 +264,3 @@ def _digest(step_dir) -> dict:
                 size += len(block)
         out[str(path)[len(root) + 1:]] = {"sha256": h.hexdigest(), "size": size}
     return out
-
-
-def _path_key(path) -> str:
-    """'params.model.layers.0.mlp.up_proj.kernel' whether a level is a dict key or an index
-    (stored metadata and the live target spell list levels differently)."""
-    parts = []
-    for k in path:
-        parts.append(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))))
-    return ".".join(parts)

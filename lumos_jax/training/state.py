@@ -133,11 +133,10 @@ def params_from_model(setup: TrainSetup, model, source: str = "init_from") -> di
     have = model.config.padded_vocab_size
     if have < want:
         params = grow_vocab(params, want)
-    got_shapes = jax.tree.map(lambda a: tuple(a.shape), params)
-    want_shapes = jax.tree.map(lambda a: tuple(a.shape), setup.abstract_state["params"])
+    got_shapes, want_shapes = _shapes(params), _shapes(setup.abstract_state["params"])
     if got_shapes != want_shapes:
-        bad = [f"{'.'.join(map(str, k))}: {a} vs {b}" for (k, a), (_, b) in
-               zip(_flat(got_shapes), _flat(want_shapes)) if a != b]
+        bad = [f"{k}: {got_shapes.get(k)} vs {want_shapes.get(k)}" for k in sorted(got_shapes.keys() | want_shapes)
+               if got_shapes.get(k) != want_shapes.get(k)]
         raise ValueError(f"{source}: weights do not fit the configured model "
                          f"({'; '.join(bad[:3]) or 'different parameter names'})")
     return jax.device_put(params, setup.shardings["params"])
@@ -156,17 +155,10 @@ def grow_vocab(params: dict, rows: int) -> dict:
     return params
 
 
-def _flat(tree):
-    out = []
-
-    def walk(prefix, node):
-        if isinstance(node, dict):
-            for k in sorted(node, key=str):
-                walk(prefix + (k,), node[k])
-        else:
-            out.append((prefix, node))
-    walk((), tree)
-    return out
+def _shapes(tree) -> dict[str, tuple]:
+    """'model.layers.mlp.up_proj.kernel' -> shape, for every leaf."""
+    return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def init_state(setup: TrainSetup, params: dict, seed: int) -> dict:
