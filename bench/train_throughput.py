@@ -115,7 +115,7 @@ def attention_check() -> dict:
         graphdef, params = nnx.split(create_model(base.replace(attention_impl=impl), seed=0))
 
         def loss(p):
-            logits, _ = nnx.merge(graphdef, p)(jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg))
+            logits = nnx.merge(graphdef, p)(jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg))
             return jnp.sum(jnp.where(valid[..., None], logits.astype(jnp.float32), 0.0) ** 2) / 1e4, logits
 
         (_, logits), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
