@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from lumos_jax.checkpoints.native import copy_tokenizer
+from lumos_jax.inference.params import forward_spec, param_shardings
 from lumos_jax.models.config import LlamaConfig
 
 QMAX = 127.0
@@ -277,8 +278,6 @@ def convert_weights(params: dict, weight_dtype: str, group_size: int | None = No
     """The decode params in `weight_dtype` ('bf16': unchanged; 'int8': `quantize_params`,
     on device, jitted so each weight's fp32 temporaries live only inside the program;
     with `mesh`, straight into the decode params' shardings)."""
-    from lumos_jax.inference.params import param_shardings  # params imports this module
-
     if check_quant_dtype(weight_dtype, "weight_dtype") == "bf16":
         return params
     convert = lambda p: quantize_params(p, group_size)  # noqa: E731
@@ -339,8 +338,6 @@ def save_int8(params: dict, config, directory, tokenizer_dir=None) -> Path:
 def load_int8(directory, mesh: Mesh | None = None, rules=None, **config_overrides):
     """(config, params, spec) of an int8 checkpoint, each array read straight into its
     shard on `mesh` (one device when None)."""
-    from lumos_jax.inference.params import forward_spec, param_shardings  # params imports this module
-
     directory = Path(directory).absolute()
     if not is_int8_checkpoint(directory):
         raise FileNotFoundError(f"{directory}: not an int8 lumos-jax checkpoint (needs config.json and {INT8_DIR}/)")
