@@ -206,6 +206,7 @@ def run_loop(args, config, mesh) -> dict:
     its logged tokens/s, median over the log intervals after the first (compile)."""
     import tempfile
 
+    from lumos_jax.jsonl import read_jsonl
     from lumos_jax.training import data as data_lib
     from lumos_jax.training.loop import train
 
@@ -225,7 +226,7 @@ def run_loop(args, config, mesh) -> dict:
               progress_bar=False, config_factory=lambda: config, mesh_factory=lambda: mesh,
               data_factory=data)
         wall = time.perf_counter() - t0
-        rows = [json.loads(x) for x in (Path(work) / "logs/metrics.jsonl").read_text().splitlines()]
+        rows = read_jsonl(Path(work) / "logs/metrics.jsonl")
     dts = sorted(r["step_time_s"] for r in rows if r["split"] == "train" and r["step"] > 2 * log_every)
     med = dts[len(dts) // 2]
     out = figures(args, config, med)

@@ -26,6 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from lumos_jax.atomic import write_atomic
 from lumos_jax.training.paths import resolve_dir
 
 DIGEST_FILE = "lumos_digest.json"
@@ -96,9 +97,7 @@ class Checkpointer:
             step_dir = self.directory / str(step)
             try:
                 digest = json.dumps({"step": step, "files": _digest(step_dir)}, indent=1, sort_keys=True)
-                tmp = step_dir / (DIGEST_FILE + ".tmp")
-                tmp.write_text(digest)
-                tmp.rename(step_dir / DIGEST_FILE)
+                write_atomic(step_dir / DIGEST_FILE, digest)
             except FileNotFoundError:  # rotated away meanwhile (max_to_keep)
                 continue
 

@@ -29,6 +29,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from lumos_jax.checkpoints.hf import save_hf_model
+from lumos_jax.checkpoints.native import load_model, save_native
 from lumos_jax.config import write_operative_config
 from lumos_jax.models.config import model_config
 from lumos_jax.sharding import make_mesh
@@ -36,11 +38,12 @@ from lumos_jax.training import state as state_lib
 from lumos_jax.training.checkpointing import Checkpointer, PreemptionFlag
 from lumos_jax.training.data import check_vocab, global_batch_array, training_data
 from lumos_jax.training.distributed import initialize_distributed
-from lumos_jax.training.paths import resolve_dir
 from lumos_jax.training.metrics import (MetricsWriter, Progress, flops_per_token,
                                         peak_flops_per_device)
+from lumos_jax.training.paths import resolve_dir
 from lumos_jax.training.step import (batch_sharding, check_batch, make_eval_step,
                                      make_train_step)
+
 
 class Preempted(SystemExit):
     """Raised after the preemption / ctrl-C checkpoint is written (exit status 143 / 130)."""
@@ -107,8 +110,6 @@ def _run(workdir, seq_len, global_batch, grad_accum_steps, num_epochs, max_steps
     else:
         start = 0
         if init_from:
-            from lumos_jax.checkpoints.native import load_model
-
             loaded = load_model(init_from, mesh, **_dtype_overrides(config))
             params = state_lib.params_from_model(setup, loaded, init_from)
             del loaded
@@ -166,8 +167,6 @@ def _run(workdir, seq_len, global_batch, grad_accum_steps, num_epochs, max_steps
             ckpt.save(step, state, data_state, force=True)
             ckpt.wait()
         if export_native:
-            from lumos_jax.checkpoints.native import save_native
-
             save_native(state_lib.model_from_params(setup, state["params"]), workdir / "model",
                         tokenizer_dir=_tokenizer_dir(tokenizer_dir_for_export, init_from))
         if export_hf_dir:
@@ -335,8 +334,6 @@ def _evaluate(eval_fn, params, eval_factory, bsh, global_batch) -> dict:
 
 
 def _export(setup, params, directory, tokenizer_dir) -> None:
-    from lumos_jax.checkpoints.hf import save_hf_model
-
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
     if jax.process_index() == 0:
