@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from lumos_jax.checkpoints.native import load_model
 from lumos_jax.inference.decode_attention import resolve_decode_attention
 from lumos_jax.inference.forward import PagedCache
-from lumos_jax.inference.paged import PagedMemory, pool_blocks
+from lumos_jax.inference.paged import PagedMemory, pool_blocks, step_reserve_bytes
 from lumos_jax.inference.paged_slots import (Slot, checked_token_ids, length_bucket, pow2_at_least,
                                              row_count, row_controls)
 from lumos_jax.inference.params import decode_params, layer_layout, resolve_scan_layers
@@ -98,7 +98,8 @@ class Engine:
                             kv_memory_fraction=kv_memory_fraction, cache_dtype=cache_dtype)
         blocks = pool_blocks(spec, block_size, jnp.dtype(self.cache_dtype), num_slots=num_slots,
                              max_len=max_len, mesh=mesh, num_blocks=num_blocks,
-                             kv_memory_gb=kv_memory_gb, kv_memory_fraction=kv_memory_fraction)
+                             kv_memory_gb=kv_memory_gb, kv_memory_fraction=kv_memory_fraction,
+                             reserve_bytes=self.reserve_bytes)
         self.memory = PagedMemory(blocks, block_size, max_len)
         self.block_size = block_size
         self.cache_sharding = None
@@ -113,6 +114,13 @@ class Engine:
         self._ids = itertools.count()
         self._clock = itertools.count(1)
         self._stats = {k: 0 for k in STAT_KEYS}
+
+    @property
+    def reserve_bytes(self) -> int:
+        """Device memory the KV pool leaves for this engine's largest call (unsharded: an
+        upper bound per device)."""
+        return step_reserve_bytes(self.config, self.spec, num_slots=self.num_slots,
+                                  max_len=self.max_len, max_prefill_tokens=self.max_prefill_tokens)
 
     def resized(self, **changes) -> "Engine":
         """A fresh engine sharing these weights, with other sizes (num_slots, max_len,

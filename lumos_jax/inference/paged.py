@@ -20,6 +20,9 @@ import jax
 import numpy as np
 
 from lumos_jax.inference.blocks import ROOT_KEY, BlockPool, block_key
+from lumos_jax.inference.decode_attention import CHUNK_TOKENS
+from lumos_jax.inference.paged_slots import PREFILL_MIN
+from lumos_jax.inference.params import padded_vocab
 from lumos_jax.inference.quant import KV_SCALE_BYTES
 
 
@@ -43,13 +46,35 @@ def free_device_bytes(devices) -> int | None:
     return min(free) if free else None
 
 
+def step_reserve_bytes(config, spec, *, num_slots: int, max_len: int,
+                       max_prefill_tokens: int) -> int:
+    """An upper bound on one device's temporaries in the engine's largest device call, which
+    the KV pools must leave free: a prefill call of `max_prefill_tokens` tokens (activations
+    of every matmul, fp32-sized; one attention chunk's gathered K/V pages, fp32, for the most
+    rows a call has, and its fp32 scores; the rows' logits) or a decode call over every slot
+    (one chunk of K/V pages per row). The pool itself is updated in place (donated; see
+    tests/test_inference_memory.py), so it needs no room here."""
+    f32 = 4
+    rows = min(1 << (max(num_slots, 1) - 1).bit_length(), max(1, max_prefill_tokens // PREFILL_MIN))
+    chunk = min(CHUNK_TOKENS, max_len)
+    qkv = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
+    per_token = f32 * (4 * config.hidden_size + 3 * config.intermediate_size + 2 * qkv)
+    scores = 5 * f32 * spec.num_heads * chunk       # scores, masked, exponentials, probabilities (x2)
+    pages = 2 * f32 * spec.num_kv_heads * chunk * spec.head_dim    # one chunk of K and V, per row
+    logits = 2 * f32 * padded_vocab(spec.vocab_size)
+    prefill = max_prefill_tokens * (per_token + scores) + rows * (pages + logits)
+    decode = (1 << (max(num_slots, 1) - 1).bit_length()) * (pages + logits)
+    return max(prefill, decode)
+
+
 def pool_blocks(spec, block_size: int, dtype, *, num_slots: int, max_len: int, mesh=None,
                 num_blocks: int | None = None, kv_memory_gb: float | None = None,
-                kv_memory_fraction: float | None = None) -> int:
+                kv_memory_fraction: float | None = None, reserve_bytes: int = 0) -> int:
     """Blocks in an engine's pool. First match wins: `num_blocks`; `kv_memory_gb` (GiB of
     each device's memory); `kv_memory_fraction` of each device's free memory now (after the
-    weights are placed); else enough for every slot at max_len (the contiguous cache's
-    size). Never more than twice that (the extra keeps released prefixes cached)."""
+    weights are placed), never leaving less than `reserve_bytes` free (`step_reserve_bytes`);
+    else enough for every slot at max_len (the contiguous cache's size). Never more than
+    twice that (the extra keeps released prefixes cached)."""
     per_row = -(-max_len // block_size)
     full = num_slots * per_row
     if num_blocks is not None:
@@ -66,10 +91,11 @@ def pool_blocks(spec, block_size: int, dtype, *, num_slots: int, max_len: int, m
             devices = mesh.devices.flat if mesh is not None else jax.devices()[:1]
             free = free_device_bytes(list(devices))
             if free is not None:
-                budget = float(kv_memory_fraction) * free
+                budget = min(float(kv_memory_fraction) * free, free - reserve_bytes)
         n = full if budget is None else min(int(budget // per_device), 2 * full)
     if n < 1:
-        raise ValueError(f"KV pool: the budget holds {n} blocks of {block_size} tokens; "
+        raise ValueError(f"KV pool: the budget holds {n} blocks of {block_size} tokens (after "
+                         f"{reserve_bytes / 2**30:.2f} GiB kept for a device call's temporaries); "
                          "raise engine_settings.kv_memory_gb / kv_memory_fraction or num_blocks")
     return n
 

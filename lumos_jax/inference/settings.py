@@ -11,7 +11,7 @@ import jax
 
 from lumos_jax.checkpoints.native import load_model
 from lumos_jax.inference.engine import Engine
-from lumos_jax.inference.paged import free_device_bytes
+from lumos_jax.inference.paged import free_device_bytes, step_reserve_bytes
 from lumos_jax.inference.params import decode_params, layer_layout, resolve_scan_layers
 from lumos_jax.inference.quant import check_quant_dtype, convert_weights, is_int8_checkpoint, load_int8
 from lumos_jax.inference.sampling import SamplingParams
@@ -102,8 +102,13 @@ def load_engines(paths: Sequence[str], tokenizer=None, mesh=None, **overrides) -
         settings["kv_memory_gb"] = settings["kv_memory_gb"] / share
     elif settings.get("kv_memory_fraction") is not None:
         free = free_device_bytes(list(mesh.devices.flat))
-        if free is not None:
-            settings["kv_memory_gb"] = settings["kv_memory_fraction"] * free / share / 2**30
+        if free is not None:  # the pools never take the room of the largest call's temporaries
+            reserve = max(step_reserve_bytes(config, spec, num_slots=settings["num_slots"],
+                                             max_len=settings["max_len"],
+                                             max_prefill_tokens=settings["max_prefill_tokens"])
+                          for config, _, spec in built.values())
+            budget = min(settings["kv_memory_fraction"] * free, free - reserve)
+            settings["kv_memory_gb"] = budget / share / 2**30
     settings.pop("kv_memory_fraction", None)
     return {path: Engine.from_params(config, params, spec, mesh=mesh, tokenizer=tokenizer,
                                      cache_dtype=cache_dtype, **settings)

@@ -1,0 +1,120 @@
+"""The engine's device programs update the KV pool in place: compiled temporaries far below
+the pool, the pool donated and aliased to the output, and no pool-sized buffer left alive
+by a run that evicts and recomputes (issue 13: a 20.67 GiB pool copy OOMed the 7B eval).
+Backend-agnostic: on a GPU these compile with XLA:GPU and the GPU decode kernel."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lumos_jax.inference import Engine, SamplingParams
+from lumos_jax.inference.paged import step_reserve_bytes
+from lumos_jax.inference.paged_slots import Slot, row_controls
+from lumos_jax.inference.params import forward_spec, random_decode_params
+from lumos_jax.inference.settings import inference_mesh
+from lumos_jax.inference.steps import decode_loop, prefill_step
+from lumos_jax.models import PRESETS
+
+CONFIG = PRESETS["tiny"]
+ON_CPU = jax.default_backend() == "cpu"
+DTYPES = ["float32", "int8", pytest.param("bfloat16", marks=pytest.mark.xfail(
+    ON_CPU, strict=True, reason="XLA:CPU widens a bf16 scatter to fp32: a copy of the pool each way"))]
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return random_decode_params(CONFIG, jax.random.PRNGKey(0), "bfloat16")
+
+
+def engine(weights, *, cache_dtype, scan_layers, num_blocks=32768, mesh=None, **kw):
+    params, spec = weights
+    kw = {**dict(num_slots=8, max_len=256, steps_per_call=4, max_prefill_tokens=1024), **kw}
+    return Engine.from_params(CONFIG, params, spec, mesh=mesh, num_blocks=num_blocks,
+                              cache_dtype=cache_dtype, scan_layers=scan_layers, **kw)
+
+
+def pool_bytes(e: Engine) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(e.cache))
+
+
+def compiled_programs(e: Engine, rows: int = 8, tokens: int = 64):
+    """The engine's prefill and decode programs compiled at one bucket each, as it calls them."""
+    width = e.memory.max_blocks
+    controls = row_controls([Slot(SamplingParams(), None, False)] * rows)
+    z = np.zeros(rows, np.int32)
+    table = np.zeros((rows, width), np.int32)
+    prefill = prefill_step.lower(e.params, e.cache, table, np.zeros((rows, tokens), np.int32), z, z,
+                                 controls, spec=e.spec, cache_sharding=e.cache_sharding)
+    decode = decode_loop.lower(e.params, e.cache, table, z, z, z, np.zeros(rows, bool), z, controls,
+                               spec=e.spec, steps=e.steps_per_call, cache_sharding=e.cache_sharding,
+                               attention=e.decode_attention)
+    return {"prefill_step": prefill.compile(), "decode_loop": decode.compile()}
+
+
+@pytest.mark.parametrize("cache_dtype", DTYPES)
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
+def test_programs_update_the_pool_in_place(weights, cache_dtype, scan_layers):
+    e = engine(weights, cache_dtype=cache_dtype, scan_layers=scan_layers, mesh=inference_mesh())
+    pool = pool_bytes(e)
+    for name, compiled in compiled_programs(e).items():
+        m = compiled.memory_analysis()
+        assert m.alias_size_in_bytes == pool, f"{name}: the donated pool is not aliased to the output"
+        assert m.temp_size_in_bytes < pool / 4, (
+            f"{name}: {m.temp_size_in_bytes / 2**20:.1f} MiB of temporaries for a "
+            f"{pool / 2**20:.1f} MiB pool: a copy of the pool")
+
+
+def test_temporaries_do_not_grow_with_the_pool(weights):
+    """Doubling the pool leaves every program's temporaries unchanged (nothing pool-sized)."""
+    temps = []
+    for blocks in (4096, 8192):
+        e = engine(weights, cache_dtype="float32", scan_layers=False, num_blocks=blocks)
+        temps.append({k: c.memory_analysis().temp_size_in_bytes for k, c in compiled_programs(e).items()})
+    assert temps[0] == temps[1]
+
+
+def test_evicting_run_keeps_only_weights_and_pool_alive(weights):
+    """A streaming run whose sessions outgrow the pool (evictions, preemptions, recompute)
+    never holds a second pool-sized buffer between device calls."""
+    e = engine(weights, cache_dtype="float32", scan_layers=False, num_blocks=24, block_size=8,
+               num_slots=6)
+    before = sum(x.nbytes for x in jax.live_arrays())
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        e.submit(rng.integers(3, CONFIG.vocab_size, size=int(rng.integers(20, 70))).tolist(),
+                 SamplingParams(max_new_tokens=30))
+    peak, done = 0, 0
+    while done < 10:
+        done += len(e.step())
+        peak = max(peak, sum(x.nbytes for x in jax.live_arrays()) - before)
+    assert e.stats["evictions"] + e.stats["preemptions"] > 0
+    assert peak < pool_bytes(e) / 2, f"{peak} bytes alive beside a {pool_bytes(e)}-byte pool"
+
+
+def test_step_reserve_covers_the_largest_prefill_temporaries(weights):
+    """The budget's reserve bounds the compiled temporaries of the biggest prefill call
+    (max_prefill_tokens in the smallest bucket: the most rows) and of a full decode call."""
+    e = engine(weights, cache_dtype="float32", scan_layers=False, num_blocks=512)
+    reserve = step_reserve_bytes(CONFIG, forward_spec(CONFIG), num_slots=e.num_slots,
+                                 max_len=e.max_len, max_prefill_tokens=e.max_prefill_tokens)
+    assert reserve == e.reserve_bytes
+    rows = e.max_prefill_tokens // 64
+    for tokens, n in ((64, min(rows, 8)), (256, e.max_prefill_tokens // 256)):
+        for name, compiled in compiled_programs(e, rows=n, tokens=tokens).items():
+            assert compiled.memory_analysis().temp_size_in_bytes < reserve, (name, tokens)
+
+
+def test_fraction_budget_leaves_the_reserve_free(weights, monkeypatch):
+    """kv_memory_fraction never hands the pools memory the largest call needs."""
+    import lumos_jax.inference.paged as paged
+
+    params, spec = weights
+    free = 64 * 2**20
+    monkeypatch.setattr(paged, "free_device_bytes", lambda devices: free)
+    e = Engine.from_params(CONFIG, params, spec, num_slots=8, max_len=256, max_prefill_tokens=1024,
+                           kv_memory_fraction=1.0, cache_dtype="float32")
+    assert e.num_blocks * paged.block_bytes(spec, e.block_size, jnp.float32) <= free - e.reserve_bytes
+    with pytest.raises(ValueError, match="kept for a device call"):
+        Engine.from_params(CONFIG, params, spec, num_slots=8, max_len=256,
+                           max_prefill_tokens=1 << 20, kv_memory_fraction=1.0, cache_dtype="float32")
