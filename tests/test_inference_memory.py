@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lumos_jax.inference import Engine, SamplingParams
-from lumos_jax.inference.paged import step_reserve_bytes
+from lumos_jax.inference.paged import block_bytes, step_reserve_bytes
 from lumos_jax.inference.paged_slots import Slot, row_controls
 from lumos_jax.inference.params import forward_spec, random_decode_params
 from lumos_jax.inference.settings import inference_mesh
@@ -65,6 +65,22 @@ def test_programs_update_the_pool_in_place(weights, cache_dtype, scan_layers):
             f"{pool / 2**20:.1f} MiB pool: a copy of the pool")
 
 
+@pytest.mark.skipif(jax.devices()[0].memory_stats() is None,
+                    reason="the backend reports no device memory (CPU)")
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
+def test_compiling_allocates_no_pool_sized_buffer(weights, scan_layers):
+    """Compiling the programs (XLA:GPU autotunes fusions on buffers shaped like their
+    operands) allocates nothing near the pool's size: the high-water mark stays put."""
+    stats = jax.devices()[0].memory_stats
+    peak = stats()["peak_bytes_in_use"]
+    blocks = max(32768, 2 * peak // block_bytes(weights[1], 16, jnp.bfloat16))  # > anything so far
+    e = engine(weights, cache_dtype="bfloat16", scan_layers=scan_layers, num_blocks=int(blocks))
+    jax.block_until_ready(e.cache)
+    before = stats()["peak_bytes_in_use"]
+    compiled_programs(e)
+    assert stats()["peak_bytes_in_use"] - before < pool_bytes(e) / 4
+
+
 def test_temporaries_do_not_grow_with_the_pool(weights):
     """Doubling the pool leaves every program's temporaries unchanged (nothing pool-sized)."""
     temps = []
@@ -114,7 +130,7 @@ def test_fraction_budget_leaves_the_reserve_free(weights, monkeypatch):
     monkeypatch.setattr(paged, "free_device_bytes", lambda devices: free)
     e = Engine.from_params(CONFIG, params, spec, num_slots=8, max_len=256, max_prefill_tokens=1024,
                            kv_memory_fraction=1.0, cache_dtype="float32")
-    assert e.num_blocks * paged.block_bytes(spec, e.block_size, jnp.float32) <= free - e.reserve_bytes
+    assert e.num_blocks * block_bytes(spec, e.block_size, jnp.float32) <= free - e.reserve_bytes
     with pytest.raises(ValueError, match="kept for a device call"):
         Engine.from_params(CONFIG, params, spec, num_slots=8, max_len=256,
                            max_prefill_tokens=1 << 20, kv_memory_fraction=1.0, cache_dtype="float32")
