@@ -21,7 +21,7 @@ import numpy as np
 
 from lumos_jax.inference.blocks import ROOT_KEY, BlockPool, block_key
 from lumos_jax.inference.decode_attention import CHUNK_TOKENS
-from lumos_jax.inference.paged_slots import PREFILL_MIN
+from lumos_jax.inference.paged_slots import PREFILL_MIN, pow2_at_least
 from lumos_jax.inference.params import padded_vocab
 from lumos_jax.inference.quant import KV_SCALE_BYTES
 
@@ -55,7 +55,7 @@ def step_reserve_bytes(config, spec, *, num_slots: int, max_len: int,
     (one chunk of K/V pages per row). The pool itself is updated in place (donated; see
     tests/test_inference_memory.py), so it needs no room here."""
     f32 = 4
-    rows = min(1 << (max(num_slots, 1) - 1).bit_length(), max(1, max_prefill_tokens // PREFILL_MIN))
+    rows = min(pow2_at_least(num_slots), max(1, max_prefill_tokens // PREFILL_MIN))
     chunk = min(CHUNK_TOKENS, max_len)
     qkv = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
     per_token = f32 * (4 * config.hidden_size + 3 * config.intermediate_size + 2 * qkv)
@@ -63,7 +63,7 @@ def step_reserve_bytes(config, spec, *, num_slots: int, max_len: int,
     pages = 2 * f32 * spec.num_kv_heads * chunk * spec.head_dim    # one chunk of K and V, per row
     logits = 2 * f32 * padded_vocab(spec.vocab_size)
     prefill = max_prefill_tokens * (per_token + scores) + rows * (pages + logits)
-    decode = (1 << (max(num_slots, 1) - 1).bit_length()) * (pages + logits)
+    decode = pow2_at_least(num_slots) * (pages + logits)
     return max(prefill, decode)
 
 
