@@ -167,7 +167,7 @@ def run_ours(args) -> None:
     with jax.set_mesh(mesh):
         t0 = time.perf_counter()
         setup = state_lib.build_setup(config, mesh, 1000, state_lib.optimizer_settings(learning_rate=1e-5))
-        state = state_lib.init_state(setup, state_lib.random_params(setup, 0), 0)
+        state = state_lib.random_state(setup, 0)
         jax.block_until_ready(state)
         init_s = round(time.perf_counter() - t0, 1)
         step = step_lib.make_train_step(setup, args.grad_accum)

@@ -113,9 +113,9 @@ def _run(workdir, seq_len, global_batch, grad_accum_steps, num_epochs, max_steps
             loaded = load_model(init_from, mesh, **_dtype_overrides(config))
             params = state_lib.params_from_model(setup, loaded, init_from)
             del loaded
-        else:
-            params = state_lib.random_params(setup, seed)
-        state = state_lib.init_state(setup, params, seed)
+            state = state_lib.init_state(setup, params, seed)
+        else:  # one jitted program straight into the shards (issue 18's fast init)
+            state = state_lib.random_state(setup, seed)
 
     step_fn = make_train_step(setup, grad_accum_steps)
     eval_fn = make_eval_step(setup) if (eval_every and eval_factory) else None
