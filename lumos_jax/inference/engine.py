@@ -28,8 +28,8 @@ from lumos_jax.checkpoints.native import load_model
 from lumos_jax.inference.decode_attention import resolve_decode_attention
 from lumos_jax.inference.forward import PagedCache
 from lumos_jax.inference.paged import PagedMemory, pool_blocks, step_reserve_bytes
-from lumos_jax.inference.paged_slots import (Slot, checked_token_ids, length_bucket, pow2_at_least,
-                                             row_count, row_controls)
+from lumos_jax.inference.paged_slots import (Slot, checked_token_ids, decode_inputs, length_bucket,
+                                             prefill_inputs, pow2_at_least, row_count, row_controls)
 from lumos_jax.inference.params import decode_params, layer_layout, resolve_scan_layers
 from lumos_jax.inference.sampling import SamplingParams
 from lumos_jax.inference.steps import decode_loop, prefill_step
@@ -404,15 +404,8 @@ class Engine:
 
     def _prefill_rows(self, slots: list[int], t: int, finished: list[TurnResult]) -> None:
         n = max(len(slots), min(self._row_count(len(slots), t), self.max_prefill_tokens // t))
-        ids = np.zeros((n, t), np.int32)
-        starts = np.zeros(n, np.int32)
-        valid = np.zeros(n, np.int32)                      # padding rows write nothing
-        rows: list[Slot | None] = [None] * n
-        for r, i in enumerate(slots):
-            s = self._slots[i]
-            toks = s.history[s.cache_len:]
-            ids[r, : len(toks)] = toks
-            starts[r], valid[r], rows[r] = s.cache_len, len(toks), s
+        rows: list[Slot | None] = [self._slots[i] for i in slots] + [None] * (n - len(slots))
+        ids, starts, valid = prefill_inputs(rows, t)
         table = self.memory.table(rows, self._table_width)
         first, self.cache = prefill_step(self.params, self.cache, table, ids, starts, valid,
                                          row_controls(rows), spec=self.spec,
@@ -444,16 +437,9 @@ class Engine:
             return False
         b = self._row_count(len(runnable))
         width = self._table_width
-        last, lengths, generated = (np.zeros(b, np.int32) for _ in range(3))
-        capacity = np.zeros(b, np.int32)
-        active = np.zeros(b, bool)
-        rows: list[Slot | None] = [None] * b
-        for r, i in enumerate(runnable):
-            s = self._slots[i]
-            last[r], lengths[r], generated[r] = s.history[s.cache_len], s.cache_len, len(s.generated)
-            capacity[r] = min(len(s.blocks), width) * self.block_size
-            capacity[r] = min(int(capacity[r]), self.max_len)
-            active[r], rows[r] = True, s
+        rows: list[Slot | None] = [self._slots[i] for i in runnable] + [None] * (b - len(runnable))
+        last, lengths, generated, capacity, active = decode_inputs(rows, width, self.block_size,
+                                                                   self.max_len)
         table = self.memory.table(rows, width)
         out, self.cache = decode_loop(self.params, self.cache, table, last, lengths, generated,
                                       active, capacity, row_controls(rows), spec=self.spec,

@@ -75,6 +75,34 @@ def pow2_at_least(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
 
 
+def prefill_inputs(rows: Sequence[Slot | None], t: int) -> tuple[np.ndarray, ...]:
+    """(ids (n, t), start positions, new-token counts) of one prefill call: each row's
+    tokens past its cache (None rows: padding, writing nothing)."""
+    ids = np.zeros((len(rows), t), np.int32)
+    starts, valid = np.zeros(len(rows), np.int32), np.zeros(len(rows), np.int32)
+    for r, s in enumerate(rows):
+        if s is not None:
+            toks = s.history[s.cache_len:]
+            ids[r, : len(toks)] = toks
+            starts[r], valid[r] = s.cache_len, len(toks)
+    return ids, starts, valid
+
+
+def decode_inputs(rows: Sequence[Slot | None], width: int, block_size: int, max_len: int
+                  ) -> tuple[np.ndarray, ...]:
+    """(last token, cache length, tokens generated, capacity, active) of one decode call; a
+    row's capacity is what its first `width` blocks hold, at most max_len (None rows:
+    padding, inactive)."""
+    last, lengths, generated, capacity = (np.zeros(len(rows), np.int32) for _ in range(4))
+    active = np.zeros(len(rows), bool)
+    for r, s in enumerate(rows):
+        if s is not None:
+            last[r], lengths[r], generated[r] = s.history[s.cache_len], s.cache_len, len(s.generated)
+            capacity[r] = min(min(len(s.blocks), width) * block_size, max_len)
+            active[r] = True
+    return last, lengths, generated, capacity, active
+
+
 def row_controls(rows: Sequence[Slot | None]) -> RowControls:
     """Per-row sampling settings of one device call (None rows: padding)."""
     n_stop = pow2_at_least(max([len(s.params.stop_ids) for s in rows if s] + [4]))
