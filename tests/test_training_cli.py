@@ -38,6 +38,7 @@ def no_compile(monkeypatch):
         raise AssertionError("compiled a train step despite bad input")
     monkeypatch.setattr(loop_lib, "make_train_step", boom)
     monkeypatch.setattr(loop_lib.state_lib, "init_state", boom)
+    monkeypatch.setattr(loop_lib.state_lib, "random_state", boom)
 
 
 @pytest.mark.parametrize("bad, needle", [
