@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -107,6 +109,15 @@ def write_checkpoints(args) -> None:
         emit(event="checkpoint", path=str(out), gb=round(total / 2**30, 2), seconds=round(time.perf_counter() - t0, 1))
 
 
+def _sample_memory(dev, every_s: float = 10.0) -> None:
+    while True:
+        time.sleep(every_s)
+        m = dev.memory_stats() or {}
+        print(f"[memory] in use {m.get('bytes_in_use', 0) / 2**30:.2f} GiB, peak "
+              f"{m.get('peak_bytes_in_use', 0) / 2**30:.2f} GiB, largest alloc "
+              f"{m.get('largest_alloc_size', 0) / 2**30:.2f} GiB", flush=True)
+
+
 def run_eval(args) -> None:
     """`lumos-jax eval` in this process, then the device's peak memory and the summary."""
     import os
@@ -117,6 +128,9 @@ def run_eval(args) -> None:
 
     compilation_cache()
     clock = CompileClock()
+    # a failed generator call is logged with its traceback; device memory is sampled every 10 s
+    logging.getLogger("lumos_jax.agent.runner").setLevel(logging.DEBUG)
+    threading.Thread(target=_sample_memory, args=(jax.devices()[0],), daemon=True).start()
     work = Path(args.workdir)
     os.environ["LUMOS_EVAL_DATA"] = str(Path(args.gsm8k).parent)
     out = work / "eval_out"

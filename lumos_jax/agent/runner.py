@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import logging
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -21,6 +22,8 @@ from lumos_jax.agent.generators import GenOutput, GenRequest, as_polling, error_
 from lumos_jax.agent.loops import EpisodeConfig, EpisodeResult, Generate, Work, episode
 from lumos_jax.agent.tools.base import ToolContext
 from lumos_jax.agent.trace import Trace
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -151,6 +154,9 @@ class EpisodeRunner:
             try:
                 finished = gen.poll(list(eps))
             except Exception as e:  # noqa: BLE001 - every turn in flight on it fails
+                log.warning("agent: a generator failed with %d turns in flight: %s: %s",
+                            len(eps), type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                log.debug("agent: generator failure", exc_info=True)
                 finished = [(h, error_output(e)) for h in eps]
             for h, out in finished:
                 ep = eps.get(h)

@@ -141,12 +141,15 @@ def pallas_gpu(q, kc, vc, table, lengths, *, interpret: bool | None = None):
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     b, _, kv, g, d = q.shape
-    qh = (q[:, 0].astype(jnp.float32) / math.sqrt(d)).astype(q.dtype).reshape(b, kv * g, d)
     local = functools.partial(_gpu_local, interpret=interpret)
     scales = ()
     if isinstance(kc, QPages):
         (kc, ks), (vc, vs) = kc, vc
         scales = (ks, vs)
+        q_dtype = q.dtype
+    else:  # the kernel's dots need q in the pages' dtype (fp32 compute over a bf16 cache)
+        q_dtype = kc.dtype
+    qh = (q[:, 0].astype(jnp.float32) / math.sqrt(d)).astype(q_dtype).reshape(b, kv * g, d)
     mesh = _mesh_or_none()
     if mesh is None:
         out = local(qh, kc, vc, table, lengths, *scales)
@@ -161,7 +164,7 @@ def pallas_gpu(q, kc, vc, table, lengths, *, interpret: bool | None = None):
                                                         PartitionSpec(q_spec[0], None), rows,
                                                         *scale_specs),
                             out_specs=q_spec, check_vma=False)(qh, kc, vc, table, lengths, *scales)
-    return out.reshape(b, 1, kv, g, d)
+    return out.reshape(b, 1, kv, g, d).astype(q.dtype)
 
 
 DECODE_ATTENTION = {"dot": _dot, "reduce": _reduce, "pallas": _pallas_tpu, "pallas_gpu": pallas_gpu}
