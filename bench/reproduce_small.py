@@ -42,6 +42,7 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -268,6 +269,71 @@ def evaluate(args, work: Path, name: str, dataset: str, agent) -> dict:
     return summary
 
 
+# -- parallel training ------------------------------------------------------------------------
+
+def trainings(args) -> list[tuple[str, str, str, int]]:
+    """(method, module, data key, seed) of every training `plan_items` needs, in priority order."""
+    out = []
+    for method, seed in plan_items(args):
+        if method == "cot":
+            out.append((method, "model", "cot", seed))
+        elif method in ("lumos_i", "lumos_o"):
+            f = "iterative" if method == "lumos_i" else "onetime"
+            out += [(method, "plan", f"plan_{f}", seed), (method, "ground", f"ground_{f}", seed)]
+    return out
+
+
+def train_in_parallel(args, argv: list[str], work: Path, budget: Budget, phases: dict, data: dict) -> None:
+    """Run the missing trainings `args.train_jobs` at a time, each a `--train_one` process with
+    1/jobs of the device memory (nothing preallocated); their phase records are merged into
+    `phases`. A worker still running when the budget is spent is stopped (its model stays
+    missing and its rows are skipped)."""
+    todo = [t for t in trainings(args)
+            if not (work / "train" / f"{t[0]}_{t[1]}_seed{t[3]}" / "model" / "config.json").exists()]
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+           "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.9 / args.train_jobs:.3f}", "PYTHONPATH": str(REPO)}
+    env.pop("XLA_CLIENT_MEM_FRACTION", None)
+    running: list[tuple[subprocess.Popen, tuple, float]] = []
+    t0, total_bytes = time.perf_counter(), 0
+    while todo or running:
+        while todo and len(running) < args.train_jobs:
+            t = todo.pop(0)
+            cmd = [sys.executable, str(Path(__file__).resolve())] + argv + ["--train_one", ":".join(map(str, t))]
+            log_file = open(work / f"train_{t[0]}_{t[1]}_seed{t[3]}.log", "w")
+            running.append((subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT), t,
+                            time.perf_counter()))
+            total_bytes += data[t[2]].stat().st_size
+            log(f"training {t[0]} {t[1]} seed {t[3]} (pid {running[-1][0].pid})")
+        time.sleep(2)
+        for proc, t, start in list(running):
+            if proc.poll() is None and budget.left() > 0:
+                continue
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            running.remove((proc, t, start))
+            name = f"train {t[0]}_{t[1]} seed {t[3]}"
+            record = work / "train" / f"{t[0]}_{t[1]}_seed{t[3]}" / "phase.json"
+            if proc.returncode == 0 and record.exists():
+                phases[name] = {**json.loads(record.read_text()), "parallel_jobs": args.train_jobs}
+            else:
+                phases[name] = {"error": f"worker exited with {proc.returncode}",
+                                "log": str(work / f"train_{t[0]}_{t[1]}_seed{t[3]}.log")}
+            log(f"{name}: rc {proc.returncode} after {time.perf_counter() - start:.0f}s")
+    if total_bytes:  # what the in-process estimate sees if a training is still to do
+        budget.measured("train", time.perf_counter() - t0, total_bytes)
+    phases["parallel_training_s"] = round(time.perf_counter() - t0, 1)
+
+
+def train_one(args, work: Path, base: Path, data: dict) -> int:
+    method, module, key, seed = args.train_one.split(":")
+    phases: dict = {}
+    train_model(args, work, base, f"{method}_{module}", data[key], int(seed), phases)
+    run = work / "train" / f"{method}_{module}_seed{seed}"
+    write_atomic(run / "phase.json", json.dumps(next(iter(phases.values()), {})))
+    return 0
+
+
 # -- driver -----------------------------------------------------------------------------------
 
 def parse(argv=None):
@@ -296,6 +362,10 @@ def parse(argv=None):
     p.add_argument("--prefill_tokens", type=int, default=32768, help="most tokens per prefill call")
     p.add_argument("--steps_per_call", type=int, default=16, help="decode steps per device call")
     p.add_argument("--cache_dir", default="/tmp/jax_cache", help="persistent compilation cache")
+    p.add_argument("--train_jobs", type=int, default=1,
+                   help="trainings run at once, each in its own process (a 135M training leaves the GPU idle "
+                        "while its host works: several overlap); then the evaluations, in this process")
+    p.add_argument("--train_one", help=argparse.SUPPRESS)  # METHOD:MODULE:DATA_KEY:SEED, a --train_jobs worker
     p.add_argument("--prepare_only", action="store_true",
                    help="only convert the training data into WORKDIR/data (to carry it to the GPU machine)")
     args = p.parse_args(argv)
@@ -318,7 +388,10 @@ def plan_items(args) -> list[tuple[str, int | None]]:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
+    if args.train_jobs > 1 and not args.train_one:  # the workers share the device with this process
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     budget = Budget(args.budget_s)
     jax.config.update("jax_compilation_cache_dir", args.cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -336,6 +409,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     data = training_files(args, work)
     phases["training_data"] = round(time.perf_counter() - t0, 1)
+    if args.train_one:
+        return train_one(args, work, base, data)
+    if args.train_jobs > 1:
+        train_in_parallel(args, argv, work, budget, phases, data)
     n_eval = {d: args.limit or DATASET_SIZE[d] for d in DATASET_ORDER}
 
     def save():
