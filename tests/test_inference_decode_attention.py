@@ -79,7 +79,9 @@ def test_gpu_blocking_fits_the_kernel_constraints():
         resolve_decode_attention("flash")
 
 
-def test_engine_with_the_gpu_kernel_equals_hf_greedy():
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
+def test_engine_with_the_gpu_kernel_equals_hf_greedy(scan_layers):
+    """Unrolled: the GPU default, the kernel over each layer's own page array."""
     from transformers import LlamaForCausalLM
 
     from lumos_jax.checkpoints.hf import load_hf_model
@@ -87,7 +89,7 @@ def test_engine_with_the_gpu_kernel_equals_hf_greedy():
 
     hf = LlamaForCausalLM.from_pretrained(STORIES).eval()
     engine = Engine(load_hf_model(STORIES), num_slots=2, max_len=64, steps_per_call=4, block_size=8,
-                    decode_attention="pallas_gpu")
+                    decode_attention="pallas_gpu", scan_layers=scan_layers)
     prompts = [[1, 403, 407, 261, 378], [1] + list(range(300, 320))]
     for p, r in zip(prompts, engine.generate(prompts, SamplingParams(max_new_tokens=8))):
         assert r.tokens == hf_greedy(hf, p, 8)

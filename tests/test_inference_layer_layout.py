@@ -1,5 +1,6 @@
 """Unrolled (per-layer buffers, the GPU default) and scanned layers give HF's tokens."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -7,6 +8,7 @@ from inference_helpers import STORIES, hf_greedy, random_prompts
 
 from lumos_jax.checkpoints.hf import load_hf_model
 from lumos_jax.inference import Engine, SamplingParams
+from lumos_jax.inference.engine import STAT_KEYS
 from lumos_jax.inference.params import decode_params, layer_layout, param_shardings, resolve_scan_layers
 from lumos_jax.sharding import make_mesh
 
@@ -32,6 +34,32 @@ def test_unrolled_and_scanned_engines_both_match_hf_greedy(stories):
     for p, ra, rb in zip(prompts, a, b):
         want = hf_greedy(hf, p, n)
         assert ra.tokens == want and rb.tokens == want
+
+
+def test_layouts_give_the_same_tokens_under_prefix_sharing_eviction_and_sharding(stories):
+    """One array per layer (unrolled; also split over tensor=2) and the stacked pool
+    (scanned) run the same streaming batch: more sessions than the pool holds (preemption,
+    recompute) with a common 20-token prefix (shared blocks); tokens, the host's
+    bookkeeping and HF greedy all agree."""
+    model, hf = stories
+    rng = np.random.default_rng(4)
+    shared = random_prompts(rng, 1, 20, 21, 512)[0]
+    prompts = [shared + tail[1:] for tail in random_prompts(rng, 6, 2, 6, 512)]
+    small = dict(num_slots=4, max_len=64, steps_per_call=4, block_size=4, num_blocks=14)  # 56 tokens
+    mesh = make_mesh(data=1, fsdp=1, tensor=2, devices=jax.devices()[:2])
+    runs = {}
+    for name, kw in (("scanned", dict(scan_layers=True)), ("unrolled", dict(scan_layers=False)),
+                     ("unrolled_tp2", dict(scan_layers=False, mesh=mesh))):
+        e = Engine.from_path(STORIES, **small, **kw) if "mesh" in kw else Engine(model, **small, **kw)
+        assert e.cache.per_layer is (name != "scanned")
+        results = e.generate(prompts, SamplingParams(max_new_tokens=12))
+        runs[name] = [r.tokens for r in results], {k: e.stats[k] for k in STAT_KEYS}
+    assert e.cache.k[0].sharding.spec[0] == "tensor"          # kv heads split in every layer
+    assert runs["unrolled"] == runs["scanned"] == runs["unrolled_tp2"]
+    tokens, stats = runs["scanned"]
+    assert stats["prefix_saved_tokens"] > 0 and stats["preemptions"] > 0, stats
+    for p, t in zip(prompts, tokens):
+        assert t == hf_greedy(hf, p, 12)
 
 
 def test_layer_layout_round_trip_and_shardings(stories):

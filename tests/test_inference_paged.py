@@ -11,7 +11,7 @@ from lumos_jax.checkpoints.hf import load_hf_model
 from lumos_jax.inference import Engine, SamplingParams
 from lumos_jax.inference.blocks import BlockPool, block_key
 from lumos_jax.inference.forward import PagedCache, decode_forward, prefill_forward
-from lumos_jax.inference.params import decode_params
+from lumos_jax.inference.params import decode_params, layer_layout
 
 VOCAB = 300
 # One shape family for every engine here, so they share compiled programs.
@@ -33,19 +33,13 @@ def _hf_logits(hf, seq):
         return hf(torch.tensor([seq])).logits[0].numpy()
 
 
-def test_logits_through_scattered_blocks_equal_hf_full_forward(models):
-    ours, hf = models
-    params, spec = decode_params(ours)
-    bs = 4
-    cache = PagedCache.init(spec, num_blocks=16, block_size=bs, dtype=np.float32)
-    seq = random_prompts(np.random.default_rng(3), 1, 24, 25, VOCAB)[0]   # 25 tokens
-    row_blocks = [13, 2, 9, 0, 7, 15, 4, 11]                               # out of order
-    table = np.array([row_blocks], np.int32)
+def _scattered_run(params, cache, spec, seq, table):
+    """Prefill 9, extend by 9 (crosses blocks), then decode one token at a time; the
+    logits at each position computed, and the final cache."""
     prefill = jax.jit(prefill_forward, static_argnums=2)
     decode = jax.jit(decode_forward, static_argnums=2)
-    want = _hf_logits(hf, seq)
     got = {}
-    a, b = 9, 18                                  # prefill 9, extend by 9 (crosses blocks), decode
+    a, b = 9, 18
     for lo, hi in ((0, a), (a, b)):
         toks = np.zeros((1, 16), np.int32)
         toks[0, : hi - lo] = seq[lo:hi]
@@ -56,11 +50,34 @@ def test_logits_through_scattered_blocks_equal_hf_full_forward(models):
         lg, cache = decode(params, cache, spec, table, np.array([seq[pos]], np.int32),
                            np.array([pos], np.int32), np.array([True]))
         got[pos] = np.asarray(lg[0, :VOCAB])
+    return got, cache
+
+
+def test_logits_through_scattered_blocks_equal_hf_full_forward(models):
+    """Both pool layouts: stacked (scanned layers) and one array per layer (unrolled)."""
+    ours, hf = models
+    params, spec = decode_params(ours)
+    bs = 4
+    seq = random_prompts(np.random.default_rng(3), 1, 24, 25, VOCAB)[0]   # 25 tokens
+    row_blocks = [13, 2, 9, 0, 7, 15, 4, 11]                               # out of order
+    table = np.array([row_blocks], np.int32)
+    want = _hf_logits(hf, seq)
+    stacked = PagedCache.init(spec, num_blocks=16, block_size=bs, dtype=np.float32)
+    per_layer = PagedCache.init(spec, num_blocks=16, block_size=bs, dtype=np.float32, per_layer=True)
+    assert per_layer.per_layer and (per_layer.num_layers, per_layer.num_blocks) == (spec.num_layers, 16)
+    got, cache = _scattered_run(params, stacked, spec, seq, table)
+    got_pl, cache_pl = _scattered_run(layer_layout(params, scan=False), per_layer, spec, seq, table)
     for pos, lg in got.items():
         np.testing.assert_allclose(lg, want[pos], atol=2e-4, rtol=1e-4, err_msg=f"position {pos}")
-    # blocks the row does not use were never written
+        np.testing.assert_allclose(got_pl[pos], lg, atol=1e-5, rtol=1e-5, err_msg=f"per layer {pos}")
+    # the same entries in both layouts; blocks the row does not use were never written
+    k = np.asarray(cache.k)
+    np.testing.assert_allclose(np.stack([np.asarray(a) for a in cache_pl.k], axis=1), k, atol=1e-5)
     unused = sorted(set(range(16)) - set(row_blocks[: -(-len(seq) // bs)]))
-    assert not np.asarray(cache.k)[:, :, unused].any()
+    assert not k[:, :, unused].any()
+    with pytest.raises(ValueError, match="per-layer KV cache needs per-layer weights"):
+        prefill_forward(params, per_layer, spec, table, np.zeros((1, 4), np.int32),
+                        np.zeros(1, np.int32), np.ones(1, np.int32))
 
 
 def _drive_sessions(engine, hf, prompts, turns, new_tokens, extend_len, rng, tool_steps=2):
@@ -89,12 +106,14 @@ def _drive_sessions(engine, hf, prompts, turns, new_tokens, extend_len, rng, too
     return checked
 
 
-def test_pool_smaller_than_all_sessions_evicts_and_recomputes_exactly(models):
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
+def test_pool_smaller_than_all_sessions_evicts_and_recomputes_exactly(models, scan_layers):
     ours, hf = models
     rng = np.random.default_rng(5)
     prompts = random_prompts(rng, 4, 8, 12, VOCAB)
     # 4 sessions end at ~35 tokens each (~140 in all); the pool holds 48 tokens
-    engine = Engine(ours, **SMALL)
+    engine = Engine(ours, **SMALL, scan_layers=scan_layers)
+    assert engine.cache.per_layer is not scan_layers
     assert _drive_sessions(engine, hf, prompts, turns=3, new_tokens=6, extend_len=4, rng=rng) == 12
     s = engine.stats
     assert s["evictions"] > 0 and s["preemptions"] > 0, s

@@ -253,7 +253,7 @@ def test_int8_checkpoint_round_trip(stories, tmp_path):
 
 def test_int8_kv_gpu_kernel_equals_dot(stories):
     """JAX's Pallas GPU paged kernel (interpret mode here) on int8 pages + scales gives the
-    dot path's greedy tokens."""
+    dot path's greedy tokens, over the stacked pool and over per-layer pools (unrolled)."""
     from inference_helpers import random_prompts
 
     from lumos_jax.inference import Engine, SamplingParams
@@ -262,8 +262,11 @@ def test_int8_kv_gpu_kernel_equals_dot(stories):
                  decode_attention="dot")
     prompts = random_prompts(np.random.default_rng(5), 2, 3, 20, 512)
     want = [r.tokens for r in eng.generate(prompts, SamplingParams(max_new_tokens=6))]
-    got = eng.resized(decode_attention="pallas_gpu").generate(prompts, SamplingParams(max_new_tokens=6))
-    assert [r.tokens for r in got] == want
+    for scan_layers in (True, False):
+        gpu = eng.resized(decode_attention="pallas_gpu", scan_layers=scan_layers)
+        assert gpu.cache.per_layer is not scan_layers
+        got = gpu.generate(prompts, SamplingParams(max_new_tokens=6))
+        assert [r.tokens for r in got] == want
 
 
 def test_gin_switches_load_int8_sharded_and_from_an_int8_checkpoint(stories, tmp_path):

@@ -102,13 +102,14 @@ class Engine:
                              reserve_bytes=self.reserve_bytes)
         self.memory = PagedMemory(blocks, block_size, max_len)
         self.block_size = block_size
-        self.cache_sharding = None
-        shape = (spec.num_kv_heads, spec.num_layers, blocks, block_size, spec.head_dim)
+        per_layer = not self.scan_layers        # unrolled: K, V arrays per layer (forward.py)
+        self.cache_sharding = None              # of each cache array
+        shape = PagedCache.array_shape(spec, blocks, block_size, per_layer)
         if mesh is not None:
             self.cache_sharding = NamedSharding(
-                mesh, logical_to_spec(PagedCache.logical_axes(), shape, mesh, rules))
+                mesh, logical_to_spec(PagedCache.logical_axes(per_layer), shape, mesh, rules))
         self.cache = PagedCache.init(spec, blocks, block_size, jnp.dtype(self.cache_dtype),
-                                     self.cache_sharding)
+                                     self.cache_sharding, per_layer=per_layer)
         self._slots: dict[int, Slot] = {}
         self._queue: deque = deque()
         self._ids = itertools.count()

@@ -12,11 +12,13 @@ weight is ever written) and the scale multiplies the fp32 *output*, which is exa
 
 KV cache: one scale per token per kv head, the layout of the GPU Pallas kernel's
 `k_scales_pages` (kv_heads, num_blocks, block_size) beside int8 pages
-(kv_heads, num_blocks, block_size, head_dim): k = k_int8 * scale.
+(kv_heads, num_blocks, block_size, head_dim): k = k_int8 * scale (a `QPages` per pool
+array: the stacked pool's, or each layer's).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import string
 from pathlib import Path
@@ -183,13 +185,19 @@ KV_SCALE_BYTES = 4  # fp32 scale per token per head beside the int8 page entries
 
 def zero_pages(shape, dtype, sharding=None):
     """A page pool of zeros: float `dtype`, or `QPages` (int8 + fp32 scales) for int8."""
-    if jnp.dtype(dtype) != jnp.int8:
+    return _zeros_program(tuple(shape), jnp.dtype(dtype), sharding)()
+
+
+@functools.lru_cache(maxsize=16)
+def _zeros_program(shape, dtype, sharding):
+    """One compiled program per pool shape: a per-layer pool makes 2 x layers arrays."""
+    if dtype != jnp.int8:
         make = lambda: jnp.zeros(shape, dtype)  # noqa: E731
-        return jax.jit(make, out_shardings=sharding)() if sharding is not None else make()
-    make = lambda: QPages(jnp.zeros(shape, jnp.int8), jnp.zeros(shape[:-1], jnp.float32))  # noqa: E731
-    if sharding is None:
-        return make()
-    return jax.jit(make, out_shardings=QPages(sharding, drop_last_axis(sharding)))()
+        out = sharding
+    else:
+        make = lambda: QPages(jnp.zeros(shape, jnp.int8), jnp.zeros(shape[:-1], jnp.float32))  # noqa: E731
+        out = None if sharding is None else QPages(sharding, drop_last_axis(sharding))
+    return make if sharding is None else jax.jit(make, out_shardings=out)
 
 
 def drop_last_axis(sharding):
