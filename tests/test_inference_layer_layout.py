@@ -79,3 +79,22 @@ def test_scan_layers_setting_is_checked():
     assert resolve_scan_layers(True) is True and resolve_scan_layers(False) is False
     with pytest.raises(ValueError, match="scan_layers"):
         resolve_scan_layers("sometimes")
+
+
+def test_auto_unrolls_only_large_layers_on_gpu(monkeypatch):
+    """'auto': scanned off-GPU; on GPU unrolled for 7B-sized layers (the scanned weight copy
+    costs decode time) and scanned for small ones (unrolling costs compile time)."""
+    from lumos_jax.inference import params as params_mod
+    from lumos_jax.models import PRESETS
+
+    small, _ = params_mod.random_decode_params(PRESETS["tiny"], jax.random.PRNGKey(0), "float32")
+    per_layer = layer_layout(small, False)
+    assert params_mod.layer_weight_bytes(small) == params_mod.layer_weight_bytes(per_layer) > 0
+    one_layer = sum(x.nbytes for x in jax.tree.leaves(per_layer["layers"][0]))
+    assert params_mod.layer_weight_bytes(small) == one_layer
+    assert resolve_scan_layers("auto", one_layer) is True            # this test runs on CPU
+    monkeypatch.setattr(params_mod.jax, "default_backend", lambda: "gpu")
+    assert resolve_scan_layers("auto", one_layer) is True
+    assert resolve_scan_layers("auto", params_mod.UNROLL_MIN_LAYER_BYTES) is False
+    assert resolve_scan_layers("auto", None) is False
+    assert resolve_scan_layers(True, 10**12) is True

@@ -30,7 +30,7 @@ from lumos_jax.inference.forward import PagedCache
 from lumos_jax.inference.paged import PagedMemory, pool_blocks, step_reserve_bytes
 from lumos_jax.inference.paged_slots import (Slot, checked_token_ids, decode_inputs, length_bucket,
                                              prefill_inputs, pow2_at_least, row_count, row_controls)
-from lumos_jax.inference.params import decode_params, layer_layout, resolve_scan_layers
+from lumos_jax.inference.params import decode_params, layer_layout, layer_weight_bytes, resolve_scan_layers
 from lumos_jax.inference.sampling import SamplingParams
 from lumos_jax.inference.steps import decode_loop, prefill_step
 from lumos_jax.inference.stops import find_stop_string
@@ -83,7 +83,7 @@ class Engine:
             raise ValueError(f"Engine: num_slots={num_slots}, max_len={max_len}, "
                              f"steps_per_call={steps_per_call} must be positive (max_len >= 2)")
         decode_attention = resolve_decode_attention(decode_attention)
-        self.scan_layers = resolve_scan_layers(scan_layers)
+        self.scan_layers = resolve_scan_layers(scan_layers, layer_weight_bytes(params))
         params = layer_layout(params, self.scan_layers)
         if cache_dtype not in (None, *CACHE_DTYPES):
             raise ValueError(f"Engine: cache_dtype={cache_dtype!r}; expected one of {CACHE_DTYPES}")

@@ -106,15 +106,34 @@ def param_shardings(params: dict, mesh: Mesh, rules=None) -> dict:
     return {**{k: one(TOP_AXES[k], params[k]) for k in TOP_AXES}, "layers": out_layers}
 
 
-def resolve_scan_layers(value) -> bool:
+# 'auto' unrolls on GPU only layers at least this large: the scanned copy of a layer's weights
+# costs ~0.5 ms per GB read (Llama-2-7B, below), which a 135M model (7 MB a layer: ~0.1 ms a
+# step) never recovers from the compile time unrolling adds (30 layers: 18 engine programs took
+# 167 s to compile in the H200 SVAMP eval of bench/reproduce_small.py, 2026-12-01).
+UNROLL_MIN_LAYER_BYTES = 32 * 2**20
+
+
+def layer_weight_bytes(params: dict) -> int:
+    """Bytes of one decoder layer's weights, stacked or per-layer params alike."""
+    layers = params["layers"]
+    if isinstance(layers, (tuple, list)):
+        return sum(x.nbytes for x in jax.tree.leaves(layers[0])) if layers else 0
+    leaves = jax.tree.leaves(layers)
+    return sum(x.nbytes // x.shape[0] for x in leaves) if leaves else 0
+
+
+def resolve_scan_layers(value, layer_bytes: int | None = None) -> bool:
     """`engine_settings.scan_layers`: True scans the stacked layers (one compiled layer body:
     compile time independent of depth), False unrolls them over per-layer buffers. 'auto':
-    unrolled on GPU, where XLA copies each scanned layer's dynamic slice of the stacked
-    weights before its matmuls (Llama-2-7B bf16 decode on one H200, 2026-12-01: scanned
-    11.0 ms/step at batch 1 vs 4.5 ms unrolled; --xla_gpu_enable_dynamic_slice_fusion did
-    not help), scanned elsewhere."""
+    on GPU unrolled when a layer's weights are at least UNROLL_MIN_LAYER_BYTES (or unknown),
+    since XLA copies each scanned layer's dynamic slice of the stacked weights before its
+    matmuls (Llama-2-7B bf16 decode on one H200, 2026-12-01: scanned 11.0 ms/step at batch 1
+    vs 4.5 ms unrolled; --xla_gpu_enable_dynamic_slice_fusion did not help); scanned for
+    smaller models and on other backends."""
     if value == "auto":
-        return jax.default_backend() != "gpu"
+        if jax.default_backend() != "gpu":
+            return True
+        return layer_bytes is not None and layer_bytes < UNROLL_MIN_LAYER_BYTES
     if isinstance(value, bool):
         return value
     raise ValueError(f"engine_settings.scan_layers={value!r}; expected 'auto', True or False")

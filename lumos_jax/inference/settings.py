@@ -12,7 +12,7 @@ import jax
 from lumos_jax.checkpoints.native import load_model
 from lumos_jax.inference.engine import Engine
 from lumos_jax.inference.paged import free_device_bytes, step_reserve_bytes
-from lumos_jax.inference.params import decode_params, layer_layout, resolve_scan_layers
+from lumos_jax.inference.params import decode_params, layer_layout, layer_weight_bytes, resolve_scan_layers
 from lumos_jax.inference.quant import check_quant_dtype, convert_weights, is_int8_checkpoint, load_int8
 from lumos_jax.inference.sampling import SamplingParams
 from lumos_jax.sharding import make_mesh
@@ -34,7 +34,7 @@ def engine_settings(num_slots: int = 8, max_len: int = 2048, steps_per_call: int
     `weight_dtype='int8'`: every matmul weight int8 with per-channel scales, converted at
     load time (an int8 checkpoint loads as it is); `kv_dtype='int8'`: int8 K/V pages with
     a scale per token and head ('bf16': the float dtypes of `inference_dtypes`).
-    `scan_layers`: 'auto' (unrolled on GPU, scanned elsewhere), True or False; see
+    `scan_layers`: 'auto' (unrolled on GPU for layers of 32 MiB or more, else scanned), True or False; see
     `lumos_jax.inference.params.resolve_scan_layers`."""
     return dict(num_slots=num_slots, max_len=max_len, steps_per_call=steps_per_call,
                 max_prefill_tokens=max_prefill_tokens, block_size=block_size,
@@ -95,7 +95,8 @@ def load_engines(paths: Sequence[str], tokenizer=None, mesh=None, **overrides) -
         params, spec = decode_params(model, mesh)
         params = convert_weights(params, weight_dtype, mesh=mesh)
         # unrolled layers are split here, leaf by leaf, while nothing else holds the stacked tree
-        built[path] = (model.config, layer_layout(params, resolve_scan_layers(scan)), spec)
+        scanned = resolve_scan_layers(scan, layer_weight_bytes(params))
+        built[path] = (model.config, layer_layout(params, scanned), spec)
         del model, params
     share = max(1, len(built))
     if settings.get("kv_memory_gb") is not None:
