@@ -126,6 +126,24 @@ class Tokenizer:
             ids.extend(piece_ids)
         return ids
 
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
+        """`[encode(t, add_bos) for t in texts]` in one tokenizer call (HF: the Rust tokenizer
+        encodes the batch on all cores; sentencepiece: one batched call)."""
+        if add_bos and (self.bos_id is None or self.bos_id < 0):
+            raise ValueError(f"tokenizer {self.path}: has no BOS token to add")
+        if self.backend == "hf":
+            split = [self._split_re.split(t) if self._pad_added else [t] for t in texts]
+            plain = [p for pieces in split for p in pieces if p and p != PAD_TOKEN]
+            encoded = iter(e.ids for e in self._hf.backend_tokenizer.encode_batch(plain, add_special_tokens=False))
+            pieces_ids = [[[self.pad_id] if p == PAD_TOKEN else next(encoded) for p in pieces if p]
+                          for pieces in split]
+        else:
+            split = [[p for p in self.split_at_specials(t) if p] for t in texts]
+            flat = iter(self.encode_pieces([p for pieces in split for p in pieces]))
+            pieces_ids = [[next(flat) for _ in pieces] for pieces in split]
+        head = [self.bos_id] if add_bos else []
+        return [head + [i for ids in per_text for i in ids] for per_text in pieces_ids]
+
     def split_at_specials(self, text: str) -> list[str]:
         """`text` cut at special-token strings, each special its own piece (some pieces may be
         empty): the slow Llama tokenizer encodes every piece on its own."""
@@ -233,26 +251,43 @@ def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer,
     tokenizing the text up to that point (kept literal: the quirks at `</s>\\n` and at
     truncation come from exactly this rule).
     """
+    input_ids, labels, _ = encode_conversation_with_length(messages, tokenizer, max_len)
+    return input_ids, labels
+
+
+def encode_conversation_with_length(messages: Sequence[dict], tokenizer: Tokenizer,
+                                    max_len: int = 1024) -> tuple[np.ndarray, np.ndarray, int]:
+    """`encode_conversation` plus the untruncated token count. The whole text and every
+    prefix whose length sets a mask boundary are tokenized in one batched call (the
+    reference tokenizes them one by one: same ids, ~7 calls per conversation saved)."""
     if not messages:
         raise ValueError("conversation has no messages")
     eos = tokenizer.eos_token
-    text = concat_messages(messages, eos).strip()
-    full = tokenizer.encode(text, add_bos=tokenizer.chat_bos)
+    for i, m in enumerate(messages):
+        _role_and_content(i, m)
+    bounds = []          # (message index, prefix messages, suffix) of every mask boundary
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            continue
+        suffix = ROLE_TAGS["assistant"] if i + 1 < len(messages) and messages[i + 1]["role"] == "assistant" else ""
+        bounds.append((i, i, ""))
+        bounds.append((i, i + 1, suffix))
+    texts = [concat_messages(messages, eos).strip()]
+    texts += [concat_messages(messages[:n], eos) + suffix for _, n, suffix in bounds if n > 0]
+    encoded = tokenizer.encode_batch(texts, add_bos=tokenizer.chat_bos)
+    full, lengths = encoded[0], iter(len(ids) for ids in encoded[1:])
+    prefix = {(n, suffix): (next(lengths) if n > 0 else 0) for _, n, suffix in bounds}
     input_ids = np.asarray(full[:max_len], dtype=np.int32)
     labels = input_ids.copy()
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
             continue
-        start = 0 if i == 0 else _prefix_len(messages[:i], tokenizer, eos)
+        start = prefix[(i, "")]
         suffix = ROLE_TAGS["assistant"] if i + 1 < len(messages) and messages[i + 1]["role"] == "assistant" else ""
-        end = _prefix_len(messages[: i + 1], tokenizer, eos, suffix)
+        end = prefix[(i + 1, suffix)]
         labels[start:min(end, max_len)] = IGNORE_INDEX
         if end >= max_len:
             break
-    return input_ids, labels
-
-
-def _prefix_len(messages, tokenizer, eos, suffix=""):
-    return len(tokenizer.encode(concat_messages(messages, eos) + suffix, add_bos=tokenizer.chat_bos))
+    return input_ids, labels, len(full)
 
 

@@ -242,3 +242,17 @@ def test_chat_format_train_and_its_old_name(llama2_tokenizer):
         assert chat_format("training") == "train"
     with pytest.raises(ValueError, match="chat_format.name='chat'; expected one of"):
         chat_format("chat")
+
+
+@pytest.mark.parametrize("which", ["sentencepiece", "bpe"])
+def test_encode_batch_equals_encode_one_by_one(which, llama2_tokenizer, bpe):
+    """The batched call the chat encoding uses gives each text's own ids (specials and the
+    added <pad> included), checked against the tokenizer library's own ids as well."""
+    tok = llama2_tokenizer if which == "sentencepiece" else bpe[0]
+    texts = ["", "plain text", f"a{tok.eos_token}\nb", "<pad>x<pad>", "  two  spaces\n\nand 12,345.6",
+             "<|user|>\nQ: 3 + 4?\n<|assistant|>\nSubgoal 1: add." + tok.eos_token]
+    for bos in ([False, True] if tok.bos_id is not None and tok.bos_id >= 0 else [False]):
+        assert tok.encode_batch(texts, add_bos=bos) == [tok.encode(t, add_bos=bos) for t in texts]
+    if which == "bpe":
+        ref = bpe[1]
+        assert tok.encode_batch(texts[1:3]) == [ref(t, add_special_tokens=False).input_ids for t in texts[1:3]]

@@ -18,7 +18,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from lumos_jax.tokenization import IGNORE_INDEX, ROLE_TAGS, Tokenizer, concat_messages, encode_conversation
+from lumos_jax.tokenization import IGNORE_INDEX, ROLE_TAGS, Tokenizer, concat_messages, encode_conversation_with_length
 
 
 class Encoded(NamedTuple):
@@ -53,10 +53,7 @@ def encode_fast(messages: Sequence[dict], tokenizer: Tokenizer, max_len: int = 1
     if not messages:
         raise ValueError("conversation has no messages")
     if tokenizer.backend != "sentencepiece" or not tokenizer.chat_bos:
-        full_len = len(tokenizer.encode(concat_messages(messages, tokenizer.eos_token).strip(),
-                                        add_bos=tokenizer.chat_bos))
-        ids, labels = encode_conversation(messages, tokenizer, max_len)
-        return Encoded(ids, labels, full_len)
+        return Encoded(*encode_conversation_with_length(messages, tokenizer, max_len))
     eos = tokenizer.eos_token
     turns = _turn_texts(messages, eos)
     text = "".join(turns)
