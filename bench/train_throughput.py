@@ -206,6 +206,7 @@ def run_loop(args, config, mesh) -> dict:
     its logged tokens/s, median over the log intervals after the first (compile)."""
     import tempfile
 
+    from lumos_jax.data.loader import make_memory_iterator
     from lumos_jax.jsonl import read_jsonl
     from lumos_jax.training import data as data_lib
     from lumos_jax.training.loop import train
@@ -215,8 +216,8 @@ def run_loop(args, config, mesh) -> dict:
                                            args.seq + 1, seed=0)
 
     def data(seq_len, global_batch, seed):
-        return data_lib.InMemoryBatches(examples, seq_len, global_batch, seed, packing=True,
-                                        token_vocab_size=config.vocab_size), None
+        return make_memory_iterator(examples, seq_len=seq_len, global_batch=global_batch, seed=seed,
+                                    token_vocab_size=config.vocab_size), None
 
     log_every = max(1, steps // 8)
     with tempfile.TemporaryDirectory() as work:

@@ -59,7 +59,7 @@ def test_every_saved_step_carries_a_digest_of_its_files(trained):
             assert entry["size"] == p.stat().st_size
 
 
-def test_damaged_steps_fall_back_to_the_newest_intact_one(trained, tmp_path, capsys):
+def test_damaged_steps_fall_back_to_the_newest_intact_one(trained, tmp_path, caplog):
     """A byte flipped in the latest step (6) and the previous one (3) truncated: both are
     found before reading, and the run resumes from step 1 (one run covers both kinds)."""
     work, ckpts = copy_of(trained, tmp_path)
@@ -71,8 +71,8 @@ def test_damaged_steps_fall_back_to_the_newest_intact_one(trained, tmp_path, cap
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     parse_gin(["mesh/single_device.gin"], GIN)
     result = train(workdir=str(work), max_steps=6, save_every=3)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if "damaged" in line]
+    err = caplog.text
+    lines = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
     assert len(lines) == 2, err
     assert "checkpoint step 6 is damaged" in lines[0] and flipped.name in lines[0]
     assert "sha256 differs" in lines[0]
@@ -117,7 +117,8 @@ def test_divergence_stops_nonzero_and_keeps_the_last_good_checkpoint(trained, tm
             "--gin.optimizer_settings.warmup_steps=0", "--gin.optimizer_settings.schedule='constant'",
             "--gin.train.max_steps=20", "--gin.train.save_every=1"]
     rc = main(args)
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in capsys.readouterr().err.strip().splitlines()
+           if not line.startswith("lumos-jax train: resumed from")]  # the run's INFO line
     assert rc != 0
     assert len(err) == 1 and "training diverged at step" in err[0] and "last good checkpoint" in err[0], err
     diverged = int(err[0].split("training diverged at step ")[1].split(" ")[0])

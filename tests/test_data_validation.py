@@ -80,22 +80,22 @@ def untrained_file(tmp_path, tok, max_len):
     return path
 
 
-def test_memory_loader_leaves_out_and_reports_untrained_records(tmp_path, tok, capsys):
+def test_memory_loader_leaves_out_and_reports_untrained_records(tmp_path, tok, caplog):
     path = untrained_file(tmp_path, tok, 64)
     examples = encode_files([path], tok, 64)
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [r.getMessage() for r in caplog.records]
     assert len(examples) == 3
     assert all(np.any(labels[1:] != -100) for _, labels in examples)
     assert len(err) == 1 and "2 record(s) have no trained tokens" in err[0]
     assert f"{path}:2, {path}:4" in err[0] and "max_len 64" in err[0]
 
 
-def test_pipeline_leaves_out_and_reports_untrained_records(tmp_path, tok, capsys):
+def test_pipeline_leaves_out_and_reports_untrained_records(tmp_path, tok, caplog):
     path = untrained_file(tmp_path, tok, 64)
     it = make_train_iterator(sources=[str(path)], tokenizer=tok, seq_len=64, batch_size=1,
                              packing=False, num_epochs=1, process_index=0, process_count=1)
     batches = list(it)
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [r.getMessage() for r in caplog.records]
     assert len(batches) == 3  # only the three good records
     assert all(b["loss_mask"].sum() > 0 for b in batches)
     assert it.summary()["no_target"] == 2
@@ -105,7 +105,7 @@ def test_pipeline_leaves_out_and_reports_untrained_records(tmp_path, tok, capsys
     assert f"{path}:2" in epoch_lines[0] and f"{path}:4" in epoch_lines[0]
 
 
-def test_memory_source_through_training_data(tmp_path, capsys):
+def test_memory_source_through_training_data(tmp_path):
     """`training_data.source='memory'` goes through the same checks."""
     from lumos_jax.training.data import training_data
 

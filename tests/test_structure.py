@@ -1,6 +1,7 @@
 """The tree's shape, read from the source (ast, nothing imported): no import cycles between
 files or packages, one definition of each shared concept (batch keys, JSONL reader, atomic
-writer, packer), and imports at the top of the file unless a reason is written down here.
+writer, packer, training-batch iterator, int8 code/scale pair), library code logging rather
+than printing, and imports at the top of the file unless a reason is written down here.
 
 Each failure names file:line, so the fix is where the message points.
 """
@@ -228,24 +229,20 @@ _WRITES = re.compile(r"write_text\(|write_bytes\(|\.write\(|open\([^)]*['\"][wa]
 
 def atomic_writers() -> list[str]:
     """Functions that write a file and then move it into place under its final name."""
-    found = []
-    for p, t in SCAN.items():
-        for f in _functions(t):
-            moves = [c for c in ast.walk(f) if isinstance(c, ast.Call) and _moves_into_place(c)]
-            if moves and _WRITES.search(ast.unparse(f)):
-                found.append((p, f))
-    return _innermost(found)
+    return _functions_where(lambda f: _WRITES.search(ast.unparse(f)) and any(
+        isinstance(c, ast.Call) and _moves_into_place(c) for c in ast.walk(f)))
 
 
 def packers() -> list[str]:
     """Code that lays conversations side by side in a row: it writes `segment_ids`."""
-    found = []
-    for p, t in SCAN.items():
-        for f in _functions(t):
-            if any(isinstance(n, ast.Assign) and any(isinstance(x, ast.Subscript) and "segment_ids" in ast.unparse(x)
-                                                     for x in n.targets) for n in ast.walk(f)):
-                found.append((p, f))
-    return _innermost(found)
+    return _functions_where(lambda f: any(
+        isinstance(n, ast.Assign) and any(isinstance(x, ast.Subscript) and "segment_ids" in ast.unparse(x)
+                                          for x in n.targets) for n in ast.walk(f)))
+
+
+def _functions_where(test) -> list[str]:
+    """file:line of the innermost functions of the scanned tree for which test(function) holds."""
+    return _innermost([(p, f) for p, t in SCAN.items() for f in _functions(t) if test(f)])
 
 
 def _innermost(found: list[tuple[Path, ast.AST]]) -> list[str]:
@@ -256,9 +253,31 @@ def _innermost(found: list[tuple[Path, ast.AST]]) -> list[str]:
     return sorted(_loc(p, n) for p, n in keep)
 
 
+def batch_iterators() -> list[str]:
+    """Training-batch iterators: a class with `__next__` and a checkpointable state
+    (`get_state` / `set_state`), or a generator that renders batch rows (`render_rows`)."""
+    found = []
+    for p, t in SCAN.items():
+        for n in ast.walk(t):
+            if isinstance(n, ast.ClassDef):
+                methods = {f.name for f in n.body if isinstance(f, ast.FunctionDef)}
+                if "__next__" in methods and methods & {"get_state", "set_state"}:
+                    found.append((p, n))
+            elif isinstance(n, ast.FunctionDef) and _calls(n, "render_rows") and any(
+                    isinstance(y, (ast.Yield, ast.YieldFrom)) for y in ast.walk(n)):
+                found.append((p, n))
+    return _innermost(found)
+
+
+def int8_quantizers() -> list[str]:
+    """Code that turns floats into int8 codes: rounds and casts to int8 in one function."""
+    return _functions_where(lambda f: _calls(f, "round") and re.search(r"astype\((jnp|np)\.int8\)", ast.unparse(f)))
+
+
 # Where each concept lives; a detector match anywhere else is a second definition.
 HOMES = {"BATCH_KEYS": "lumos_jax/data/packing.py", "JSONL reader": "lumos_jax/jsonl.py",
-         "atomic writer": "lumos_jax/atomic.py", "packer": "lumos_jax/data/packing.py"}
+         "atomic writer": "lumos_jax/atomic.py", "packer": "lumos_jax/data/packing.py",
+         "batch iterator": "lumos_jax/data/loader.py", "int8 quantizer": "lumos_jax/inference/quant.py"}
 # file -> why a match there is not a second copy of the concept
 NOT_A_COPY = {
     "lumos_jax/checkpoints/hf.py": "swaps a whole HF directory into place (rename of a folder), not a file",
@@ -267,7 +286,8 @@ NOT_A_COPY = {
 
 def _detected() -> dict[str, list[str]]:
     return {"BATCH_KEYS": batch_keys_definitions(), "JSONL reader": jsonl_readers(),
-            "atomic writer": atomic_writers(), "packer": packers()}
+            "atomic writer": atomic_writers(), "packer": packers(), "batch iterator": batch_iterators(),
+            "int8 quantizer": int8_quantizers()}
 
 
 def test_one_definition_each():
@@ -278,6 +298,21 @@ def test_one_definition_each():
         f"{k} (use {HOMES[k]}) at {', '.join(v)}" for k, v in extra.items())
     assert [loc.split(":")[0] for loc in found["BATCH_KEYS"]] == [HOMES["BATCH_KEYS"]]
     assert found["packer"] and all(loc.startswith(HOMES["packer"]) for loc in found["packer"])
+    assert len(found["batch iterator"]) == 1, found["batch iterator"]  # BatchIterator, nothing beside it
+    assert len(found["int8 quantizer"]) == 1, found["int8 quantizer"]  # weights and KV pages share it
+
+
+def test_int8_weights_and_pages_share_one_pair():
+    """QTensor (weights) and QPages (KV pages) are both the one (q, scale) NamedTuple's
+    subclasses, adding no fields of their own."""
+    tree = SCAN[REPO / "lumos_jax/inference/quant.py"]
+    classes = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+    pairs = [name for name, c in classes.items() if "NamedTuple" in [ast.unparse(b) for b in c.bases]]
+    assert pairs == ["Int8Array"], pairs
+    for name in ("QTensor", "QPages"):
+        c = classes[name]
+        assert [ast.unparse(b) for b in c.bases] == ["Int8Array"], name
+        assert not [n for n in c.body if isinstance(n, ast.AnnAssign)], f"{name} adds fields"
 
 
 def test_detectors_find_each_concept(tmp_path, monkeypatch):
@@ -291,6 +326,12 @@ def test_detectors_find_each_concept(tmp_path, monkeypatch):
         "writer2.py": "def save(p, t):\n    tmp = p.with_suffix('.tmp')\n    tmp.write_text(t)\n    tmp.replace(p)\n",
         "packer.py": "def rows(b):\n    b['segment_ids'][0, :3] = 1\n",
         "keys.py": "BATCH_KEYS = ('input_ids',)\n",
+        "iters.py": "class It:\n    def __next__(self):\n        pass\n    def get_state(self):\n        pass\n"
+                    "def fixed(rows):\n    for r in rows:\n        yield render_rows(r)\n"
+                    "class Plain:\n    def __next__(self):\n        pass\n",
+        "q8.py": "def q(x, s):\n    return jnp.round(x / s).astype(jnp.int8)\n",
+        "prints.py": "def log(x):\n    print(x)\ndef main():\n    print(1)\nif __name__ == '__main__':\n"
+                     "    print(2)\n",
         "clean.py": "import json, os\ndef ok(p):\n    cfg = json.loads(p.read_text())\n    for k in cfg:\n"
                     "        os.makedirs(k)\n    return 'a.b'.replace('.', '_')\n",
     }
@@ -303,6 +344,43 @@ def test_detectors_find_each_concept(tmp_path, monkeypatch):
     assert jsonl_readers() == ["reader.py:2", "reader2.py:2"]
     assert atomic_writers() == ["writer.py:2", "writer2.py:1"]
     assert packers() == ["packer.py:1"] and batch_keys_definitions() == ["keys.py:1"]
+    assert batch_iterators() == ["iters.py:1", "iters.py:6"] and int8_quantizers() == ["q8.py:1"]
+    assert prints_outside_entry_points(scan) == ["prints.py:2"]
+
+
+# -- logging, not print, in library code -----------------------------------------------------
+# Where print() is the point: a command's own output. Anything else logs through
+# logging.getLogger(__name__), which lumos_jax/cli.py sends to stderr for every command.
+# A function named `main` and an `if __name__ == "__main__":` block print anywhere.
+PRINT_OK = {
+    "lumos_jax/cli.py": "the `lumos-jax` entry point: usage and error lines",
+    "lumos_jax/demo.py": "the `lumos-jax demo` command: its progress lines and the episode it shows",
+    "lumos_jax/inference/serve_worker.py": "engine-thread failure lines of `lumos-jax serve` (left for its owner)",
+}
+PRINT_OK_NAMES = ("cli.py",)  # each subcommand's entry module (lumos_jax/training/cli.py, ...)
+PRINT_SCAN = ("lumos_jax", "data_pipeline")  # launch/ is the launchers' command line; bench/ scripts
+
+
+def prints_outside_entry_points(scan=None) -> list[str]:
+    out = []
+    for p, t in (scan or SCAN).items():
+        rel = str(p.relative_to(REPO))
+        if scan is None and (not rel.startswith(PRINT_SCAN) or rel in PRINT_OK or p.name in PRINT_OK_NAMES):
+            continue
+        entry = set()
+        for n in ast.walk(t):
+            if (isinstance(n, ast.FunctionDef) and n.name == "main") or (
+                    isinstance(n, ast.If) and "__name__" in ast.unparse(n.test)):
+                entry |= {id(x) for x in ast.walk(n)}
+        out += [_loc(p, c) for c in ast.walk(t) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)
+                and c.func.id == "print" and id(c) not in entry]
+    return sorted(out)
+
+
+def test_library_code_logs_instead_of_printing():
+    bad = prints_outside_entry_points()
+    assert not bad, ("print() in library code (log through logging.getLogger(__name__), or add the "
+                     "file to PRINT_OK with why): " + ", ".join(bad))
 
 
 # -- imports at the top of the file ---------------------------------------------------------

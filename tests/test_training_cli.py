@@ -19,6 +19,7 @@ import pytest
 from conftest import REPO
 from lumos_jax.cli import main as cli_main
 from lumos_jax.config import parse_gin
+from lumos_jax.data.loader import make_memory_iterator
 from lumos_jax.models import PRESETS
 from lumos_jax.sharding import make_mesh
 from lumos_jax.training import data as data_lib
@@ -161,8 +162,8 @@ def test_ctrl_c_saves_at_a_step_boundary_and_exits_130(tmp_path):
     out, err = (x.decode() for x in proc.communicate(timeout=120))
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "Traceback" not in out
-    said = [line for line in out.splitlines() if "interrupted (ctrl-C)" in line]
-    assert len(said) == 1 and "run the same command again to resume" in said[0], out
+    said = [line for line in err.splitlines() if "interrupted (ctrl-C)" in line]  # logged: stderr
+    assert len(said) == 1 and "run the same command again to resume" in said[0], err
     saved = int(said[0].split("saved step ")[1].split()[0])
     assert (work / "checkpoints" / str(saved)).is_dir()
     rc = subprocess.run([*cmd[:-3], f"--gin.train.max_steps={saved + 2}", "--gin.train.progress_bar=False"],
@@ -191,12 +192,12 @@ def test_train_builds_nothing_itself_its_parts_are_injected(tmp_path):
     factories: with data of our own (one epoch = its steps_per_epoch) and a checkpointer that
     records what it was built with, the run uses exactly those."""
     parse_gin([], [])
-    examples = data_lib.synthetic_examples(24, 300, 8, 40, seed=5)
+    examples = data_lib.synthetic_examples(32, 300, 8, 40, seed=5)  # packed: 4 full batches in epoch 0
     built = {}
 
     def data(seq_len, global_batch, seed):
-        built["data"] = data_lib.InMemoryBatches(examples, seq_len, global_batch, seed, packing=True,
-                                                 token_vocab_size=300)
+        built["data"] = make_memory_iterator(examples, seq_len=seq_len, global_batch=global_batch, seed=seed,
+                                             token_vocab_size=300)
         return built["data"], None
 
     def checkpointer(directory, save_every, keep, async_save):

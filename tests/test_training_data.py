@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from conftest import DATA, REPO
 from lumos_jax.config import parse_gin
+from lumos_jax.data.loader import make_memory_iterator
 from lumos_jax.jsonl import read_jsonl
 from lumos_jax.tokenization import Tokenizer
 from lumos_jax.training import data as data_lib
@@ -72,25 +73,24 @@ def test_train_rejects_pipeline_data_past_the_model_vocab_before_compiling(small
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_packed_epochs_all_give_full_batches():
-    """Each epoch's shuffle packs into a different number of rows; epochs short of epoch 0's
-    count are topped up with empty rows, never yielding a short batch."""
+def test_packed_memory_epochs_give_full_batches_and_every_target_once_per_epoch():
+    """Each epoch's shuffle packs into a different number of rows and rows stay open across
+    epochs: every batch still has the full shape, there are exactly num_batches of them, and
+    each example's trained tokens are trained once per epoch (none lost, none repeated)."""
     examples = data_lib.synthetic_examples(40, 512, 5, 60, seed=3)
-    seq_len, batch, epochs = 64, 11, 12  # first fit: epoch 0 packs 22 rows = 2 steps; epoch 4 21
-    it = data_lib.InMemoryBatches(examples, seq_len, batch, seed=0, packing=True, num_epochs=epochs,
-                                  process_index=0, process_count=1)
-    rows = [len(it._epoch_rows(e)) for e in range(epochs)]
-    assert min(rows) < it.steps_per_epoch * batch, f"no short epoch in {rows}: test exercises nothing"
-    it._rows_epoch = None
+    seq_len, batch, epochs = 64, 11, 12
+    it = make_memory_iterator(examples, seq_len=seq_len, global_batch=batch, packing=True, num_epochs=epochs,
+                              process_index=0, process_count=1)
     batches = list(it)
-    assert len(batches) == epochs * it.steps_per_epoch
+    assert len(batches) == it.num_batches > epochs
     for n, b in enumerate(batches):
         for k, v in b.items():
             assert v.shape == (batch, seq_len), (n, k, v.shape)
-    # Rows added to a short epoch carry no targets, and there are exactly as many as missing.
-    empty = [(b, r) for b in batches for r in range(batch) if b["segment_ids"][r].max() == 0]
-    assert len(empty) == sum(max(0, it.steps_per_epoch * batch - n) for n in rows) > 0
-    assert all(b["loss_mask"][r].sum() == 0 and b["input_ids"][r].max() == 0 for b, r in empty)
+    targets = sum(int((labels[1:] >= 0).sum()) for _, labels in examples)
+    assert sum(int(b["loss_mask"].sum()) for b in batches) == epochs * targets
+    last = batches[-1]  # rows missing from the last batch are empty: id 0, no target
+    empty = last["segment_ids"].max(axis=1) == 0
+    assert (last["input_ids"][empty] == 0).all() and (last["loss_mask"][empty] == 0).all()
 
 
 def test_prefetcher_gives_the_iterators_batches_on_device_with_the_state_after_each():
@@ -98,8 +98,8 @@ def test_prefetcher_gives_the_iterators_batches_on_device_with_the_state_after_e
     sharding, each with the iterator state a checkpoint after that step must hold; an error in
     the thread comes out of next() in the caller's thread."""
     examples = data_lib.synthetic_examples(30, 512, 5, 40, seed=2)
-    make = lambda: data_lib.InMemoryBatches(examples, 32, 4, seed=0, packing=True, num_epochs=2,  # noqa: E731
-                                            process_index=0, process_count=1)
+    make = lambda: make_memory_iterator(examples, seq_len=32, global_batch=4, packing=True,  # noqa: E731
+                                        num_epochs=2, process_index=0, process_count=1)
     direct = make()
     expected = [(next(direct), direct.get_state()) for _ in range(5)]
     sharding = NamedSharding(jax.make_mesh((1,), ("data",), devices=jax.devices()[:1]), PartitionSpec("data"))

@@ -7,6 +7,7 @@ import pytest
 import jax
 
 from conftest import DATA
+from lumos_jax.data.loader import make_memory_iterator
 from lumos_jax.data.packing import render_rows
 from lumos_jax.models import PRESETS
 from lumos_jax.sharding import make_mesh
@@ -37,8 +38,8 @@ def run_steps(config, mesh_shape, batches, grad_accum=1, lr=1e-3, total=10, para
 
 
 def synthetic_batches(n, rows=8, seq=32, packing=True):
-    it = data_lib.InMemoryBatches(data_lib.synthetic_examples(64, TINY.vocab_size, 6, 30, 1),
-                                  seq, rows, seed=0, packing=packing)
+    it = make_memory_iterator(data_lib.synthetic_examples(64, TINY.vocab_size, 6, 30, 1),
+                              seq_len=seq, global_batch=rows, packing=packing)
     return [next(it) for _ in range(n)]
 
 
@@ -91,8 +92,8 @@ def test_matches_hf_transformers_and_torch_adamw(tmp_path):
     from flax import nnx
 
     params = nnx.to_pure_dict(nnx.state(ours))
-    it = data_lib.InMemoryBatches(data_lib.synthetic_examples(40, 256, 5, 24, 3), 24, 4,
-                                  seed=0, packing=False)
+    it = make_memory_iterator(data_lib.synthetic_examples(40, 256, 5, 24, 3), seq_len=24, global_batch=4,
+                              packing=False)
     batches = [next(it) for _ in range(4)]
     lr, total = 3e-3, 4
     # loss in chunks of 7 positions (24 = 3 x 7 + 3 padded): the chunked cross-entropy vs torch

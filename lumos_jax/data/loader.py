@@ -1,4 +1,5 @@
-"""Training and evaluation batch iterators (the trainer's entry point).
+"""The training and evaluation batch iterator: the one every caller reads (the train loop
+through `lumos_jax.training.data.training_data`, the `lumos-jax data` CLI, the benchmarks).
 
 `make_train_iterator(...)` → an iterator of batch dicts (see docs/data.md) with
 `get_state()` / `set_state()`. State is small and JSON-serialisable: the epoch and
@@ -10,25 +11,28 @@ built with the same arguments yields exactly the batches that would have followe
 from __future__ import annotations
 
 import collections
-import sys
+import logging
 from typing import Sequence
 
 import gin
 import jax
 import numpy as np
 
-from lumos_jax.data.encoding import Encoded, encode_fast
+from lumos_jax.data.encoding import Encoded
 from lumos_jax.data.mixture import Mixture, holdout_mask, host_slice
 from lumos_jax.data.packing import Packer, render_rows
 from lumos_jax.data.records import BadRecordReport, untrained_message
-from lumos_jax.data.sources import open_sources
-from lumos_jax.tokenization import Tokenizer, concat_messages
+from lumos_jax.data.sources import EncodedSource, open_sources
+from lumos_jax.tokenization import Tokenizer
 
 STATE_VERSION = 1
+logger = logging.getLogger(__name__)
 
 
-def _as_tokenizer(tokenizer) -> Tokenizer:
+def _as_tokenizer(tokenizer, sources) -> Tokenizer | None:
     if tokenizer is None:
+        if sources and all(isinstance(s, EncodedSource) for s in sources):
+            return None  # examples already encoded: no tokenizer needed
         raise ValueError("data loader: a tokenizer (path or Tokenizer) is required")
     return tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer, add_pad_token=True)
 
@@ -41,7 +45,16 @@ def _process_info(process_index, process_count) -> tuple[int, int]:
 
 
 class BatchIterator:
-    """Batches of (batch_size, seq_len) int32 arrays from a mixture of annotation sources."""
+    """Batches of (batch_size, seq_len) int32 arrays from a mixture of sources.
+
+    Hosts share the work in one of two ways. By default each host reads every
+    process_count-th example of the epoch order and packs its own rows (no host encodes
+    another's examples). With `global_rows=True` every host packs the whole order into the
+    same global batches of batch_size * process_count rows and keeps its own rows of each:
+    the batches a run trains on are then the same on any number of processes (for examples
+    held in memory, where encoding all of them on every host costs little).
+    `pad_id`: the id of padding in input_ids (default: the tokenizer's <pad>);
+    `token_vocab_size`: ids are below it (default: the tokenizer's vocab, <pad> included)."""
 
     def __init__(self, sources, tokenizer, *, seq_len: int, batch_size: int, packing: bool,
                  seed: int, num_epochs: int | None, process_index: int, process_count: int,
@@ -49,7 +62,8 @@ class BatchIterator:
                  epoch_size: int | None = None, holdout_fraction: float = 0.0,
                  holdout_side: str = "train", shuffle: bool = True, pad_hosts: bool = False,
                  open_rows: int = 8, skip_bad_records: bool = False, tfds_data_dir: str | None = None,
-                 drop_untrained: bool = True, encode_cache_tokens: int = 1 << 25):
+                 drop_untrained: bool = True, encode_cache_tokens: int = 1 << 25,
+                 global_rows: bool = False, pad_id: int | None = None, token_vocab_size: int | None = None):
         if seq_len < 2 or batch_size < 1:
             raise ValueError(f"seq_len={seq_len}, batch_size={batch_size}: need seq_len >= 2, batch_size >= 1")
         self.max_len = seq_len if max_seq_length is None else int(max_seq_length)
@@ -57,10 +71,17 @@ class BatchIterator:
             raise ValueError(f"max_seq_length={max_seq_length}: must be in 2..seq_len+1 ({seq_len + 1})")
         if num_epochs is not None and num_epochs < 1:
             raise ValueError(f"num_epochs={num_epochs}: must be >= 1 or None (forever)")
-        self.tokenizer = _as_tokenizer(tokenizer)
-        self.pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
         self.report = BadRecordReport()
         self.sources = open_sources(sources, skip_bad_records, self.report, tfds_data_dir)
+        self.tokenizer = _as_tokenizer(tokenizer, self.sources)
+        if pad_id is None:
+            pad_id = 0 if self.tokenizer is None or self.tokenizer.pad_id is None else self.tokenizer.pad_id
+        self.pad_id = int(pad_id)
+        if token_vocab_size is None and self.tokenizer is not None:
+            token_vocab_size = self.tokenizer.vocab_size
+        self.token_vocab_size = token_vocab_size
+        self.global_rows = global_rows
+        self.rows_per_step = batch_size * process_count if global_rows else batch_size
         held = [holdout_mask(s.name, len(s), holdout_fraction) for s in self.sources]
         allowed = held if holdout_side == "eval" else [~h for h in held]
         self.mixture = Mixture([len(s) for s in self.sources], weights, epoch_size, seed, shuffle, allowed)
@@ -82,7 +103,8 @@ class BatchIterator:
                              "weights": None if weights is None else [float(w) for w in weights],
                              "seq_len": seq_len, "batch_size": batch_size, "packing": packing, "seed": seed,
                              "max_len": self.max_len, "process": [process_index, process_count],
-                             "holdout": [holdout_fraction, holdout_side], "open_rows": open_rows}
+                             "holdout": [holdout_fraction, holdout_side], "open_rows": open_rows,
+                             "global_rows": global_rows}
         self._packer = Packer(seq_len, open_rows, packing)
         if len(self._host_order(0)) == 0:
             raise ValueError(f"data loader: {self.mixture.epoch_size} examples per epoch is fewer than "
@@ -92,12 +114,15 @@ class BatchIterator:
     def _report_untrained(self) -> None:
         """One line per epoch with the count and the first few file:line."""
         if self.untrained_epoch and self.drop_untrained:
-            print(f"epoch {self.epoch}: " + untrained_message(self.untrained_epoch, self.untrained, self.max_len),
-                  file=sys.stderr, flush=True)
+            logger.warning("epoch %d: %s", self.epoch,
+                           untrained_message(self.untrained_epoch, self.untrained, self.max_len))
         self.untrained, self.untrained_epoch = [], 0
 
     # -- order ------------------------------------------------------------------------
     def _host_order(self, epoch: int) -> np.ndarray:
+        """The examples this host packs: its share, or all of them with global_rows."""
+        if self.global_rows:
+            return self.mixture.epoch_order(epoch)
         return host_slice(self.mixture.epoch_order(epoch), self.process_index, self.process_count,
                           pad=self.pad_hosts)
 
@@ -118,11 +143,7 @@ class BatchIterator:
         encoding is deterministic, so this changes speed only: ~85% of a batch's host time)."""
         enc = self._by_example.get((s, i))
         if enc is None:
-            record = self.sources[s][i]
-            try:
-                enc = encode_fast(record["messages"], self.tokenizer, self.max_len)
-            except ValueError as e:
-                raise ValueError(f"{self.sources[s].where(i)} (id {record.get('id')}): {e}") from None
+            enc = self.sources[s].encode(i, self.tokenizer, self.max_len)
             self._lengths[s][i] = len(enc.input_ids)
             self._has_target[s][i] = int(np.any(enc.labels[1:] >= 0))
             if len(enc.input_ids) <= self._cache_tokens_left:
@@ -144,9 +165,7 @@ class BatchIterator:
         """Tokens of one example after truncation (BOS included when the tokenizer adds one); cached."""
         n = self._lengths[source][index]
         if n < 0:
-            messages = self.sources[source][index]["messages"]
-            text = concat_messages(messages, self.tokenizer.eos_token).strip()
-            n = min(len(self.tokenizer.encode(text, add_bos=self.tokenizer.chat_bos)), self.max_len)
+            n = self.sources[source].length(index, self.tokenizer, self.max_len)
             self._lengths[source][index] = n
         return int(n)
 
@@ -196,9 +215,8 @@ class BatchIterator:
                     if len(self.untrained) < 5:
                         self.untrained.append(self.sources[s].where(i))
                     if self.stats["no_target"] == 1:  # the first at once; the count per epoch
-                        print(f"training data: warning: {self.untrained[0]}: no trained tokens "
-                              f"(every assistant token is past max_len {self.max_len}); left out",
-                              file=sys.stderr, flush=True)
+                        logger.warning("training data: warning: %s: no trained tokens (every assistant "
+                                       "token is past max_len %d); left out", self.untrained[0], self.max_len)
                     self._encoded.pop(key, None)
                     return True
         self._kept_epoch += 1
@@ -206,14 +224,17 @@ class BatchIterator:
         return True
 
     def __next__(self) -> dict[str, np.ndarray]:
-        while len(self._ready) < self.batch_size and not self._exhausted:
+        while len(self._ready) < self.rows_per_step and not self._exhausted:
             self._advance()
         if not self._ready:
             raise StopIteration
-        rows, self._ready = self._ready[:self.batch_size], self._ready[self.batch_size:]
+        step_rows, self._ready = self._ready[:self.rows_per_step], self._ready[self.rows_per_step:]
+        rows = step_rows
+        if self.global_rows:  # this host's rows of the global batch
+            rows = step_rows[self.process_index * self.batch_size:(self.process_index + 1) * self.batch_size]
         encoded = [[e for e in (self._encode(k) for k in row) if e is not None] for row in rows]
         batch = render_rows(encoded, self.seq_len, self.batch_size, self.pad_id)
-        for row in rows:
+        for row in step_rows:
             for k in row:
                 self._encoded.pop(k, None)
         self.batches += 1
@@ -259,9 +280,9 @@ class BatchIterator:
     def steps_per_epoch(self) -> int:
         """Full batches in one epoch on this host (packed: replays the packer on lengths)."""
         if not self.packing:
-            return self._kept_count(0) // self.batch_size
+            return self._kept_count(0) // self.rows_per_step
         rows, _ = self._count_rows([0])
-        return rows // self.batch_size
+        return rows // self.rows_per_step
 
     @property
     def num_batches(self) -> int | None:
@@ -269,9 +290,9 @@ class BatchIterator:
         if self.num_epochs is None:
             return None
         if not self.packing:
-            return -(-sum(self._kept_count(e) for e in range(self.num_epochs)) // self.batch_size)
+            return -(-sum(self._kept_count(e) for e in range(self.num_epochs)) // self.rows_per_step)
         rows, left = self._count_rows(range(self.num_epochs))
-        return -(-(rows + left) // self.batch_size)
+        return -(-(rows + left) // self.rows_per_step)
 
     def summary(self) -> dict:
         """Statistics so far: examples, truncation, tokens, packing efficiency, bad records."""
@@ -302,6 +323,31 @@ def make_train_iterator(sources: Sequence[str] | str = gin.REQUIRED, tokenizer=g
                          epoch_size=epoch_size, holdout_fraction=holdout_fraction, holdout_side="train",
                          open_rows=open_rows, skip_bad_records=skip_bad_records, tfds_data_dir=tfds_data_dir,
                          drop_untrained=drop_untrained, encode_cache_tokens=encode_cache_tokens)
+
+
+def make_memory_iterator(examples, *, seq_len: int, global_batch: int, seed: int = 0, packing: bool = True,
+                         num_epochs: int | None = None, name: str = "memory",
+                         token_vocab_size: int | None = None, holdout_fraction: float = 0.0,
+                         evaluation: bool = False, process_index: int | None = None,
+                         process_count: int | None = None) -> BatchIterator:
+    """Batches of examples held in memory ((input_ids, labels) pairs: synthetic, or files
+    encoded up front), the same global batches on any number of processes (global_rows).
+    Padding is id 0, inside any vocab (a tokenizer's <pad> may lie past the model's).
+    Examples are cut to seq_len + 1 tokens (seq_len slots). evaluation=True: the held-out
+    examples (holdout_fraction > 0) or all, once, in order, one per row."""
+    process_index, process_count = _process_info(process_index, process_count)
+    if global_batch % process_count:
+        raise ValueError(f"global batch {global_batch} not divisible by {process_count} processes")
+    source = examples if isinstance(examples, EncodedSource) else EncodedSource(name, examples)
+    if len(source) == 0:
+        raise ValueError(f"training data ({name}): no examples")
+    held_out = evaluation and holdout_fraction > 0
+    return BatchIterator([source], None, seq_len=seq_len, batch_size=global_batch // process_count,
+                         packing=packing and not evaluation, seed=seed, num_epochs=1 if evaluation else num_epochs,
+                         process_index=process_index, process_count=process_count, max_seq_length=seq_len + 1,
+                         holdout_fraction=holdout_fraction, holdout_side="eval" if held_out else "train",
+                         shuffle=not evaluation, drop_untrained=not evaluation, global_rows=True, pad_id=0,
+                         token_vocab_size=token_vocab_size)
 
 
 @gin.configurable

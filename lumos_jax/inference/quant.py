@@ -38,11 +38,11 @@ QMAX = 127.0
 WEIGHT_DTYPES = ("bf16", "int8")
 
 
-class QTensor(NamedTuple):
-    """An int8 weight and its fp32 scales. `scale` has the weight's rank: contracted axes
-    have size 1 (per channel) or `size // group_size` (per group); a pytree, so it jits,
-    scans (stacked layers) and shards like the weight (same logical axes: size-1 axes are
-    replicated)."""
+class Int8Array(NamedTuple):
+    """int8 codes `q` and the fp32 `scale` they are multiplied by: the one pair behind int8
+    weights (`QTensor`) and int8 KV pages (`QPages`). A pytree (a NamedTuple), so it jits,
+    scans and shards; the two subclasses stay distinct types, since a weight and a page pool
+    take different code paths."""
     q: jax.Array
     scale: jax.Array
 
@@ -55,31 +55,45 @@ class QTensor(NamedTuple):
         return self.q.nbytes + self.scale.nbytes
 
 
+def _symmetric_int8(x, axis) -> tuple[jax.Array, jax.Array]:
+    """(int8 codes, fp32 scale keeping `axis` as size 1): x ~ q * scale, |q| <= 127, one scale
+    per slice over `axis` (the largest |x| maps to 127; an all-zero slice gets a tiny scale)."""
+    amax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+    scale = jnp.maximum(amax, jnp.finfo(jnp.float32).tiny) / QMAX
+    return jnp.clip(jnp.round(x / scale), -QMAX, QMAX).astype(jnp.int8), scale
+
+
+def _dequantize(q, scale, dtype) -> jax.Array:
+    """codes x scale (broadcast against q), in `dtype`."""
+    return (q.astype(jnp.float32) * scale).astype(dtype)
+
+
+class QTensor(Int8Array):
+    """An int8 weight and its fp32 scales. `scale` has the weight's rank: contracted axes
+    have size 1 (per channel) or `size // group_size` (per group); it shards like the weight
+    (same logical axes: size-1 axes are replicated)."""
+    __slots__ = ()
+
+
 def quantize_weight(w, in_axes: Sequence[int], group_size: int | None = None) -> QTensor:
     """Symmetric int8 over `in_axes` (the axes the matmul contracts). With `group_size`,
     `in_axes` must be one axis divisible by it; each group of rows gets its own scale."""
     w = jnp.asarray(w, jnp.float32)
     axes = tuple(a % w.ndim for a in in_axes)
     if group_size is None:
-        amax = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
-        scale = jnp.maximum(amax, jnp.finfo(jnp.float32).tiny) / QMAX
-        q = jnp.clip(jnp.round(w / scale), -QMAX, QMAX).astype(jnp.int8)
-        return QTensor(q, scale)
+        return QTensor(*_symmetric_int8(w, axes))
     if len(axes) != 1 or w.shape[axes[0]] % group_size:
         raise ValueError(f"quantize_weight: group_size={group_size} needs one contracted axis "
                          f"divisible by it; got axes {axes} of shape {w.shape}")
     a = axes[0]
     groups = w.shape[a] // group_size
-    wg = w.reshape(w.shape[:a] + (groups, group_size) + w.shape[a + 1:])
-    amax = jnp.max(jnp.abs(wg), axis=a + 1, keepdims=True)
-    scale = jnp.maximum(amax, jnp.finfo(jnp.float32).tiny) / QMAX
-    q = jnp.clip(jnp.round(wg / scale), -QMAX, QMAX).astype(jnp.int8).reshape(w.shape)
-    return QTensor(q, jnp.squeeze(scale, a + 1))
+    q, scale = _symmetric_int8(w.reshape(w.shape[:a] + (groups, group_size) + w.shape[a + 1:]), a + 1)
+    return QTensor(q.reshape(w.shape), jnp.squeeze(scale, a + 1))
 
 
 def dequantize_weight(w: QTensor, dtype=jnp.float32) -> jax.Array:
     """The weight int8 stands for (tests and conversions; the forward never builds it)."""
-    return (w.q.astype(jnp.float32) * _expand_scale(w.scale, w.q.shape)).astype(dtype)
+    return _dequantize(w.q, _expand_scale(w.scale, w.q.shape), dtype)
 
 
 def _expand_scale(scale, shape):
@@ -148,27 +162,19 @@ def quantize_kv(x) -> tuple[jax.Array, jax.Array]:
     """x (..., head_dim) -> (int8 (..., head_dim), fp32 scale (...)): one scale per token
     per head, so a row's stored K/V never depend on other rows or later tokens (the cache
     extension equals a recomputation)."""
-    x = jnp.asarray(x, jnp.float32)
-    amax = jnp.max(jnp.abs(x), axis=-1)
-    scale = jnp.maximum(amax, jnp.finfo(jnp.float32).tiny) / QMAX
-    q = jnp.clip(jnp.round(x / scale[..., None]), -QMAX, QMAX).astype(jnp.int8)
-    return q, scale
+    q, scale = _symmetric_int8(jnp.asarray(x, jnp.float32), -1)
+    return q, scale[..., 0]
 
 
 def dequantize_kv(q, scale, dtype) -> jax.Array:
-    return (q.astype(jnp.float32) * scale[..., None]).astype(dtype)
+    return _dequantize(q, scale[..., None], dtype)
 
 
-class QPages(NamedTuple):
+class QPages(Int8Array):
     """int8 K or V pages (KV, ..., BS, D) and their scales (KV, ..., BS), one per token per
     head. Quacks like the float pages where the forward handles them whole (shape, dtype,
     reshape), so the page pool's code paths stay one."""
-    q: jax.Array
-    scale: jax.Array
-
-    @property
-    def shape(self):
-        return self.q.shape
+    __slots__ = ()
 
     @property
     def dtype(self):

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import hmac
 import json
+import logging
 import os
 import queue
 import socket
@@ -37,6 +38,8 @@ from lumos_jax.inference.openai_api import (RequestError, chunk, completion_text
 from lumos_jax.inference.serve_worker import EngineWorker, _Job
 from lumos_jax.inference.settings import load_engines
 from lumos_jax.tokenization import Tokenizer
+
+logger = logging.getLogger(__name__)  # `lumos-jax serve` shows INFO on stderr (lumos_jax/cli.py)
 
 _LINGER_S, _LINGER_BYTES = 1.0, 8 << 20  # draining a refused request's unread body
 
@@ -403,11 +406,11 @@ def main(argv: Sequence[str]) -> int:
     server = make_server(engine, tok, args.host, args.port, args.model_name, chat_format(),
                          args.default_max_tokens, limits, api_key)
     if server.context_len < engine.max_len:
-        print(f"lumos-jax serve: the model has {server.context_len} positions; requests are limited "
-              f"to {server.context_len} tokens (engine max_len {engine.max_len})", flush=True)
-    print(f"lumos-jax serve: http://{args.host}:{server.server_address[1]}/v1 "
-          f"({engine.num_slots} slots, context {server.context_len} tokens"
-          f"{', API key required' if api_key else ''})", flush=True)
+        logger.warning("lumos-jax serve: the model has %d positions; requests are limited to %d tokens "
+                       "(engine max_len %d)", server.context_len, server.context_len, engine.max_len)
+    logger.info("lumos-jax serve: http://%s:%d/v1 (%d slots, context %d tokens%s)", args.host,
+                server.server_address[1], engine.num_slots, server.context_len,
+                ", API key required" if api_key else "")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,6 +28,8 @@ from jax.experimental import multihost_utils
 
 from lumos_jax.atomic import write_atomic
 from lumos_jax.training.paths import resolve_dir
+
+logger = logging.getLogger(__name__)
 
 DIGEST_FILE = "lumos_digest.json"
 
@@ -134,8 +136,8 @@ class Checkpointer:
             return None
         legacy = not any((self.directory / str(s) / DIGEST_FILE).exists() for s in steps)
         if legacy and self._lead:
-            print(f"lumos-jax train: warning: {self.directory} has no checkpoint digests "
-                  "(written by an older version); restoring without verification", file=sys.stderr)
+            logger.warning("lumos-jax train: warning: %s has no checkpoint digests (written by an older "
+                           "version); restoring without verification", self.directory)
         problems = []
         for step in steps:
             try:
@@ -159,8 +161,8 @@ class Checkpointer:
             if aside.exists():
                 aside = self.directory / f"damaged-{step}-{int(time.time())}"
             (self.directory / str(step)).rename(aside)
-            print(f"lumos-jax train: checkpoint step {step} is damaged ({reason.split(': ', 1)[-1]}); "
-                  f"moved to {aside.name}, trying the previous step", file=sys.stderr, flush=True)
+            logger.warning("lumos-jax train: checkpoint step %d is damaged (%s); moved to %s, trying the "
+                           "previous step", step, reason.split(": ", 1)[-1], aside.name)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"lumos_checkpoint_aside_{step}")
         self.manager.reload()

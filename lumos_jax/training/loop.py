@@ -17,6 +17,7 @@ the device between logs: metrics stay device arrays and are read one log interva
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import queue
 import threading
@@ -43,6 +44,8 @@ from lumos_jax.training.metrics import (MetricsWriter, Progress, flops_per_token
 from lumos_jax.training.paths import resolve_dir
 from lumos_jax.training.step import (batch_sharding, check_batch, make_eval_step,
                                      make_train_step)
+
+logger = logging.getLogger(__name__)
 
 
 class Preempted(SystemExit):
@@ -106,7 +109,7 @@ def _run(workdir, seq_len, global_batch, grad_accum_steps, num_epochs, max_steps
         start, state, data_state = restored
         data.set_state(data_state)
         if lead:
-            print(f"lumos-jax train: resumed from {ckpt.directory / str(start)}")
+            logger.info("lumos-jax train: resumed from %s", ckpt.directory / str(start))
     else:
         start = 0
         if init_from:
@@ -158,8 +161,8 @@ def _run(workdir, seq_len, global_batch, grad_accum_steps, num_epochs, max_steps
                 ckpt.wait()
                 log.flush_all(ckpt)
                 if lead:
-                    print(f"lumos-jax train: {preempt.reason}; saved step {step} in {ckpt.directory}; "
-                          "run the same command again to resume", flush=True)
+                    logger.warning("lumos-jax train: %s; saved step %d in %s; run the same command again "
+                                   "to resume", preempt.reason, step, ckpt.directory)
                 raise Preempted(preempt.exit_status)
         log.flush_all(ckpt)
         ckpt.wait()

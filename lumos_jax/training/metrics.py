@@ -8,6 +8,7 @@ MFU = achieved model FLOP/s over the devices' peak; model FLOPs per token are
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -21,6 +22,8 @@ from tqdm import tqdm
 from lumos_jax.atomic import write_atomic
 from lumos_jax.models.config import LlamaConfig
 from lumos_jax.training.paths import copy_tree, is_remote, resolve_dir
+
+logger = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s per device from the vendors' data sheets.
 PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l4": 121e12, "a10": 125e12,
@@ -88,7 +91,7 @@ class MetricsWriter:
         try:
             from tensorboardX import SummaryWriter  # seconds to import; only with tensorboard on
         except ImportError:
-            print("lumos-jax train: tensorboardX not installed; metrics go to metrics.jsonl only")
+            logger.info("lumos-jax train: tensorboardX not installed; metrics go to metrics.jsonl only")
         else:
             self._tb = SummaryWriter(str(log_dir / "tensorboard"))
 
