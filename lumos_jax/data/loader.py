@@ -103,8 +103,9 @@ class BatchIterator:
                              "weights": None if weights is None else [float(w) for w in weights],
                              "seq_len": seq_len, "batch_size": batch_size, "packing": packing, "seed": seed,
                              "max_len": self.max_len, "process": [process_index, process_count],
-                             "holdout": [holdout_fraction, holdout_side], "open_rows": open_rows,
-                             "global_rows": global_rows}
+                             "holdout": [holdout_fraction, holdout_side], "open_rows": open_rows}
+        if global_rows:  # only when set: states saved before the option existed still match
+            self._fingerprint["global_rows"] = True
         self._packer = Packer(seq_len, open_rows, packing)
         if len(self._host_order(0)) == 0:
             raise ValueError(f"data loader: {self.mixture.epoch_size} examples per epoch is fewer than "
@@ -251,6 +252,9 @@ class BatchIterator:
                 "ready_rows": [[list(k) for k in r] for r in self._ready], "stats": dict(self.stats)}
 
     def set_state(self, state: dict) -> None:
+        if isinstance(state, dict) and set(state) == {"epoch", "index"}:
+            raise ValueError("data iterator state: written by an older lumos-jax's in-memory iterator "
+                             "(source 'memory' or 'synthetic'); its batches cannot be resumed: use a fresh workdir")
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(f"data iterator state: unsupported version {state.get('version') if isinstance(state, dict) else state!r}")
         if state["fingerprint"] != self._fingerprint:
