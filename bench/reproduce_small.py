@@ -254,6 +254,7 @@ def eval_bindings(args) -> list[str]:
     return [f"engine_settings.kv_memory_gb = {args.kv_gb}", f"engine_settings.num_slots = {args.concurrency}",
             f"engine_settings.max_len = {args.max_len}", f"engine_settings.steps_per_call = {args.steps_per_call}",
             f"engine_settings.max_prefill_tokens = {args.prefill_tokens}",
+            f"engine_settings.precompile_threads = {args.precompile_threads}",
             "inference_dtypes.weights = 'bfloat16'", "inference_dtypes.compute = 'bfloat16'"]
 
 
@@ -362,6 +363,8 @@ def parse(argv=None):
     p.add_argument("--prefill_tokens", type=int, default=32768, help="most tokens per prefill call")
     p.add_argument("--steps_per_call", type=int, default=16, help="decode steps per device call")
     p.add_argument("--cache_dir", default="/tmp/jax_cache", help="persistent compilation cache")
+    p.add_argument("--precompile_threads", type=int, default=4,
+                   help="engine programs compiled ahead in this many threads (engine_settings.precompile_threads)")
     p.add_argument("--train_jobs", type=int, default=1,
                    help="trainings run at once, each in its own process (a 135M training leaves the GPU idle "
                         "while its host works: several overlap); then the evaluations, in this process")

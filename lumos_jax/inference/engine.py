@@ -31,6 +31,7 @@ from lumos_jax.inference.paged import PagedMemory, pool_blocks, step_reserve_byt
 from lumos_jax.inference.paged_slots import (Slot, checked_token_ids, decode_inputs, length_bucket,
                                              prefill_inputs, pow2_at_least, row_count, row_controls)
 from lumos_jax.inference.params import decode_params, layer_layout, layer_weight_bytes, resolve_scan_layers
+from lumos_jax.inference.precompile import Precompiler
 from lumos_jax.inference.sampling import SamplingParams
 from lumos_jax.inference.steps import decode_loop, prefill_step
 from lumos_jax.inference.stops import find_stop_string
@@ -78,7 +79,7 @@ class Engine:
                steps_per_call: int = 16, tokenizer=None, max_prefill_tokens: int = 16384,
                decode_attention: str = "auto", block_size: int = 16, num_blocks: int | None = None,
                kv_memory_gb: float | None = None, kv_memory_fraction: float | None = None,
-               cache_dtype: str | None = None, scan_layers="auto"):
+               cache_dtype: str | None = None, scan_layers="auto", precompile_threads: int = 0):
         if num_slots < 1 or max_len < 2 or steps_per_call < 1:
             raise ValueError(f"Engine: num_slots={num_slots}, max_len={max_len}, "
                              f"steps_per_call={steps_per_call} must be positive (max_len >= 2)")
@@ -115,6 +116,7 @@ class Engine:
         self._ids = itertools.count()
         self._clock = itertools.count(1)
         self._stats = {k: 0 for k in STAT_KEYS}
+        self.programs = Precompiler(self, precompile_threads)   # precompile.py
 
     @property
     def reserve_bytes(self) -> int:
@@ -131,7 +133,7 @@ class Engine:
         kw = dict(num_slots=self.num_slots, max_len=self.max_len, steps_per_call=self.steps_per_call,
                   tokenizer=self.tokenizer, max_prefill_tokens=self.max_prefill_tokens,
                   decode_attention=self.decode_attention, scan_layers=self.scan_layers,
-                  **self._budget)
+                  precompile_threads=self.programs.threads, **self._budget)
         bad = set(changes) - set(kw)
         if bad:
             raise ValueError(f"Engine.resized: unknown setting(s) {sorted(bad)}")
@@ -408,9 +410,9 @@ class Engine:
         rows: list[Slot | None] = [self._slots[i] for i in slots] + [None] * (n - len(slots))
         ids, starts, valid = prefill_inputs(rows, t)
         table = self.memory.table(rows, self._table_width)
-        first, self.cache = prefill_step(self.params, self.cache, table, ids, starts, valid,
-                                         row_controls(rows), spec=self.spec,
-                                         cache_sharding=self.cache_sharding)
+        first, self.cache = self.programs.run(
+            "prefill", n, t, prefill_step, (self.params, self.cache, table, ids, starts, valid, row_controls(rows)),
+            dict(spec=self.spec, cache_sharding=self.cache_sharding))
         first = np.asarray(jax.device_get(first))
         self.stats["prefill_calls"] += 1
         for r, i in enumerate(slots):
@@ -442,10 +444,11 @@ class Engine:
         last, lengths, generated, capacity, active = decode_inputs(rows, width, self.block_size,
                                                                    self.max_len)
         table = self.memory.table(rows, width)
-        out, self.cache = decode_loop(self.params, self.cache, table, last, lengths, generated,
-                                      active, capacity, row_controls(rows), spec=self.spec,
-                                      steps=self.steps_per_call, cache_sharding=self.cache_sharding,
-                                      attention=self.decode_attention)
+        out, self.cache = self.programs.run(
+            "decode", b, 1, decode_loop,
+            (self.params, self.cache, table, last, lengths, generated, active, capacity, row_controls(rows)),
+            dict(spec=self.spec, steps=self.steps_per_call, cache_sharding=self.cache_sharding,
+                 attention=self.decode_attention))
         out = jax.device_get(out)
         self.stats["decode_calls"] += 1
         for r, i in enumerate(runnable):

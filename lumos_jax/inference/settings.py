@@ -23,7 +23,7 @@ def engine_settings(num_slots: int = 8, max_len: int = 2048, steps_per_call: int
                     max_prefill_tokens: int = 16384, block_size: int = 16,
                     kv_memory_gb: float | None = None, kv_memory_fraction: float | None = 0.8,
                     decode_attention: str = "auto", weight_dtype: str = "bf16",
-                    kv_dtype: str = "bf16", scan_layers="auto") -> dict:
+                    kv_dtype: str = "bf16", scan_layers="auto", precompile_threads: int = 0) -> dict:
     """Engine size: slots (concurrent sequences; a slot costs only a block-table row),
     the longest sequence, decode steps per device call, the most tokens one prefill call
     may process, and the KV pool: `block_size` tokens per block, `kv_memory_gb` GiB per
@@ -35,14 +35,16 @@ def engine_settings(num_slots: int = 8, max_len: int = 2048, steps_per_call: int
     load time (an int8 checkpoint loads as it is); `kv_dtype='int8'`: int8 K/V pages with
     a scale per token and head ('bf16': the float dtypes of `inference_dtypes`).
     `scan_layers`: 'auto' (unrolled on GPU for layers of 32 MiB or more, else scanned), True or False; see
-    `lumos_jax.inference.params.resolve_scan_layers`."""
+    `lumos_jax.inference.params.resolve_scan_layers`. `precompile_threads` > 0: the first
+    device call starts compiling every program the engine can call in that many background
+    threads (`lumos_jax.inference.precompile`); 0 compiles each on first use."""
     return dict(num_slots=num_slots, max_len=max_len, steps_per_call=steps_per_call,
                 max_prefill_tokens=max_prefill_tokens, block_size=block_size,
                 kv_memory_gb=kv_memory_gb, kv_memory_fraction=kv_memory_fraction,
                 decode_attention=decode_attention,
                 weight_dtype=check_quant_dtype(weight_dtype, "weight_dtype"),
                 kv_dtype=check_quant_dtype(kv_dtype, "kv_dtype"),
-                scan_layers=scan_layers)
+                scan_layers=scan_layers, precompile_threads=int(precompile_threads))
 
 
 @gin.configurable

@@ -1,0 +1,69 @@
+"""engine_settings.precompile_threads: the engine's programs compiled ahead in background
+threads give the same tokens as compiling on first use, and cover every call a run makes."""
+
+import jax
+import numpy as np
+import pytest
+
+from lumos_jax.inference import Engine, SamplingParams
+from lumos_jax.inference.paged_slots import length_bucket, row_count
+from lumos_jax.inference.params import random_decode_params
+from lumos_jax.inference.precompile import program_shapes
+from lumos_jax.models import PRESETS
+from lumos_jax.sharding import make_mesh
+
+CONFIG = PRESETS["tiny"]
+SIZES = dict(num_slots=4, max_len=128, max_prefill_tokens=256, steps_per_call=4, block_size=8, num_blocks=40)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return random_decode_params(CONFIG, jax.random.PRNGKey(1), "float32")
+
+
+def run(weights, threads: int, mesh=None):
+    """Eight requests of varied lengths through a pool smaller than their sum (evictions and
+    preemptions: prefill buckets of several lengths and row counts)."""
+    params, spec = weights
+    e = Engine.from_params(CONFIG, params, spec, mesh=mesh, cache_dtype="float32", precompile_threads=threads,
+                           **SIZES)
+    rng = np.random.default_rng(0)
+    ids = {}
+    for n in (5, 70, 20, 100, 9, 64, 33, 90):
+        prompt = rng.integers(3, CONFIG.vocab_size, size=n).tolist()
+        ids[e.submit(prompt, SamplingParams(max_new_tokens=int(rng.integers(4, 20))))] = n
+    out = {}
+    while len(out) < len(ids):
+        for r in e.step():
+            out[r.request_id] = r.tokens
+    return e, [out[k] for k in ids]
+
+
+def test_precompiled_run_equals_compile_on_first_use(weights):
+    lazy_engine, lazy = run(weights, 0)
+    e, ahead = run(weights, 2)
+    assert ahead == lazy
+    calls = e.stats["prefill_calls"] + e.stats["decode_calls"]
+    assert e.programs.stats["ran_precompiled"] == calls > 0      # every call had its program ready
+    assert e.programs.stats["precompiled"] == len(program_shapes(4, 128, 256))
+    assert e.programs.stats["precompile_failed"] == 0
+    assert lazy_engine.programs.stats["ran_precompiled"] == 0
+    mesh = make_mesh(data=1, fsdp=1, tensor=2, devices=jax.devices()[:2])   # sharded weights and pool
+    params, spec = weights
+    sharded = (jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())), spec)
+    e, on_mesh = run(sharded, 2, mesh)
+    assert on_mesh == lazy and e.programs.stats["ran_precompiled"] > 0
+
+
+def test_program_shapes_cover_the_engines_buckets():
+    """Every (rows, length) `Engine._prefill_rows` can pad a call to, and every decode row count."""
+    for slots, max_len, budget in ((4, 128, 256), (512, 4096, 16384), (6, 200, 1000)):
+        shapes = set(program_shapes(slots, max_len, budget))
+        for new_tokens in range(1, max_len + 1):
+            t = length_bucket(new_tokens, max_len)
+            per_call = max(1, min(slots, budget // t))
+            for k in range(1, per_call + 1):
+                n = max(k, min(row_count(k, t, slots), budget // t))
+                assert ("prefill", n, t) in shapes, (slots, max_len, budget, k, t)
+        for k in range(1, slots + 1):
+            assert ("decode", row_count(k, 1, slots), 1) in shapes
