@@ -140,7 +140,8 @@ def run_ours(args) -> None:
     for seed, m in enumerate(("plan", "ground")):
         engines[m] = random_engine(config, seed, num_slots=args.slots, max_len=args.max_len,
                                    steps_per_call=args.steps_per_call, max_prefill_tokens=args.max_prefill_tokens,
-                                   kv_memory_gb=args.kv_memory_gb, decode_attention=args.attention)
+                                   kv_memory_gb=args.kv_memory_gb, decode_attention=args.attention,
+                                   precompile_threads=args.precompile_threads)
     emit(side="ours", event="setup", device=str(dev.device_kind), seconds=round(time.perf_counter() - t0, 1),
          blocks=engines["plan"].num_blocks, peak_bytes=peak(), **clock.read())
     registry = build_registry("maths")
@@ -328,6 +329,9 @@ def main(argv=None) -> int:
     p.add_argument("--max_prefill_tokens", type=int, default=16384)
     p.add_argument("--kv_memory_gb", type=float, default=40.0, help="ours: KV pool per engine")
     p.add_argument("--attention", default="auto", help="ours: engine decode_attention (auto: pallas_gpu on GPU)")
+    p.add_argument("--precompile_threads", type=int, default=0,
+                   help="ours: engine programs compiled ahead in this many threads (the second engine's "
+                        "come from the persistent compilation cache)")
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
     p.add_argument("--gsm8k", default=DEFAULT_GSM8K)
     p.add_argument("--timeout_ours", type=float, default=300)
