@@ -6,9 +6,11 @@ HTTP handler threads put `_Job`s in its inbox and read events from each job's qu
 
 from __future__ import annotations
 
+import logging
 import queue
-import sys
 import threading
+
+log = logging.getLogger(__name__)
 
 _POLL_S = 0.05
 
@@ -60,7 +62,7 @@ class EngineWorker(threading.Thread):
                     self._step()
         except Exception as e:  # the engine could not be cleared: nothing can be served
             self.fatal = f"{type(e).__name__}: {e}"
-            print(f"lumos-jax serve: engine thread stopped ({self.fatal})", file=sys.stderr, flush=True)
+            log.error("lumos-jax serve: engine thread stopped (%s)", self.fatal)
         for job in list(self._live):
             job.events.put(("error", (503, "the engine thread stopped")))
 
@@ -92,7 +94,7 @@ class EngineWorker(threading.Thread):
         except Exception as e:  # noqa: BLE001 - fail what is in flight, keep serving
             self.step_failures += 1
             message = f"engine failure: {type(e).__name__}: {e}"
-            print(f"lumos-jax serve: {message}", file=sys.stderr, flush=True)
+            log.warning("lumos-jax serve: %s", message)
             for job in list(self._live):
                 job.events.put(("error", (500, message)))
                 self.engine.cancel(job)  # raises when the engine is beyond repair -> fatal
