@@ -257,37 +257,54 @@ def encode_conversation(messages: Sequence[dict], tokenizer: Tokenizer,
 
 def encode_conversation_with_length(messages: Sequence[dict], tokenizer: Tokenizer,
                                     max_len: int = 1024) -> tuple[np.ndarray, np.ndarray, int]:
-    """`encode_conversation` plus the untruncated token count. The whole text and every
-    prefix whose length sets a mask boundary are tokenized in one batched call (the
-    reference tokenizes them one by one: same ids, ~7 calls per conversation saved)."""
-    if not messages:
-        raise ValueError("conversation has no messages")
+    """`encode_conversation` plus the untruncated token count."""
+    return encode_conversations([messages], tokenizer, max_len)[0]
+
+
+def _mask_bounds(messages: Sequence[dict]) -> list[tuple[int, int, str]]:
+    """(message, prefix message count, suffix) of each mask boundary: where a non-assistant
+    turn starts (the prefix before it) and ends (with the assistant header after it)."""
+    bounds = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            continue
+        suffix = ROLE_TAGS["assistant"] if i + 1 < len(messages) and messages[i + 1]["role"] == "assistant" else ""
+        bounds += [(i, i, ""), (i, i + 1, suffix)]
+    return bounds
+
+
+def encode_conversations(conversations: Sequence[Sequence[dict]], tokenizer: Tokenizer,
+                         max_len: int = 1024) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """(input_ids, labels, untruncated length) of each conversation, by `encode_conversation`'s
+    rule. Every whole text and every prefix whose length sets a mask boundary, of all the
+    conversations, is tokenized in one batched call (the reference tokenizes them one by
+    one: same ids; the HF tokenizer spreads the batch over all cores)."""
     eos = tokenizer.eos_token
-    for i, m in enumerate(messages):
-        _role_and_content(i, m)
-    bounds = []          # (message index, prefix messages, suffix) of every mask boundary
-    for i, m in enumerate(messages):
-        if m["role"] == "assistant":
-            continue
-        suffix = ROLE_TAGS["assistant"] if i + 1 < len(messages) and messages[i + 1]["role"] == "assistant" else ""
-        bounds.append((i, i, ""))
-        bounds.append((i, i + 1, suffix))
-    texts = [concat_messages(messages, eos).strip()]
-    texts += [concat_messages(messages[:n], eos) + suffix for _, n, suffix in bounds if n > 0]
+    texts, plans = [], []
+    for messages in conversations:
+        if not messages:
+            raise ValueError("conversation has no messages")
+        for i, m in enumerate(messages):
+            _role_and_content(i, m)
+        bounds = _mask_bounds(messages)
+        plans.append((messages, bounds, len(texts)))
+        texts.append(concat_messages(messages, eos).strip())
+        texts += [concat_messages(messages[:n], eos) + suffix for _, n, suffix in bounds if n > 0]
     encoded = tokenizer.encode_batch(texts, add_bos=tokenizer.chat_bos)
-    full, lengths = encoded[0], iter(len(ids) for ids in encoded[1:])
-    prefix = {(n, suffix): (next(lengths) if n > 0 else 0) for _, n, suffix in bounds}
-    input_ids = np.asarray(full[:max_len], dtype=np.int32)
-    labels = input_ids.copy()
-    for i, m in enumerate(messages):
-        if m["role"] == "assistant":
-            continue
-        start = prefix[(i, "")]
-        suffix = ROLE_TAGS["assistant"] if i + 1 < len(messages) and messages[i + 1]["role"] == "assistant" else ""
-        end = prefix[(i + 1, suffix)]
-        labels[start:min(end, max_len)] = IGNORE_INDEX
-        if end >= max_len:
-            break
-    return input_ids, labels, len(full)
+    out = []
+    for messages, bounds, at in plans:
+        full, prefix, j = encoded[at], {}, at + 1
+        for _, n, suffix in bounds:                 # the texts were queued in this order
+            prefix[(n, suffix)] = len(encoded[j]) if n > 0 else 0
+            j += n > 0
+        input_ids = np.asarray(full[:max_len], dtype=np.int32)
+        labels = input_ids.copy()
+        for i, n, suffix in bounds[1::2]:           # each turn's (end) boundary; its start is prefix[(i, "")]
+            end = prefix[(n, suffix)]
+            labels[prefix[(i, "")]:min(end, max_len)] = IGNORE_INDEX
+            if end >= max_len:
+                break
+        out.append((input_ids, labels, len(full)))
+    return out
 
 

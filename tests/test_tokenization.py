@@ -10,7 +10,7 @@ import sentencepiece as spm
 
 from conftest import DATA, FIXTURES
 from lumos_jax.jsonl import read_jsonl
-from lumos_jax.tokenization import IGNORE_INDEX, Tokenizer, encode_conversation
+from lumos_jax.tokenization import IGNORE_INDEX, Tokenizer, concat_messages, encode_conversation
 
 ANN = DATA / "lumos" / "annotations"
 
@@ -162,6 +162,26 @@ def test_bpe_chat_encoding_equals_open_instruct(bpe):
                 assert fast.input_ids.tolist() == want_ids and fast.labels.tolist() == want_labels
             n += 1
     assert n >= 40
+
+
+@pytest.mark.parametrize("which", ["sentencepiece", "bpe"])
+def test_conversations_encoded_in_one_batch_equal_the_reference(which, llama2_tokenizer, bpe):
+    """The data loader's batched encoding (all of a chunk's conversations in one tokenizer
+    call) gives each conversation the reference rule's ids and labels."""
+    from lumos_jax.data.encoding import encode_many
+
+    tok = llama2_tokenizer if which == "sentencepiece" else bpe[0]
+    convs = [row["messages"] for path in sorted(ANN.glob("*.jsonl")) for row in read_jsonl(path)]
+    for max_len in (1024, 60):
+        got = encode_many(convs, tok, max_len)
+        for messages, enc in zip(convs, got, strict=True):
+            if which == "bpe":
+                want_ids, want_labels = _open_instruct_encode(messages, bpe[1], max_len)
+            else:
+                want_ids, want_labels = (a.tolist() for a in encode_conversation(messages, tok, max_len))
+            assert enc.input_ids.tolist() == want_ids and enc.labels.tolist() == want_labels
+            text = concat_messages(messages, tok.eos_token).strip()
+            assert enc.full_length == len(tok.encode(text, add_bos=tok.chat_bos))
 
 
 def test_bpe_chat_template_and_special_ids_equal_transformers(bpe):

@@ -18,7 +18,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from lumos_jax.tokenization import IGNORE_INDEX, ROLE_TAGS, Tokenizer, concat_messages, encode_conversation_with_length
+from lumos_jax.tokenization import (IGNORE_INDEX, ROLE_TAGS, Tokenizer, concat_messages,
+                                    encode_conversation_with_length, encode_conversations)
 
 
 class Encoded(NamedTuple):
@@ -46,6 +47,13 @@ class _PieceEncoder:
 
     def length(self, pieces: list[str]) -> int:
         return sum(len(x) for x in self.encode_pieces(pieces))
+
+
+def encode_many(conversations: Sequence[Sequence[dict]], tokenizer: Tokenizer, max_len: int = 1024) -> list[Encoded]:
+    """`encode_fast` of each conversation; HF tokenizers get all of them in one batched call."""
+    if tokenizer.backend == "sentencepiece" and tokenizer.chat_bos:
+        return [encode_fast(m, tokenizer, max_len) for m in conversations]
+    return [Encoded(*e) for e in encode_conversations(conversations, tokenizer, max_len)]
 
 
 def encode_fast(messages: Sequence[dict], tokenizer: Tokenizer, max_len: int = 1024) -> Encoded:

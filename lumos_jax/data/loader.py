@@ -26,6 +26,7 @@ from lumos_jax.data.sources import EncodedSource, open_sources
 from lumos_jax.tokenization import Tokenizer
 
 STATE_VERSION = 1
+ENCODE_BATCH = 256  # examples per batched tokenizer call
 logger = logging.getLogger(__name__)
 
 
@@ -99,6 +100,7 @@ class BatchIterator:
         self._encoded: dict[tuple[int, int], Encoded | None] = {}  # by (epoch, position)
         self._by_example: dict[tuple[int, int], Encoded] = {}  # by (source, index), across epochs
         self._cache_tokens_left = int(encode_cache_tokens)
+        self._ahead: dict[tuple[int, int], Encoded] = {}  # encoded in a batch past the cache budget
         self._fingerprint = {"sources": [s.name for s in self.sources], "sizes": [len(s) for s in self.sources],
                              "weights": None if weights is None else [float(w) for w in weights],
                              "seq_len": seq_len, "batch_size": batch_size, "packing": packing, "seed": seed,
@@ -144,17 +146,49 @@ class BatchIterator:
         encoding is deterministic, so this changes speed only: ~85% of a batch's host time)."""
         enc = self._by_example.get((s, i))
         if enc is None:
+            enc = self._ahead.pop((s, i), None)
+        if enc is None:
             enc = self.sources[s].encode(i, self.tokenizer, self.max_len)
-            self._lengths[s][i] = len(enc.input_ids)
-            self._has_target[s][i] = int(np.any(enc.labels[1:] >= 0))
-            if len(enc.input_ids) <= self._cache_tokens_left:
-                self._by_example[(s, i)] = enc
-                self._cache_tokens_left -= len(enc.input_ids)
+            self._keep(s, i, enc)
         return enc
+
+    def _keep(self, s: int, i: int, enc: Encoded, ahead: bool = False) -> None:
+        self._lengths[s][i] = len(enc.input_ids)
+        self._has_target[s][i] = int(np.any(enc.labels[1:] >= 0))
+        if len(enc.input_ids) <= self._cache_tokens_left:
+            self._by_example[(s, i)] = enc
+            self._cache_tokens_left -= len(enc.input_ids)
+        elif ahead:
+            self._ahead[(s, i)] = enc
+
+    def _encode_batched(self, refs, ahead: bool) -> None:
+        """Encode the examples among `refs` ((source, index) pairs) not encoded yet, ENCODE_BATCH
+        per batched tokenizer call (HF tokenizers use every core; the SmolLM2 grounder data
+        took ~5 ms a conversation one by one on one core). `ahead`: keep the ones past the
+        cache budget until their turn (a window); otherwise only their lengths are kept."""
+        todo: dict[int, list[int]] = {}
+        for s, i in refs:
+            s, i = int(s), int(i)
+            if s >= 0 and self._has_target[s][i] < 0 and (s, i) not in self._ahead:
+                todo.setdefault(s, []).append(i)
+        for s, indices in todo.items():
+            many = getattr(self.sources[s], "encode_many", None)
+            indices = list(dict.fromkeys(indices))
+            for lo in range(0, len(indices) if many else 0, ENCODE_BATCH):
+                chunk = indices[lo: lo + ENCODE_BATCH]
+                try:
+                    encoded = many(chunk, self.tokenizer, self.max_len)
+                except ValueError:  # a bad record: encoded one by one later, its error names it
+                    continue
+                for i, enc in zip(chunk, encoded):
+                    self._keep(s, i, enc, ahead)
 
     def _encode(self, key: tuple[int, int]) -> Encoded | None:
         if key not in self._encoded:
             s, i = self._ref(key)
+            if s >= 0 and self._has_target[s][i] < 0:
+                epoch, pos = key
+                self._encode_batched(self._host_order(epoch)[pos: pos + ENCODE_BATCH], ahead=True)
             self._encoded[key] = None if s < 0 else self._encode_example(s, i)
         return self._encoded[key]
 
@@ -179,7 +213,10 @@ class BatchIterator:
         return bool(self._has_target[source][index])
 
     def _kept_count(self, epoch: int) -> int:
-        return sum(self._kept(int(s), int(i)) for s, i in self._host_order(epoch))
+        order = self._host_order(epoch)
+        if self.drop_untrained:
+            self._encode_batched(order, ahead=False)
+        return sum(self._kept(int(s), int(i)) for s, i in order)
 
     # -- iteration --------------------------------------------------------------------
     def __iter__(self):
@@ -273,6 +310,8 @@ class BatchIterator:
         packer = Packer(self.seq_len, self._packer.open_rows, self.packing)
         rows = 0
         for epoch in epochs:
+            if self.drop_untrained:  # every example's targets are needed: encode them all, batched
+                self._encode_batched(self._host_order(epoch), ahead=False)
             for s, i in self._host_order(epoch):
                 if not self._kept(int(s), int(i)):
                     continue

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lumos_jax.data.encoding import Encoded, encode_fast
+from lumos_jax.data.encoding import Encoded, encode_fast, encode_many
 from lumos_jax.data.records import BadRecordReport, read_annotations
 from lumos_jax.tokenization import Tokenizer, concat_messages
 
@@ -48,6 +48,11 @@ class RecordSource:
             return encode_fast(record["messages"], tokenizer, max_len)
         except ValueError as e:
             raise ValueError(f"{self.where(i)} (id {record.get('id')}): {e}") from None
+
+    def encode_many(self, indices: Sequence[int], tokenizer: Tokenizer, max_len: int) -> list[Encoded]:
+        """`encode` of each index in one batched tokenizer call (a bad record raises; the
+        loader then encodes one by one, whose error names it)."""
+        return encode_many([self[i]["messages"] for i in indices], tokenizer, max_len)
 
     def length(self, i: int, tokenizer: Tokenizer, max_len: int) -> int:
         """Tokens of example i after truncation (BOS included when the tokenizer adds one),
