@@ -167,3 +167,18 @@ def test_unrolled_pool_is_one_array_per_layer_none_larger_than_a_layers_share(we
     largest = max(x.nbytes for x in jax.tree.leaves(unrolled.cache))
     assert largest <= pool_bytes(unrolled) / (2 * layers)
     assert max(x.nbytes for x in jax.tree.leaves(scanned.cache)) > pool_bytes(scanned) / (2 * layers)
+
+
+def test_a_pool_array_that_cannot_be_placed_whole_is_one_clear_error(weights, monkeypatch):
+    """A fragmented heap (the 7B eval: 40 GiB free, no hole of 20.67 GiB) is refused with one
+    line naming the sizes and the fix, instead of XLA's allocator retrying without end."""
+    dev = jax.devices()[0]
+    stats = {"bytes_limit": 1 << 30, "bytes_in_use": 0, "bytes_reserved": 1 << 30,
+             "largest_free_block_bytes": 1 << 20}
+    monkeypatch.setattr(type(dev), "memory_stats", lambda self: stats, raising=False)
+    with pytest.raises(ValueError, match=r"KV pool: 2 arrays of .* GiB do not fit .* largest free block is 0.000977 GiB"):
+        engine(weights, cache_dtype="float32", scan_layers=True, num_blocks=4096)   # stacked: 2 big arrays
+    e = engine(weights, cache_dtype="float32", scan_layers=False, num_blocks=256)   # per layer: each fits
+    assert e.cache.per_layer
+    stats["bytes_reserved"] = 1 << 29                                   # room left to reserve: fits
+    engine(weights, cache_dtype="float32", scan_layers=True, num_blocks=4096)

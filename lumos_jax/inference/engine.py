@@ -27,9 +27,9 @@ from jax.sharding import Mesh, NamedSharding
 from lumos_jax.checkpoints.native import load_model
 from lumos_jax.inference.decode_attention import resolve_decode_attention
 from lumos_jax.inference.forward import PagedCache
-from lumos_jax.inference.paged import PagedMemory, pool_blocks, step_reserve_bytes
+from lumos_jax.inference.paged import PagedMemory, check_allocatable, pool_blocks, step_reserve_bytes
 from lumos_jax.inference.paged_slots import (Slot, checked_token_ids, decode_inputs, length_bucket,
-                                             prefill_inputs, pow2_at_least, row_count, row_controls)
+                                             prefill_inputs, row_count, row_controls)
 from lumos_jax.inference.params import decode_params, layer_layout, layer_weight_bytes, resolve_scan_layers
 from lumos_jax.inference.precompile import Precompiler
 from lumos_jax.inference.sampling import SamplingParams
@@ -109,6 +109,7 @@ class Engine:
         if mesh is not None:
             self.cache_sharding = NamedSharding(
                 mesh, logical_to_spec(PagedCache.logical_axes(per_layer), shape, mesh, rules))
+        check_allocatable(shape, self.cache_dtype, self.cache_sharding, 2 * (spec.num_layers if per_layer else 1))
         self.cache = PagedCache.init(spec, blocks, block_size, jnp.dtype(self.cache_dtype),
                                      self.cache_sharding, per_layer=per_layer)
         self._slots: dict[int, Slot] = {}
