@@ -19,7 +19,7 @@ from lumos_jax.atomic import write_atomic
 from lumos_jax.config import parse_args
 from lumos_jax.inference import Engine, SamplingParams
 from lumos_jax.inference.chat import chat_format, chat_prompt_ids
-from lumos_jax.inference.engine import pow2_at_least as _pow2
+from lumos_jax.inference.paged_slots import pow2_at_least as _pow2
 from lumos_jax.inference.settings import load_engines, make_sampling
 from lumos_jax.jsonl import iter_jsonl
 from lumos_jax.models.llama import LlamaForCausalLM
