@@ -1,12 +1,26 @@
 """Test setup: 8 fake CPU devices for sharding tests, and paths to ../shared."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
-# Must be set before jax is imported anywhere in the test session.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Must be set before jax is imported anywhere in the test session. LLVM optimisation level 1
+# instead of 2: the same HLO programs and numerics (no fast-math either way); the suite is
+# compile-bound (tiny models), and level 1 compiles ~20% faster with no slower run time
+# (level 0 compiles faster still but runs the training tests ~40% slower).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One XLA compilation cache per test session, fresh each run (never a user's cache): programs
+# that several tests build alike, and the CLI subprocesses they start (which inherit this
+# environment), compile once. The programs run are the same; only their compile is shared.
+_XLA_CACHE = tempfile.mkdtemp(prefix="lumos-jax-tests-xla-cache-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from pathlib import Path  # noqa: E402
 

@@ -33,11 +33,9 @@ GIN = ["model_config.preset = 'tiny'", "model_config.overrides = {'vocab_size': 
 def start(workdir, cache=None):
     cmd = [sys.executable, "-c", "import sys; from lumos_jax.cli import main; sys.exit(main(sys.argv[1:]))",
            "train", f"--workdir={workdir}", *[f"--gin.{g.replace(' = ', '=')}" for g in GIN]]
+    # The three runs and the in-process reference compile the same programs: they share them
+    # through the session's JAX compilation cache (conftest.py), inherited here.
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    # The three runs compile the same programs: share them through JAX's compilation cache.
-    env.update(JAX_COMPILATION_CACHE_DIR=str(workdir.parent / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
