@@ -1,4 +1,6 @@
-"""`lumos-jax convert` and `lumos-jax generate` end to end in a real subprocess."""
+"""`lumos-jax convert` and `lumos-jax generate` end to end: generate (and --help) in a real
+subprocess, the two converts through the same `main(argv)` in-process (each subprocess costs
+a JAX start-up; the process boundary is checked by the others)."""
 
 import json
 import os
@@ -6,6 +8,7 @@ import subprocess
 import sys
 
 from conftest import FIXTURES, REPO
+from lumos_jax.cli import main
 
 STORIES = FIXTURES / "stories260k"
 
@@ -24,10 +27,8 @@ def test_help_lists_commands():
 
 
 def test_convert_both_ways_then_generate(tmp_path):
-    out = lumos("convert", STORIES, tmp_path / "native")
-    assert out.returncode == 0, out.stderr
-    out = lumos("convert", tmp_path / "native", tmp_path / "hf", "--tokenizer", STORIES)
-    assert out.returncode == 0, out.stderr
+    assert main(["convert", str(STORIES), str(tmp_path / "native")]) == 0
+    assert main(["convert", str(tmp_path / "native"), str(tmp_path / "hf"), "--tokenizer", str(STORIES)]) == 0
     assert (tmp_path / "hf" / "tokenizer.model").exists()
     out = lumos("generate", "--model", tmp_path / "hf", "--prompt", "Once upon a time",
                 "--gin.generation_settings.max_new_tokens=60", "--gin.generation_settings.stop_at_eos=False")
