@@ -24,6 +24,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from pathlib import Path  # noqa: E402
 
+import gin  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,3 +47,12 @@ def llama2_tokenizer():
     from lumos_jax.tokenization import Tokenizer
 
     return Tokenizer(FIXTURES / "llama2-tokenizer", add_pad_token=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _gin_bindings_stay_in_their_file():
+    """No gin binding leaks from one test file into the next (a file's own module-scoped
+    fixtures may still parse gin for all its tests): the suite passes in any file order."""
+    gin.clear_config()
+    yield
+    gin.clear_config()
