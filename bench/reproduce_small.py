@@ -1,6 +1,6 @@
 """Small-scale reproduction of the paper's maths comparison, from SmolLM2-135M-Instruct.
 
-From one base model and the same GSM8K training rationales it trains, in one process,
+From one base model and the same GSM8K training rationales it trains
   Lumos-I: a planner + a grounder on the iterative conversations (`lumos-jax data convert gsm8k`),
   Lumos-O: a planner + a grounder on the one-time conversations,
   CoT:     one model on the rationales as plain answers (user: question; assistant: the rationale
@@ -12,12 +12,16 @@ on the number after `####` (else the last number of the answer).
 
 Work runs in priority order, so a GPU call that ends early still has the rows that matter most:
   1. Lumos-I seed 0 (train plan + ground; SVAMP first, which also compiles the engine's programs,
-     then GSM8K, timed alone: `eval_seconds`, `episodes_per_s`: issue 13's real-model figure)
-  2. base zero-shot  3. CoT seed 0  4. Lumos-O seed 0  5. Lumos-I seed 1, CoT seed 1.
-`--budget_s` stops starting an item (a training or an evaluation) whose estimate, from the items
-measured so far, does not fit in what is left; skipped items are listed in the output. Every stage
-resumes (a finished model or evaluation in --workdir is reused). After every row and training,
-`--out` (default bench/results/reproduce_small.json) is rewritten:
+     then GSM8K)  2. base zero-shot  3. CoT seed 0  4. Lumos-O seed 0  5. Lumos-I seed 1, CoT seed 1.
+`--jobs N` runs that work as N worker processes sharing the device (a training per model, an
+evaluation per method as soon as its models exist; a 135M model keeps the GPU busy a fraction of
+the time, so several overlap), then times Lumos-I seed 0 on GSM8K again with nothing else running
+(`alone`, `eval_seconds`, `episodes_per_s`: issue 13's real-model figure). `--jobs 1` does it all
+in this process, in order. `--budget_s` stops starting an item whose estimate, from the items
+measured so far, does not fit in what is left (with --jobs: stops the workers when it is spent);
+skipped items are listed in the output. Every stage resumes (a finished model, or an
+evaluation's finished episodes, in --workdir are reused). After every row and training, `--out`
+(default bench/results/reproduce_small.json) is rewritten:
 `{"card","date","base_model","settings","rows":[{"method","dataset","seed","score","n","seconds"}],
 "phases","skipped"}`.
 
@@ -42,6 +46,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -52,8 +57,8 @@ sys.path.insert(0, str(REPO))
 import jax  # noqa: E402
 
 from bench.reproduce_agents import LumosAgents, direct_agents, engine_counters  # noqa: E402
-from bench.reproduce_training import (Budget, compile_mark, compiles_since, log, train_in_parallel,  # noqa: E402
-                                      train_model, train_one)
+from bench.reproduce_training import (Budget, compile_mark, compiles_since, log, model_done,  # noqa: E402
+                                      run_in_parallel, train_model, train_one)
 from lumos_jax.atomic import atomic_path, write_atomic  # noqa: E402
 from lumos_jax.checkpoints.convert import main as convert  # noqa: E402
 from lumos_jax.cli import main as lumos_cli  # noqa: E402
@@ -189,10 +194,12 @@ def parse(argv=None):
     p.add_argument("--cache_dir", default="/tmp/jax_cache", help="persistent compilation cache")
     p.add_argument("--precompile_threads", type=int, default=4,
                    help="engine programs compiled ahead in this many threads (engine_settings.precompile_threads)")
-    p.add_argument("--train_jobs", type=int, default=1,
-                   help="trainings run at once, each in its own process (a 135M training leaves the GPU idle "
-                        "while its host works: several overlap); then the evaluations, in this process")
-    p.add_argument("--train_one", help=argparse.SUPPRESS)  # METHOD:MODULE:DATA_KEY:SEED, a --train_jobs worker
+    p.add_argument("--jobs", "--train_jobs", dest="jobs", type=int, default=1,
+                   help="worker processes at once, each with 1/jobs of the device: a training per model, then an "
+                        "evaluation per method as soon as its models exist (a 135M model leaves the GPU idle while "
+                        "its host works: several overlap); 1: everything in this process, in order")
+    p.add_argument("--train_one", help=argparse.SUPPRESS)  # METHOD:MODULE:DATA_KEY:SEED, a --jobs worker
+    p.add_argument("--eval_one", help=argparse.SUPPRESS)  # METHOD:SEED, a --jobs worker
     p.add_argument("--prepare_only", action="store_true",
                    help="only convert the training data into WORKDIR/data (to carry it to the GPU machine)")
     args = p.parse_args(argv)
@@ -217,19 +224,17 @@ def plan_items(args) -> list[tuple[str, int | None]]:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
-    if args.train_jobs > 1 and not args.train_one:  # the workers share the device with this process
+    if args.jobs > 1:  # the workers share the device with this process
         os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     budget = Budget(args.budget_s)
     jax.config.update("jax_compilation_cache_dir", args.cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     work = Path(args.workdir).absolute()
     work.mkdir(parents=True, exist_ok=True)
-    phases: dict = {}
-    rows: list[dict] = []
-    skipped: list[str] = []
     if args.prepare_only:
         training_files(args, work)
         return 0
+    phases: dict = {}
     t0 = time.perf_counter()
     base = base_model(args, work)
     phases["base_model"] = round(time.perf_counter() - t0, 1)
@@ -238,80 +243,182 @@ def main(argv=None) -> int:
     phases["training_data"] = round(time.perf_counter() - t0, 1)
     if args.train_one:
         return train_one(args, work, base, data)
-    if args.train_jobs > 1:
-        train_in_parallel(args, argv, work, budget, phases, data, plan_items(args), Path(__file__).resolve())
-    n_eval = {d: args.limit or DATASET_SIZE[d] for d in DATASET_ORDER}
+    if args.eval_one:
+        method, seed = args.eval_one.split(":")
+        return eval_one(args, work, base, data, budget, method, None if seed == "None" else int(seed))
+    items = plan_items(args)
+    rows: list[dict] = []
+    skipped: list[str] = []
 
     def save():
         write(args, rows, phases, skipped)
 
-    def trained(method, seed, files) -> list[Path] | None:
-        models = []
-        for module, key in files:
-            fits, est = budget.fits("train", data[key].stat().st_size)
-            done = (work / "train" / f"{method}_{module}_seed{seed}" / "model" / "config.json").exists()
-            if not fits and not done:
-                skipped.append(f"{method} seed {seed}: training {module} (estimate {est:.0f}s, "
-                               f"{budget.left():.0f}s left)")
-                save()
-                return None
-            t = time.perf_counter()
-            models.append(train_model(args, work, base, f"{method}_{module}", data[key], seed, phases))
-            if not done:
-                budget.measured("train", time.perf_counter() - t, data[key].stat().st_size)
+    if args.jobs > 1:
+        def merge():
+            rows[:], got = merged_rows(work, items)
+            phases.update(got)
             save()
-        return models
-
-    for method, seed in plan_items(args):
-        kind = "direct" if method in ("base", "cot") else "lumos"
-        if method == "base":
-            models = [base]
-        elif method == "cot":
-            models = trained(method, seed, [("model", "cot")])
-        else:
-            formulation = "iterative" if method == "lumos_i" else "onetime"
-            models = trained(method, seed, [("plan", f"plan_{formulation}"), ("ground", f"ground_{formulation}")])
-        if models is None:
-            continue
-        parse_gin([args.mesh], eval_bindings(args))
-        t = time.perf_counter()
-        if kind == "lumos":
-            agents = LumosAgents(args, base, formulation, *models, first=DATASET_ORDER[0]).for_dataset
-        else:
-            agents = direct_agents(args, models[0], base, chat_template=method == "base")
-        phases[f"load {method}" + ("" if seed is None else f" seed {seed}")] = round(time.perf_counter() - t, 1)
-        agent = None
-        for dataset in DATASET_ORDER:
-            fits, est = budget.fits(kind, n_eval[dataset])
-            if not fits:
-                skipped.append(f"{method} seed {seed} {dataset} (estimate {est:.0f}s, {budget.left():.0f}s left)")
-                continue
-            name = f"{method}_seed{seed}_{dataset}" if seed is not None else f"{method}_{dataset}"
-            agent = agents(dataset)
-            before, compiled = engine_counters(agent), compile_mark()
-            s = evaluate(args, work, name, dataset, agent)
-            counters = {k: v - before.get(k, 0) for k, v in engine_counters(agent).items()}
-            seconds = s["timing"]["this_run_seconds"]
-            if s["timing"]["examples_this_run"]:
-                budget.measured(kind, seconds, s["timing"]["examples_this_run"])
-            row = {"method": "base_zero_shot" if method == "base" else method, "dataset": dataset,
-                   "seed": seed, "score": round(s["score"], 2), "n": s["n"], "seconds": round(seconds, 1),
-                   **compiles_since(compiled), "error_kinds": s["error_kinds"], "engine": counters}
-            stats = getattr(agent, "last_stats", None)
-            if stats is not None:
-                row["runner"] = {k: getattr(stats, k) for k in ("max_live", "max_batch", "generate_calls",
-                                                                 "tool_jobs")}
-            if method == "lumos_i" and dataset == "gsm8k":  # issue 13's real-model figure
-                warm = max(seconds - row["compile_s"] - row["trace_lower_s"], 1e-9)
-                row.update(eval_seconds=round(seconds, 1), episodes_per_s=round(s["n"] / max(seconds, 1e-9), 2),
-                           eval_seconds_excluding_compile=round(warm, 1),
-                           episodes_per_s_excluding_compile=round(s["n"] / warm, 2))
-            rows.append(row)
-            save()
-        del agents, agent
-        gc.collect()
+        run_in_parallel(args, argv, work, budget, phases, data, items, Path(__file__).resolve(),
+                        lambda m, s: item_done(work, m, s), merge)
+        merge()
+        skipped += [f"{m} seed {s}: not finished in the budget" for m, s in items if not item_done(work, m, s)]
+        time_alone(args, work, base, budget, rows, phases, skipped)
+    else:
+        for method, seed in items:
+            evaluate_item(args, work, base, data, budget, method, seed, rows, phases, skipped, save)
+    save()
     log(f"wrote {args.out}; skipped: {skipped or 'nothing'}")
     return 0
+
+
+def item_rows_path(work: Path, method: str, seed) -> Path:
+    return work / "rows" / f"{method}_seed{seed}.json"
+
+
+def item_done(work: Path, method: str, seed) -> bool:
+    path = item_rows_path(work, method, seed)
+    return path.exists() and len(json.loads(path.read_text())["rows"]) == len(DATASET_ORDER)
+
+
+def merged_rows(work: Path, items) -> tuple[list[dict], dict]:
+    """The eval workers' rows in priority order, and their phases."""
+    rows, phases = [], {}
+    for method, seed in items:
+        path = item_rows_path(work, method, seed)
+        if path.exists():
+            got = json.loads(path.read_text())
+            rows += got["rows"]
+            phases.update(got["phases"])
+    return rows, phases
+
+
+def eval_one(args, work: Path, base: Path, data: dict, budget: Budget, method: str, seed) -> int:
+    """An `--eval_one` worker: one (method, seed) on every dataset, its rows saved after each
+    (in `work/rows/`) for the driver to merge. The KV pool is capped to half of this process's
+    share of the device."""
+    limit = jax.devices()[0].memory_stats() or {}
+    if limit.get("bytes_limit"):
+        args.kv_gb = min(args.kv_gb, round(0.5 * limit["bytes_limit"] / 2**30, 2))
+    rows: list[dict] = []
+    phases: dict = {}
+    skipped: list[str] = []
+    path = item_rows_path(work, method, seed)
+
+    def save():
+        write_atomic(path, json.dumps({"rows": rows, "phases": phases, "skipped": skipped}, indent=1) + "\n")
+
+    evaluate_item(args, work, base, data, budget, method, seed, rows, phases, skipped, save, jobs=args.jobs)
+    return 0
+
+
+def evaluate_item(args, work: Path, base: Path, data: dict, budget: Budget, method: str, seed, rows: list,
+                  phases: dict, skipped: list, save, jobs: int = 1) -> None:
+    """Train what (method, seed) needs (in this process, unless a worker did) and evaluate it on
+    every dataset, appending a row per dataset and calling `save()` after each."""
+    kind = "direct" if method in ("base", "cot") else "lumos"
+    if method == "base":
+        models = [base]
+    elif method == "cot":
+        models = trained(args, work, base, data, budget, method, seed, [("model", "cot")], phases, skipped, save)
+    else:
+        formulation = "iterative" if method == "lumos_i" else "onetime"
+        models = trained(args, work, base, data, budget, method, seed,
+                         [("plan", f"plan_{formulation}"), ("ground", f"ground_{formulation}")], phases, skipped, save)
+    if models is None:
+        return
+    parse_gin([args.mesh], eval_bindings(args))
+    t = time.perf_counter()
+    if kind == "lumos":
+        agents = LumosAgents(args, base, formulation, *models, first=DATASET_ORDER[0]).for_dataset
+    else:
+        agents = direct_agents(args, models[0], base, chat_template=method == "base")
+    phases[f"load {method}" + ("" if seed is None else f" seed {seed}")] = round(time.perf_counter() - t, 1)
+    for dataset in DATASET_ORDER:
+        n = args.limit or DATASET_SIZE[dataset]
+        fits, est = budget.fits(kind, n)
+        if not fits:
+            skipped.append(f"{method} seed {seed} {dataset} (estimate {est:.0f}s, {budget.left():.0f}s left)")
+            continue
+        name = f"{method}_seed{seed}_{dataset}" if seed is not None else f"{method}_{dataset}"
+        row = eval_row(args, work, name, dataset, agents(dataset), budget, kind)
+        rows.append({"method": "base_zero_shot" if method == "base" else method, "dataset": dataset, "seed": seed,
+                     **row, "concurrent_jobs": jobs})
+        if method == "lumos_i" and dataset == "gsm8k":  # issue 13's real-model figure
+            rows[-1].update(timing_fields(rows[-1]))
+        save()
+    gc.collect()
+
+
+def eval_row(args, work: Path, name: str, dataset: str, agent, budget: Budget, kind: str) -> dict:
+    """Evaluate one agent on one dataset: score, n, seconds, compiles and the engines' counters."""
+    before, compiled = engine_counters(agent), compile_mark()
+    s = evaluate(args, work, name, dataset, agent)
+    counters = {k: v - before.get(k, 0) for k, v in engine_counters(agent).items()}
+    seconds = s["timing"]["this_run_seconds"]
+    if s["timing"]["examples_this_run"]:
+        budget.measured(kind, seconds, s["timing"]["examples_this_run"])
+    row = {"score": round(s["score"], 2), "n": s["n"], "seconds": round(seconds, 1), **compiles_since(compiled),
+           "examples_this_run": s["timing"]["examples_this_run"], "error_kinds": s["error_kinds"],
+           "engine": counters}
+    stats = getattr(agent, "last_stats", None)
+    if stats is not None:
+        row["runner"] = {k: getattr(stats, k) for k in ("max_live", "max_batch", "generate_calls", "tool_jobs")}
+    return row
+
+
+def timing_fields(row: dict) -> dict:
+    warm = max(row["seconds"] - row["compile_s"] - row["trace_lower_s"], 1e-9)
+    return {"eval_seconds": row["seconds"], "episodes_per_s": round(row["n"] / max(row["seconds"], 1e-9), 2),
+            "eval_seconds_excluding_compile": round(warm, 1),
+            "episodes_per_s_excluding_compile": round(row["n"] / warm, 2)}
+
+
+def time_alone(args, work: Path, base: Path, budget: Budget, rows: list, phases: dict, skipped: list) -> None:
+    """Issue 13's real-model figure, timed with nothing else on the device: Lumos-I seed 0 on all
+    of GSM8K again, in this process, after the parallel work (its programs come from the
+    persistent compilation cache). Recorded as `alone` in that row."""
+    seed = args.seeds[0]
+    row = next((r for r in rows if r["method"] == "lumos_i" and r["dataset"] == "gsm8k" and r["seed"] == seed), None)
+    if row is None or "alone" in row:
+        return
+    fits, est = budget.fits("lumos", args.limit or DATASET_SIZE["gsm8k"])
+    if not fits:
+        skipped.append(f"lumos_i seed {seed} gsm8k timed alone (estimate {est:.0f}s, {budget.left():.0f}s left)")
+        return
+    plan, ground = (work / "train" / f"lumos_i_{m}_seed{seed}" / "model" for m in ("plan", "ground"))
+    shutil.rmtree(work / "eval" / f"lumos_i_seed{seed}_gsm8k_alone", ignore_errors=True)  # timed whole, not resumed
+    parse_gin([args.mesh], eval_bindings(args))
+    t = time.perf_counter()
+    agents = LumosAgents(args, base, "iterative", plan, ground, first="gsm8k").for_dataset
+    load_s = round(time.perf_counter() - t, 1)
+    alone = eval_row(args, work, f"lumos_i_seed{seed}_gsm8k_alone", "gsm8k", agents("gsm8k"), budget, "lumos")
+    alone.update(timing_fields(alone), load_s=load_s)
+    row["alone"] = alone
+    row.update({k: alone[k] for k in timing_fields(alone)})
+    phases["lumos_i gsm8k timed alone"] = {"seconds": alone["seconds"], "score": alone["score"]}
+    path = item_rows_path(work, "lumos_i", seed)  # kept with the worker's rows for a resumed call
+    got = json.loads(path.read_text())
+    got["rows"] = [row if (r["dataset"], r["seed"]) == ("gsm8k", seed) else r for r in got["rows"]]
+    write_atomic(path, json.dumps(got, indent=1) + "\n")
+
+
+def trained(args, work: Path, base: Path, data: dict, budget: Budget, method: str, seed, files, phases: dict,
+            skipped: list, save) -> list[Path] | None:
+    """The models of (method, seed), trained here if missing and the budget allows."""
+    models = []
+    for module, key in files:
+        fits, est = budget.fits("train", data[key].stat().st_size)
+        done = model_done(work, method, module, seed)
+        if not fits and not done:
+            skipped.append(f"{method} seed {seed}: training {module} (estimate {est:.0f}s, {budget.left():.0f}s left)")
+            save()
+            return None
+        t = time.perf_counter()
+        models.append(train_model(args, work, base, f"{method}_{module}", data[key], seed, phases))
+        if not done:
+            budget.measured("train", time.perf_counter() - t, data[key].stat().st_size)
+        save()
+    return models
 
 
 def write(args, rows, phases, skipped):

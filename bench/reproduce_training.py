@@ -133,7 +133,7 @@ def _median_step_time(run: Path) -> float | None:
     return round(times[len(times) // 2], 4) if times else None
 
 
-# -- parallel training ------------------------------------------------------------------------
+# -- worker processes -------------------------------------------------------------------------
 
 def trainings(items) -> list[tuple[str, str, str, int]]:
     """(method, module, data key, seed) of every training the (method, seed) items need, in order."""
@@ -147,47 +147,80 @@ def trainings(items) -> list[tuple[str, str, str, int]]:
     return out
 
 
-def train_in_parallel(args, argv: list[str], work: Path, budget: Budget, phases: dict, data: dict,
-                      items, script: Path) -> None:
-    """Run the missing trainings `args.train_jobs` at a time, each a `--train_one` process with
-    1/jobs of the device memory (nothing preallocated); their phase records are merged into
-    `phases`. A worker still running when the budget is spent is stopped (its model stays
-    missing and its rows are skipped)."""
-    todo = [t for t in trainings(items)
-            if not (work / "train" / f"{t[0]}_{t[1]}_seed{t[3]}" / "model" / "config.json").exists()]
+def model_done(work: Path, method: str, module: str, seed) -> bool:
+    return (work / "train" / f"{method}_{module}_seed{seed}" / "model" / "config.json").exists()
+
+
+def run_in_parallel(args, argv: list[str], work: Path, budget: Budget, phases: dict, data: dict,
+                    items, script: Path, evals_done, on_eval_done) -> None:
+    """Run the missing trainings and evaluations `args.jobs` processes at a time, each with
+    1/jobs of the device memory (nothing preallocated): a `--train_one` worker per model, then
+    an `--eval_one` worker per (method, seed) as soon as its models exist, so evaluations of
+    finished methods overlap the remaining trainings. Work starts in priority order. A worker
+    still running when the budget is spent is stopped (a training restarts next call; an
+    evaluation resumes from its saved episodes). `evals_done(method, seed)` says an item has all
+    its rows; `on_eval_done()` merges a finished evaluation's rows."""
+    tasks = []  # (kind, key, worker argument, the models it needs): each item's trainings, then its eval
+    for method, seed in items:
+        needs = trainings([(method, seed)])
+        tasks += [("train", t, ":".join(map(str, t)), []) for t in needs if not model_done(work, t[0], t[1], t[3])]
+        if not evals_done(method, seed):
+            tasks.append(("eval", (method, seed), f"{method}:{seed}", [(m, mod, s) for m, mod, _, s in needs]))
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-           "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.9 / args.train_jobs:.3f}", "PYTHONPATH": str(REPO)}
+           "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.9 / args.jobs:.3f}", "PYTHONPATH": str(REPO)}
     env.pop("XLA_CLIENT_MEM_FRACTION", None)
-    running: list[tuple[subprocess.Popen, tuple, float]] = []
-    t0, total_bytes = time.perf_counter(), 0
-    while todo or running:
-        while todo and len(running) < args.train_jobs:
-            t = todo.pop(0)
-            cmd = [sys.executable, str(script)] + argv + ["--train_one", ":".join(map(str, t))]
-            log_file = open(work / f"train_{t[0]}_{t[1]}_seed{t[3]}.log", "w")
-            running.append((subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT), t,
-                            time.perf_counter()))
-            total_bytes += data[t[2]].stat().st_size
-            log(f"training {t[0]} {t[1]} seed {t[3]} (pid {running[-1][0].pid})")
+    failed: set = set()
+    running: list = []
+    t0, train_bytes = time.perf_counter(), 0
+    while tasks or running:
+        for task in list(tasks):
+            if len(running) >= args.jobs or budget.left() <= 0:
+                break
+            kind, key, arg, needs = task
+            if any((m, mod, s) in failed for m, mod, s in needs):
+                tasks.remove(task)
+                phases[f"eval {arg}"] = {"error": "a training it needs failed"}
+                continue
+            if not all(model_done(work, *n) for n in needs):
+                continue
+            tasks.remove(task)
+            name = f"{kind}_{arg.replace(':', '_')}"
+            cmd = [sys.executable, str(script)] + argv + [f"--{kind}_one", arg]
+            log_file = open(work / f"{name}.log", "w")
+            proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+            running.append((proc, kind, key, name, time.perf_counter()))
+            if kind == "train":
+                train_bytes += data[key[2]].stat().st_size
+            log(f"started {name} (pid {proc.pid}, {len(running)} running)")
+        if budget.left() <= 0 and not running:
+            break
         time.sleep(2)
-        for proc, t, start in list(running):
+        for entry in list(running):
+            proc, kind, key, name, start = entry
             if proc.poll() is None and budget.left() > 0:
                 continue
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-            running.remove((proc, t, start))
-            name = f"train {t[0]}_{t[1]} seed {t[3]}"
-            record = work / "train" / f"{t[0]}_{t[1]}_seed{t[3]}" / "phase.json"
-            if proc.returncode == 0 and record.exists():
-                phases[name] = {**json.loads(record.read_text()), "parallel_jobs": args.train_jobs}
+            running.remove(entry)
+            if kind == "train":
+                method, module, _, seed = key
+                record = work / "train" / f"{method}_{module}_seed{seed}" / "phase.json"
+                label = f"train {method}_{module} seed {seed}"
+                if proc.returncode == 0 and record.exists():
+                    phases[label] = {**json.loads(record.read_text()), "parallel_jobs": args.jobs}
+                else:
+                    failed.add((method, module, seed))
+                    phases[label] = {"error": f"worker exited with {proc.returncode}", "log": str(work / f"{name}.log")}
             else:
-                phases[name] = {"error": f"worker exited with {proc.returncode}",
-                                "log": str(work / f"train_{t[0]}_{t[1]}_seed{t[3]}.log")}
+                if proc.returncode != 0:
+                    phases[f"eval {key[0]} seed {key[1]}"] = {"error": f"worker exited with {proc.returncode}",
+                                                              "log": str(work / f"{name}.log")}
+                on_eval_done()
             log(f"{name}: rc {proc.returncode} after {time.perf_counter() - start:.0f}s")
-    if total_bytes:  # what the in-process estimate sees if a training is still to do
-        budget.measured("train", time.perf_counter() - t0, total_bytes)
-    phases["parallel_training_s"] = round(time.perf_counter() - t0, 1)
+    if train_bytes:  # the in-process estimate, should a training be left to do
+        budget.measured("train", time.perf_counter() - t0, train_bytes)
+    phases["parallel_s"] = round(time.perf_counter() - t0, 1)
 
 
 def train_one(args, work: Path, base: Path, data: dict) -> int:
