@@ -135,10 +135,12 @@ def _run(workdir, seq_len, global_batch, grad_accum_steps, num_epochs, max_steps
             if profile and lead and step == min(start + profile_steps[0], max_steps - 1):
                 jax.profiler.start_trace(str(workdir / "profile"))
                 tracing = True
+            t_wait = time.perf_counter()
             batch, data_state = next(batches)
+            t_wait = time.perf_counter() - t_wait
             state, metrics = step_fn(state, batch)
             step += 1
-            log.add(step, metrics)
+            log.add(step, metrics, t_wait)
             due = ckpt.due(step)
             if due:
                 log.check_finite(ckpt)  # stop on NaN/inf; never save such a state
@@ -244,7 +246,11 @@ class DevicePrefetcher:
 class MetricsLog:
     """Step metrics kept as device arrays and read one log interval late, when they are
     long computed, so the host never waits on the step it has just dispatched; a save
-    (or the end, or a preemption) reads everything first."""
+    (or the end, or a preemption) reads everything first. Each row also records
+    `data_wait_s`, how long the loop waited for that step's batch: when the waits fill most
+    of the step time, training is input-bound, which is said once in the log."""
+
+    INPUT_BOUND = 0.5  # share of the step time spent waiting for batches that is warned about
 
     def __init__(self, writer, progress, flops_step, peak, tokens_step, n_devices):
         self.writer, self.progress = writer, progress
@@ -252,45 +258,68 @@ class MetricsLog:
         self.losses: dict[int, float] = {}
         self.pending: list = []   # (step, metrics) since the last log step
         self.previous: list = []  # the interval before, its copy to the host under way
+        self.previous_dt = 0.0    # its wall time per step
+        self.waits: dict[int, float] = {}
+        self.warned = False
         self.t_last = time.perf_counter()
 
-    def add(self, step: int, metrics: dict) -> None:
+    def add(self, step: int, metrics: dict, data_wait_s: float = 0.0) -> None:
         self.pending.append((step, metrics))
+        self.waits[step] = data_wait_s
 
     def flush_previous(self, ckpt) -> None:
-        """At a log step: write the previous interval, start copying this one."""
-        self._write(self.previous, ckpt)
+        """At a log step: write the previous interval, start copying this one. An interval's
+        step time is its wall time between log steps over its steps (the host runs at most
+        an interval ahead of the device, so in steady state that is the device's pace)."""
+        now = time.perf_counter()
+        dt, self.t_last = (now - self.t_last) / max(len(self.pending), 1), now
+        self._write(self.previous, self.previous_dt, ckpt)
         for _, m in self.pending:
             for v in m.values():
                 v.copy_to_host_async()
-        self.previous, self.pending = self.pending, []
+        self.previous, self.previous_dt, self.pending = self.pending, dt, []
 
     def flush_all(self, ckpt) -> None:
-        self._write(self.previous, ckpt)
-        self._write(self.pending, ckpt)
+        """Everything, the last interval timed until the device has computed it."""
+        self._write(self.previous, self.previous_dt, ckpt)
+        self._write(self.pending, None, ckpt)
         self.previous, self.pending = [], []
 
     def check_finite(self, ckpt) -> None:
         _check_finite(self.previous + self.pending, ckpt)
 
-    def _write(self, rows, ckpt) -> None:
+    def _write(self, rows, dt, ckpt) -> None:
         if not rows:
             return
         host = jax.device_get([m for _, m in rows])
         _check_finite(list(zip([s for s, _ in rows], host)), ckpt)
-        now = time.perf_counter()
-        dt = (now - self.t_last) / len(rows)
-        self.t_last = now
+        if dt is None:
+            now = time.perf_counter()
+            dt, self.t_last = (now - self.t_last) / len(rows), now
+        records = []
         for (step, _), m in zip(rows, host):
             values = {k: float(v) for k, v in m.items()}
             values["step_time_s"] = dt
+            values["data_wait_s"] = self.waits.pop(step, 0.0)
             values["tokens_per_s"] = self.tokens_step / dt
             if self.peak:
                 values["mfu"] = self.flops_step / dt / (self.peak * self.n_devices)
             self.losses[step] = values["loss"]
-            self.writer.write(step, values)
+            records.append((step, values))
+        self.writer.write_rows(records)
+        self._warn_if_input_bound(records, dt)
         self.progress.update(len(rows), {"loss": values["loss"], "lr": values["learning_rate"],
                                          "tok/s": values["tokens_per_s"]})
+
+    def _warn_if_input_bound(self, records, dt) -> None:
+        wait = sum(v["data_wait_s"] for _, v in records) / len(records)
+        if self.warned or len(records) < 2 or wait < self.INPUT_BOUND * dt:
+            return
+        self.warned = True
+        logger.warning("lumos-jax train: input-bound: steps %d-%d waited %.0f%% of their %.1f ms for batches "
+                       "(the data iterator is slower than the step; training_data.source='memory' "
+                       "encodes the files once up front)", records[0][0], records[-1][0],
+                       100 * wait / dt, 1e3 * dt)
 
 
 def _tokenizer_dir(explicit: str | None, init_from: str | None) -> str | None:

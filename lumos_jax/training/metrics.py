@@ -96,15 +96,21 @@ class MetricsWriter:
             self._tb = SummaryWriter(str(log_dir / "tensorboard"))
 
     def write(self, step: int, values: dict, prefix: str = "train") -> None:
-        if not self.enabled:
+        self.write_rows([(step, values)], prefix)
+
+    def write_rows(self, rows: list[tuple[int, dict]], prefix: str = "train") -> None:
+        """Several steps' records with one write and one flush (a log interval at a time)."""
+        if not self.enabled or not rows:
             return
-        record = {"step": step, "split": prefix, "time": time.time(), **values}
-        self._file.write(json.dumps(record) + "\n")
+        now = time.time()
+        self._file.write("".join(json.dumps({"step": step, "split": prefix, "time": now, **values}) + "\n"
+                                 for step, values in rows))
         self._file.flush()
         if self._tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(f"{prefix}/{k}", v, step)
+            for step, values in rows:
+                for k, v in values.items():
+                    if isinstance(v, (int, float)) and math.isfinite(v):
+                        self._tb.add_scalar(f"{prefix}/{k}", v, step)
         if self._remote is not None and time.monotonic() - self._last_sync >= self._sync_every:
             self.sync()
 
