@@ -8,7 +8,6 @@ import math
 import re
 
 import numpy as np
-import pytest
 
 import jax
 import jax.numpy as jnp
@@ -109,8 +108,7 @@ def test_every_matrix_is_drawn_from_normal_0_initializer_range():
     assert checked == 2 + 7 * CONFIG.num_hidden_layers  # embed, lm_head, 7 projections per layer
 
 
-@pytest.mark.parametrize("layers", [16])
-def test_init_program_has_one_draw_per_parameter_name_at_any_depth(layers):
+def test_init_program_has_one_draw_per_parameter_name_at_any_depth():
     """The lowered init program at 2 and 16 layers: the same number of threefry calls (one
     per random parameter name, not per layer) and the same size within 2%. Unrolled
     per-layer draws (the model before stacking) took ~80 s to create a 1.1B state on a GPU."""
@@ -121,7 +119,7 @@ def test_init_program_has_one_draw_per_parameter_name_at_any_depth(layers):
             setup = state_lib.build_setup(config, mesh, 10, state_lib.optimizer_settings())
             text = jax.jit(lambda s: state_lib._draw_params(config, s)).lower(jnp.uint32(0)).as_text()
         return len(re.findall(r"call @threefry2x32", text)), len(text), setup
-    (draws2, size2, setup), (draws_n, size_n, _) = lowered(2), lowered(layers)
+    (draws2, size2, setup), (draws_n, size_n, _) = lowered(2), lowered(16)
     random_names = [k for k in leaves(setup.abstract_state["params"]) if "norm" not in k]
     assert draws2 == draws_n <= len(random_names), (draws2, draws_n)
     assert abs(size_n - size2) <= 0.02 * size2, (size2, size_n)
