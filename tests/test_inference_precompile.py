@@ -67,3 +67,34 @@ def test_program_shapes_cover_the_engines_buckets():
                 assert ("prefill", n, t) in shapes, (slots, max_len, budget, k, t)
         for k in range(1, slots + 1):
             assert ("decode", row_count(k, 1, slots), 1) in shapes
+
+
+def test_a_queued_program_is_compiled_at_once_by_its_caller(weights, monkeypatch):
+    """With the only thread held by a slow compile, a call needing a program still queued
+    compiles it in the calling thread instead of waiting for the queue (the 7B eval: 34
+    programs of ~8 s per engine)."""
+    import threading
+    from lumos_jax.inference import precompile
+
+    unused = ("decode", 3, 1)  # a valid shape no bucket pads to: queued second, it holds the thread
+    real_shapes, real_compile = precompile.program_shapes, precompile.Precompiler._compile
+    release, callers = threading.Event(), []
+
+    def compile_(self, key):
+        callers.append((key, threading.current_thread().name))
+        if key[:3] == unused:
+            release.wait(60)
+        return real_compile(self, key)
+
+    monkeypatch.setattr(precompile, "program_shapes", lambda *a: [unused] + real_shapes(*a))
+    monkeypatch.setattr(precompile.Precompiler, "_compile", compile_)
+    try:
+        e, tokens = run(weights, 1)
+        held = not release.is_set()
+    finally:
+        release.set()
+    _, lazy = run(weights, 0)
+    assert tokens == lazy and held
+    inline = [k for k, name in callers if not name.startswith("lumos-precompile")]
+    assert len(inline) >= 2, callers     # the run's other programs, each compiled when first needed
+    assert e.programs.stats["ran_precompiled"] == e.stats["prefill_calls"] + e.stats["decode_calls"]
