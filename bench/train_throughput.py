@@ -167,9 +167,11 @@ def run_ours(args) -> None:
     with jax.set_mesh(mesh):
         t0 = time.perf_counter()
         setup = state_lib.build_setup(config, mesh, 1000, state_lib.optimizer_settings(learning_rate=1e-5))
-        state = state_lib.random_state(setup, 0)
+        timings: dict = {}
+        state = state_lib.random_state(setup, 0, timings=timings)
         jax.block_until_ready(state)
         init_s = round(time.perf_counter() - t0, 1)
+        base.update(init_compile_s=timings.get("compile_s"), init_run_s=timings.get("run_s"))
         step = step_lib.make_train_step(setup, args.grad_accum)
         batch = global_batch_array(synthetic_host_batch(config.vocab_size, args.batch, args.seq),
                                    step_lib.batch_sharding(setup), args.batch)

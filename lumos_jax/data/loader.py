@@ -186,8 +186,8 @@ class BatchIterator:
     def _encode(self, key: tuple[int, int]) -> Encoded | None:
         if key not in self._encoded:
             s, i = self._ref(key)
-            if s >= 0 and self._has_target[s][i] < 0:
-                epoch, pos = key
+            if s >= 0 and self._has_target[s][i] < 0 and getattr(self.sources[s], "encode_many", None):
+                epoch, pos = key  # (a source without batched encoding: no window scan per example)
                 self._encode_batched(self._host_order(epoch)[pos: pos + ENCODE_BATCH], ahead=True)
             self._encoded[key] = None if s < 0 else self._encode_example(s, i)
         return self._encoded[key]
