@@ -22,6 +22,7 @@ turns on the real 7B pair to the end. Writing the checkpoints (torch) and the ev
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import shutil
@@ -109,13 +110,26 @@ def write_checkpoints(args) -> None:
         emit(event="checkpoint", path=str(out), gb=round(total / 2**30, 2), seconds=round(time.perf_counter() - t0, 1))
 
 
-def _sample_memory(dev, every_s: float = 10.0) -> None:
+def _sample_memory(dev, predictions: Path, every_s: float = 10.0) -> None:
+    """Device memory and finished episodes every `every_s`; the first time neither has moved
+    for a minute, every thread's Python stack goes to stderr (on 2026-12-01 the run sat at
+    107.93 GiB with 9 episodes done for 5 minutes and the log could not say where)."""
+    last, still, dumped = None, 0, False
     while True:
         time.sleep(every_s)
         m = dev.memory_stats() or {}
+        done = len(predictions.read_text().splitlines()) if predictions.exists() else 0
         print(f"[memory] in use {m.get('bytes_in_use', 0) / 2**30:.2f} GiB, peak "
               f"{m.get('peak_bytes_in_use', 0) / 2**30:.2f} GiB, largest alloc "
-              f"{m.get('largest_alloc_size', 0) / 2**30:.2f} GiB", flush=True)
+              f"{m.get('largest_alloc_size', 0) / 2**30:.2f} GiB; {done} episodes", flush=True)
+        now = (m.get("bytes_in_use"), done)
+        still = still + 1 if now == last else 0
+        last = now
+        if still >= 6 and not dumped:
+            print("[stall] no memory or episode change for 60 s: thread stacks follow", flush=True)
+            faulthandler.dump_traceback(file=sys.stdout, all_threads=True)
+            sys.stdout.flush()
+            dumped = True
 
 
 def run_eval(args) -> None:
@@ -130,8 +144,9 @@ def run_eval(args) -> None:
     clock = CompileClock()
     # a failed generator call is logged with its traceback; device memory is sampled every 10 s
     logging.getLogger("lumos_jax.agent.runner").setLevel(logging.DEBUG)
-    threading.Thread(target=_sample_memory, args=(jax.devices()[0],), daemon=True).start()
     work = Path(args.workdir)
+    threading.Thread(target=_sample_memory, args=(jax.devices()[0], work / "eval_out" / "predictions.jsonl"),
+                     daemon=True).start()
     os.environ["LUMOS_EVAL_DATA"] = str(Path(args.gsm8k).parent)
     out = work / "eval_out"
     argv = ["eval", f"--gin_file={GIN}", "--overwrite", f"--output_dir={out}",

@@ -8,14 +8,17 @@ is one line on stderr, exit 2; anything else (a JAX error, a bug) keeps its trac
 `--debug` (anywhere on the line) or `LUMOS_DEBUG=1` always shows the full traceback and
 logs at DEBUG. Logs of the `lumos_jax`, `data_pipeline` and `launch` loggers go to stderr,
 configured here once per command; a command's own output stays on stdout.
+`kill -USR1 <pid>` prints every thread's Python stack to stderr (a long eval that seems stuck).
 """
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -55,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or any(os.environ.get(v, "") not in ("", "0") for v in DEBUG_ENV)
     argv = [a for a in argv if a != "--debug"]
+    if hasattr(signal, "SIGUSR1") and sys.stderr is not None:
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
