@@ -58,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or any(os.environ.get(v, "") not in ("", "0") for v in DEBUG_ENV)
     argv = [a for a in argv if a != "--debug"]
-    if hasattr(signal, "SIGUSR1") and sys.stderr is not None:
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    if hasattr(signal, "SIGUSR1"):
+        try:
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
+        except (AttributeError, ValueError, OSError):  # stderr without a file descriptor (captured)
+            pass
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
