@@ -79,7 +79,8 @@ class Engine:
                steps_per_call: int = 16, tokenizer=None, max_prefill_tokens: int = 16384,
                decode_attention: str = "auto", block_size: int = 16, num_blocks: int | None = None,
                kv_memory_gb: float | None = None, kv_memory_fraction: float | None = None,
-               cache_dtype: str | None = None, scan_layers="auto", precompile_threads: int = 0):
+               cache_dtype: str | None = None, scan_layers="auto", precompile_threads: int = 0,
+               program_cache_dir: str | None = None):
         if num_slots < 1 or max_len < 2 or steps_per_call < 1:
             raise ValueError(f"Engine: num_slots={num_slots}, max_len={max_len}, "
                              f"steps_per_call={steps_per_call} must be positive (max_len >= 2)")
@@ -117,7 +118,7 @@ class Engine:
         self._ids = itertools.count()
         self._clock = itertools.count(1)
         self._stats = {k: 0 for k in STAT_KEYS}
-        self.programs = Precompiler(self, precompile_threads)   # precompile.py
+        self.programs = Precompiler(self, precompile_threads, program_cache_dir)   # precompile.py
 
     @property
     def reserve_bytes(self) -> int:
@@ -134,7 +135,8 @@ class Engine:
         kw = dict(num_slots=self.num_slots, max_len=self.max_len, steps_per_call=self.steps_per_call,
                   tokenizer=self.tokenizer, max_prefill_tokens=self.max_prefill_tokens,
                   decode_attention=self.decode_attention, scan_layers=self.scan_layers,
-                  precompile_threads=self.programs.threads, **self._budget)
+                  precompile_threads=self.programs.threads, program_cache_dir=self.programs.cache_dir,
+                  **self._budget)
         bad = set(changes) - set(kw)
         if bad:
             raise ValueError(f"Engine.resized: unknown setting(s) {sorted(bad)}")

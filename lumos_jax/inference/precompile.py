@@ -10,6 +10,10 @@ for it rather than compiling it twice, and one still queued is compiled by the c
 at once (not after the queue ahead of it); anything else (say, more stop ids than the first
 call had) goes through `jax.jit` as before. Same programs, same results: only when they are
 compiled changes.
+
+With `engine_settings.program_cache_dir` set (`program_cache.py`) every call goes ahead of
+time, with or without threads: a program is taken from memory, else loaded from the disk
+cache, else lowered, compiled and written there; the threads, too, load before compiling.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import jax
 import numpy as np
 
 from lumos_jax.inference.paged_slots import DECODE_ROW_FLOOR, PREFILL_MIN, pow2_at_least, row_count
+from lumos_jax.inference.program_cache import ProgramCache, abstract_text, describe, entry_key, environment
 from lumos_jax.inference.sampling import row_keys
 from lumos_jax.inference.steps import RowControls, decode_loop, prefill_step
 
@@ -59,14 +64,41 @@ def _controls(rows: int, n_stop: int) -> RowControls:
 class Precompiler:
     """The engine's compiled programs by (kind, rows, tokens, n_stop); see the module doc."""
 
-    def __init__(self, engine, threads: int = 0):
+    def __init__(self, engine, threads: int = 0, cache_dir: str | None = None):
         self.engine, self.threads = engine, int(threads)
+        self.cache = ProgramCache(cache_dir) if cache_dir else None
         self._ready: dict[tuple, Any] = {}
         self._pending: dict[tuple, cf.Future] = {}
+        self._failed: set[tuple] = set()
         self._lock = threading.Lock()
         self._pool: cf.ThreadPoolExecutor | None = None
         self._abstract = None
-        self.stats = {"precompiled": 0, "precompile_failed": 0, "ran_precompiled": 0}
+        self._key_base: tuple[dict, dict] | None = None
+        self.stats = {"precompiled": 0, "precompile_failed": 0, "ran_precompiled": 0,
+                      "cache_loaded": 0, "cache_stored": 0}
+
+    @property
+    def cache_dir(self) -> str | None:
+        return None if self.cache is None else str(self.cache.directory)
+
+    def _prepare(self) -> None:
+        """The weights' and pool's shapes and shardings, and the key parts they give (once:
+        the pool is replaced by calls, never reshaped)."""
+        e = self.engine
+        self._abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                      (e.params, e.cache))
+        if self.cache is not None:
+            engine = {"arguments": abstract_text(self._abstract), "spec": repr(e.spec),
+                      "cache_sharding": describe(e.cache_sharding), "table_width": e.memory.max_blocks}
+            self._key_base = (environment(), engine)
+
+    def _cache_key(self, key: tuple) -> tuple[str, dict]:
+        kind, rows, tokens, n_stop = key
+        call = {"kind": kind, "rows": rows, "tokens": tokens, "n_stop": n_stop}
+        if kind == "decode":
+            e = self.engine
+            call.update(steps=e.steps_per_call, attention=e.decode_attention)
+        return f"{kind}-r{rows}-t{tokens}-s{n_stop}", entry_key(*self._key_base, call)
 
     def _lower(self, kind: str, rows: int, tokens: int, n_stop: int):
         """Lowered from the weights' and pool's shapes and shardings (`_abstract`): the pool
@@ -84,13 +116,27 @@ class Precompiler:
                                  attention=e.decode_attention)
 
     def _compile(self, key: tuple):
-        try:
-            compiled = self._lower(*key).compile()
-        except Exception as err:  # noqa: BLE001 - that shape falls back to jax.jit
-            log.warning("precompile %s failed (%s: %s); it compiles on first use", key, type(err).__name__, err)
-            with self._lock:
-                self.stats["precompile_failed"] += 1
-            return None
+        """The program of `key`: loaded from the disk cache, else lowered and compiled (and
+        stored); None if that fails (the call then goes through jax.jit)."""
+        compiled = None
+        if self.cache is not None:
+            label, full = self._cache_key(key)
+            compiled = self.cache.load(label, full)
+            if compiled is not None:
+                with self._lock:
+                    self.stats["cache_loaded"] += 1
+        if compiled is None:
+            try:
+                compiled = self._lower(*key).compile()
+            except Exception as err:  # noqa: BLE001 - that shape falls back to jax.jit
+                log.warning("precompile %s failed (%s: %s); it compiles on first use", key, type(err).__name__, err)
+                with self._lock:
+                    self.stats["precompile_failed"] += 1
+                    self._failed.add(key)
+                return None
+            if self.cache is not None and self.cache.store(label, full, compiled):
+                with self._lock:
+                    self.stats["cache_stored"] += 1
         with self._lock:
             self._ready[key] = compiled
             self.stats["precompiled"] += 1
@@ -100,8 +146,6 @@ class Precompiler:
         """Queue every program shape with the first call's stop-id width (that one first)."""
         e = self.engine
         n_stop = first[-1]
-        self._abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                      (e.params, e.cache))
         self._pool = cf.ThreadPoolExecutor(self.threads, thread_name_prefix="lumos-precompile")
         keys = [s + (n_stop,) for s in program_shapes(e.num_slots, e.max_len, e.max_prefill_tokens)]
         for key in [first] + [k for k in keys if k != first]:
@@ -111,6 +155,8 @@ class Precompiler:
     def run(self, kind: str, rows: int, tokens: int, fn: Callable, args: tuple, statics: dict):
         """fn(*args, **statics) through the precompiled program of this shape when there is one."""
         key = (kind, rows, tokens, int(args[-1].stop_ids.shape[1]))
+        if self._abstract is None and (self.threads > 0 or self.cache is not None):
+            self._prepare()
         if self.threads > 0 and self._pool is None:
             self._start(key)
         compiled = self._ready.get(key)
@@ -119,6 +165,8 @@ class Precompiler:
             # Still queued behind others: compile it here now rather than wait for the queue
             # (a 7B engine's 34 programs take ~8 s each); one already compiling is waited for.
             compiled = self._compile(key) if future.cancel() else future.result()
+        elif compiled is None and self.cache is not None and key not in self._failed:
+            compiled = self._compile(key)
         if compiled is None:
             return fn(*args, **statics)
         self.stats["ran_precompiled"] += 1

@@ -13,6 +13,7 @@ from lumos_jax.checkpoints.native import load_model
 from lumos_jax.inference.engine import Engine
 from lumos_jax.inference.paged import free_device_bytes, step_reserve_bytes
 from lumos_jax.inference.params import decode_params, layer_layout, layer_weight_bytes, resolve_scan_layers
+from lumos_jax.inference.program_cache import default_cache_dir
 from lumos_jax.inference.quant import check_quant_dtype, convert_weights, is_int8_checkpoint, load_int8
 from lumos_jax.inference.sampling import SamplingParams
 from lumos_jax.sharding import make_mesh
@@ -23,7 +24,8 @@ def engine_settings(num_slots: int = 8, max_len: int = 2048, steps_per_call: int
                     max_prefill_tokens: int = 16384, block_size: int = 16,
                     kv_memory_gb: float | None = None, kv_memory_fraction: float | None = 0.8,
                     decode_attention: str = "auto", weight_dtype: str = "bf16",
-                    kv_dtype: str = "bf16", scan_layers="auto", precompile_threads: int = 0) -> dict:
+                    kv_dtype: str = "bf16", scan_layers="auto", precompile_threads: int = 0,
+                    program_cache_dir: str | None = "default") -> dict:
     """Engine size: slots (concurrent sequences; a slot costs only a block-table row),
     the longest sequence, decode steps per device call, the most tokens one prefill call
     may process, and the KV pool: `block_size` tokens per block, `kv_memory_gb` GiB per
@@ -37,14 +39,18 @@ def engine_settings(num_slots: int = 8, max_len: int = 2048, steps_per_call: int
     `scan_layers`: 'auto' (unrolled on GPU for layers of 32 MiB or more, else scanned), True or False; see
     `lumos_jax.inference.params.resolve_scan_layers`. `precompile_threads` > 0: the first
     device call starts compiling every program the engine can call in that many background
-    threads (`lumos_jax.inference.precompile`); 0 compiles each on first use."""
+    threads (`lumos_jax.inference.precompile`); 0 compiles each on first use.
+    `program_cache_dir`: where compiled programs are kept between runs, so a warm run neither
+    traces nor compiles (`lumos_jax.inference.program_cache`); 'default' is
+    `$LUMOS_PROGRAM_CACHE`, else ~/.cache/lumos_jax/programs; None or '' turns it off."""
     return dict(num_slots=num_slots, max_len=max_len, steps_per_call=steps_per_call,
                 max_prefill_tokens=max_prefill_tokens, block_size=block_size,
                 kv_memory_gb=kv_memory_gb, kv_memory_fraction=kv_memory_fraction,
                 decode_attention=decode_attention,
                 weight_dtype=check_quant_dtype(weight_dtype, "weight_dtype"),
                 kv_dtype=check_quant_dtype(kv_dtype, "kv_dtype"),
-                scan_layers=scan_layers, precompile_threads=int(precompile_threads))
+                scan_layers=scan_layers, precompile_threads=int(precompile_threads),
+                program_cache_dir=default_cache_dir() if program_cache_dir == "default" else program_cache_dir or None)
 
 
 @gin.configurable
