@@ -46,3 +46,9 @@ def run_until_done(engine, limit: int = 200):
         if done:
             return done
     raise AssertionError("engine did not finish")
+
+
+def compile_as_deployed(lowered):
+    """Compile with XLA:CPU's default fusion emitters: the test session turns them off to
+    compile faster (conftest.py), but memory checks must see the programs users get."""
+    return lowered.compile(compiler_options={"xla_cpu_use_fusion_emitters": True})

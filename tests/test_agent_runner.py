@@ -104,8 +104,8 @@ def test_64_episodes_on_the_engine_prefill_each_prompt_token_once(tiny_models):
     tasks = [json.loads(x)["question"] for x in (DATA / "eval/gsm8k_test.jsonl").read_text().splitlines()[:64]]
     cfg = EpisodeConfig(domain="maths", max_rounds=2)
     reg = build_registry("maths")
-    engines = {m: Engine(model, num_slots=64, max_len=1024, steps_per_call=4)
-               for m, model in (("plan", plan_model), ("ground", ground_model))}
+    sizes = dict(num_slots=64, max_len=1024, steps_per_call=4)
+    engines = {m: Engine(model, **sizes) for m, model in (("plan", plan_model), ("ground", ground_model))}
     gens = {m: ChatModelGenerator(EngineBackend(e), tok, style="train", max_new_tokens=4) for m, e in engines.items()}
     runner = EpisodeRunner(gens, lambda i: (Executor(reg), None), cfg, max_concurrent=64)
     results = runner.run(tasks)
@@ -122,9 +122,10 @@ def test_64_episodes_on_the_engine_prefill_each_prompt_token_once(tiny_models):
         gen_turns = [e for r in results for e in r.trace.events if e["event"] == "generate" and e["module"] == m]
         later = [e for e in gen_turns if e["round"] > 1]
         assert later and all(e["new_prompt_tokens"] < e["prompt_tokens"] for e in later)
-    # The same 4 episodes through the plain greedy generator (full recomputation each turn)
-    # give the same outputs, and prefill more.
-    greedy = {m: ChatModelGenerator(GreedyBackend(model), tok, style="train", max_new_tokens=4)
+    # The same 4 episodes through the plain greedy generator (full recomputation each turn, on
+    # a fresh engine of the same sizes: the programs compiled above) give the same outputs,
+    # and prefill more.
+    greedy = {m: ChatModelGenerator(GreedyBackend(model, **sizes), tok, style="train", max_new_tokens=4)
               for m, model in (("plan", plan_model), ("ground", ground_model))}
     slow = EpisodeRunner(greedy, lambda i: (Executor(reg), None), cfg).run(tasks[:4])
     outputs = lambda rs: [[e["raw_output"] for e in r.trace.events if e["event"] == "generate"] for r in rs]

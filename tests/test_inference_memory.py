@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from inference_helpers import compile_as_deployed
+
 from lumos_jax.inference import Engine, SamplingParams
 from lumos_jax.inference.paged import block_bytes, step_reserve_bytes
 from lumos_jax.inference.paged_slots import Slot, row_controls
@@ -51,7 +53,7 @@ def compiled_programs(e: Engine, rows: int = 8, tokens: int = 64):
     decode = decode_loop.lower(e.params, e.cache, table, z, z, z, np.zeros(rows, bool), z, controls,
                                spec=e.spec, steps=e.steps_per_call, cache_sharding=e.cache_sharding,
                                attention=e.decode_attention)
-    return {"prefill_step": prefill.compile(), "decode_loop": decode.compile()}
+    return {"prefill_step": compile_as_deployed(prefill), "decode_loop": compile_as_deployed(decode)}
 
 
 @pytest.mark.parametrize("cache_dtype", DTYPES)

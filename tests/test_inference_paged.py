@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from inference_helpers import hf_greedy, random_hf_dir, random_prompts, run_until_done
+from inference_helpers import compile_as_deployed, hf_greedy, random_hf_dir, random_prompts, run_until_done
 
 from lumos_jax.checkpoints.hf import load_hf_model
 from lumos_jax.inference import Engine, SamplingParams
@@ -285,9 +285,9 @@ def test_decode_program_updates_the_pool_in_place_and_does_not_grow_with_depth()
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
         e = Engine(create_model(cfg, 0), num_slots=2, max_len=64, block_size=8, num_blocks=512)
         z = np.zeros(2, np.int32)
-        compiled = decode_loop.lower(e.params, e.cache, np.zeros((2, 8), np.int32), z, z, z,
-                                     np.ones(2, bool), z + 64, row_controls([None, None]),
-                                     spec=e.spec, steps=2).compile()
+        compiled = compile_as_deployed(decode_loop.lower(
+            e.params, e.cache, np.zeros((2, 8), np.int32), z, z, z, np.ones(2, bool), z + 64,
+            row_controls([None, None]), spec=e.spec, steps=2))
         mem = compiled.memory_analysis()
         pool = e.cache.k.nbytes + e.cache.v.nbytes
         assert mem.alias_size_in_bytes >= pool and mem.temp_size_in_bytes < pool / 8, (layers, mem)

@@ -14,20 +14,32 @@ import threading
 from typing import Sequence
 
 from lumos_jax.generation import greedy_generate
-from lumos_jax.inference import SamplingParams
+from lumos_jax.inference import Engine, SamplingParams
+from lumos_jax.inference.params import decode_params
 
 
 class GreedyBackend:
-    def __init__(self, model):
+    """Each call on a fresh engine: nothing is kept from one turn to the next. By default
+    that engine is sized to the call (`greedy_generate`); `engine_settings` (Engine keyword
+    arguments) fix its sizes instead, so that every call runs the same compiled programs."""
+
+    def __init__(self, model, **engine_settings):
         self.model = model
         self.prefilled_tokens = 0
         self._lock = threading.Lock()
+        self.engine_settings = engine_settings
+        self._weights = decode_params(model) if engine_settings else None
 
     def generate_tokens(self, batch: Sequence[tuple[str, list[int]]], max_new_tokens: int,
                         stop_ids: Sequence[int]) -> list[tuple[list[int], int]]:
         with self._lock:
             prompts = [list(ids) for _, ids in batch]
-            outs = greedy_generate(self.model, prompts, max_new_tokens, stop_ids)
+            if self._weights is None:
+                outs = greedy_generate(self.model, prompts, max_new_tokens, stop_ids)
+            else:  # a fresh engine (empty pool and prefix table) over the same weights
+                engine = Engine.from_params(self.model.config, *self._weights, **self.engine_settings)
+                params = SamplingParams(max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids))
+                outs = [r.tokens for r in engine.generate(prompts, params)]
             self.prefilled_tokens += sum(len(p) for p in prompts)
         return [(o, len(p)) for o, p in zip(outs, prompts)]
 
