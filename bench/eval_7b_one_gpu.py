@@ -155,9 +155,12 @@ def run_eval(args) -> None:
             f"--gin.eval_experiment.limit={args.limit}", f"--gin.eval_experiment.concurrency={args.concurrency}",
             f"--gin.engine_settings.num_slots={args.slots}"] + [f"--gin.{b}" for b in args.gin]
     print("lumos-jax " + " ".join(argv), flush=True)
+    shutil.rmtree(out, ignore_errors=True)  # a failed run must not report an earlier run's summary
     t0 = time.perf_counter()
     rc = cli(argv)
     seconds = time.perf_counter() - t0
+    if not (out / "summary.json").exists():
+        raise SystemExit(f"lumos-jax eval exited with {rc} and wrote no summary")
     summary = json.loads((out / "summary.json").read_text())
     dev = jax.devices()[0]
     peak = (dev.memory_stats() or {}).get("peak_bytes_in_use")
