@@ -27,7 +27,8 @@ import jax
 import numpy as np
 
 from lumos_jax.inference.paged_slots import DECODE_ROW_FLOOR, PREFILL_MIN, pow2_at_least, row_count
-from lumos_jax.inference.program_cache import ProgramCache, abstract_text, describe, entry_key, environment
+from lumos_jax.inference.program_cache import (ProgramCache, abstract_text, describe, entry_key, environment,
+                                               fresh_compile)
 from lumos_jax.inference.sampling import row_keys
 from lumos_jax.inference.steps import RowControls, decode_loop, prefill_step
 
@@ -127,14 +128,17 @@ class Precompiler:
                     self.stats["cache_loaded"] += 1
         if compiled is None:
             try:
-                compiled = self._lower(*key).compile()
+                if self.cache is None:
+                    compiled, storable = self._lower(*key).compile(), False
+                else:
+                    compiled, storable = fresh_compile(self._lower(*key))
             except Exception as err:  # noqa: BLE001 - that shape falls back to jax.jit
                 log.warning("precompile %s failed (%s: %s); it compiles on first use", key, type(err).__name__, err)
                 with self._lock:
                     self.stats["precompile_failed"] += 1
                     self._failed.add(key)
                 return None
-            if self.cache is not None and self.cache.store(label, full, compiled):
+            if storable and self.cache.store(label, full, compiled):
                 with self._lock:
                     self.stats["cache_stored"] += 1
         with self._lock:

@@ -39,7 +39,11 @@ _CONFIG_IGNORED = ("compilation_cache", "persistent_cache", "log", "dump", "expl
                    "traceback", "transfer_guard", "timeout", "cross_host", "debug_log_modules",
                    "raise_persistent_cache_errors", "source_url", "check_proxy_envs")
 _ENV_KEYS = ("XLA_FLAGS", "LIBTPU_INIT_ARGS", "TPU_TOPOLOGY", "NEURON_CC_FLAGS")
+FRESH_OPTIONS = {"xla_embed_ir_in_executable": False}
 _write_lock = threading.Lock()
+_local = threading.local()      # this thread's compile: bypass jax's cache / did it hit
+_hooks_lock = threading.Lock()
+_hooks: dict[str, bool] = {}
 
 
 def default_cache_dir() -> str | None:
@@ -91,6 +95,45 @@ def environment() -> dict:
             "devices": [(d.id, d.platform, d.device_kind, d.process_index) for d in devices],
             "process": (jax.process_index(), jax.process_count()),
             "env": {k: os.environ.get(k) for k in _ENV_KEYS}, "config": config}
+
+
+def _install_hooks() -> bool:
+    """A jax-cache hit listener, and a bypass of jax's persistent cache for the compiles of this
+    module's thread-local `fresh_compile` (once per process). False if jax no longer has the
+    private hook (the hit listener then still keeps such programs out of this cache)."""
+    with _hooks_lock:
+        if not _hooks:
+            def on_event(event, **_):
+                if event == "/jax/compilation_cache/cache_hits" and getattr(_local, "watch", False):
+                    _local.hit = True
+            jax.monitoring.register_event_listener(on_event)
+            _hooks["bypass"] = False
+            try:
+                from jax._src import compiler
+                original = compiler._get_cache_key
+
+                def cache_key(*args, **kwargs):
+                    return None if getattr(_local, "watch", False) else original(*args, **kwargs)
+                compiler._get_cache_key = cache_key
+                _hooks["bypass"] = True
+            except (ImportError, AttributeError):
+                log.warning("program cache: this jax has no jax._src.compiler._get_cache_key; "
+                            "programs that jax's own cache serves are not stored")
+        return _hooks["bypass"]
+
+
+def fresh_compile(lowered) -> tuple[Any, bool]:
+    """`lowered.compile()` outside jax's persistent cache, and whether it may be stored. An
+    executable jax's cache deserialized does not serialize again whole on XLA:CPU (jax 0.10.2:
+    the reloaded program fails with 'Function ... not found'), so only fresh compiles go here:
+    not served from jax's persistent cache, nor from its in-memory memo of `lowered`."""
+    _install_hooks()
+    _local.watch, _local.hit = True, False
+    try:   # any compiler option (this one at its default) skips jax's in-memory executable memo
+        compiled = lowered.compile(FRESH_OPTIONS)
+    finally:
+        _local.watch = False
+    return compiled, not _local.hit
 
 
 def _device_ids(compiled) -> list[int]:
