@@ -150,6 +150,7 @@ class ProgramCache:
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory).expanduser()
+        self._write_warned = False      # one warning for an unwritable directory, not one per program
 
     def path(self, label: str, key: dict) -> tuple[Path, str]:
         """The entry's file and the key as text (also stored inside, checked on load)."""
@@ -204,7 +205,9 @@ class ProgramCache:
             with _write_lock:   # atomic_path's temp name is per process, not per thread
                 write_atomic(path, MAGIC + hashlib.sha256(body).digest() + body)
         except Exception as err:  # noqa: BLE001 - the run goes on with the program in memory
-            log.warning("program cache: cannot write %s (%s: %s)", path, type(err).__name__, err)
+            (log.debug if self._write_warned else log.warning)(
+                "program cache: cannot write %s (%s: %s)", path, type(err).__name__, err)
+            self._write_warned = True
             return False
         return True
 
