@@ -34,10 +34,11 @@ log = logging.getLogger(__name__)
 MAGIC = b"lumos-jax program v1\n"
 SUFFIX = ".lumosprog"
 ENV_VAR = "LUMOS_PROGRAM_CACHE"
-# jax config values that cannot change a program (where caches live, logging, guards)
+# jax config values that cannot change a program (where caches live, logging, guards; the
+# platform and devices are in the key themselves)
 _CONFIG_IGNORED = ("compilation_cache", "persistent_cache", "log", "dump", "explain", "pprint",
                    "traceback", "transfer_guard", "timeout", "cross_host", "debug_log_modules",
-                   "raise_persistent_cache_errors", "source_url", "check_proxy_envs")
+                   "raise_persistent_cache_errors", "source_url", "check_proxy_envs", "jax_platform")
 _ENV_KEYS = ("XLA_FLAGS", "LIBTPU_INIT_ARGS", "TPU_TOPOLOGY", "NEURON_CC_FLAGS")
 FRESH_OPTIONS = {"xla_embed_ir_in_executable": False}
 _write_lock = threading.Lock()
