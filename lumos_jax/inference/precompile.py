@@ -89,9 +89,14 @@ class Precompiler:
         self._abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                       (e.params, e.cache))
         if self.cache is not None:
-            engine = {"arguments": abstract_text(self._abstract), "spec": repr(e.spec),
-                      "cache_sharding": describe(e.cache_sharding), "table_width": e.memory.max_blocks}
-            self._key_base = (environment(), engine)
+            try:
+                engine = {"arguments": abstract_text(self._abstract), "spec": repr(e.spec),
+                          "cache_sharding": describe(e.cache_sharding), "table_width": e.memory.max_blocks}
+                self._key_base = (environment(), engine)
+            except Exception as err:  # noqa: BLE001 - no key, no cache: compile as without one
+                log.warning("program cache %s off for this engine: its key cannot be made (%s: %s)",
+                            self.cache.directory, type(err).__name__, err)
+                self.cache = None
 
     def _cache_key(self, key: tuple) -> tuple[str, dict]:
         kind, rows, tokens, n_stop = key
