@@ -152,11 +152,15 @@ class Precompiler:
         return compiled
 
     def _start(self, first: tuple) -> None:
-        """Queue every program shape with the first call's stop-id width (that one first)."""
+        """Queue every program shape with the first call's stop-id width: that one first, then
+        the decode programs (every run needs one right after its first prefill), smallest first,
+        then prefills by size (short prompts and few rows come before the rare long ones)."""
         e = self.engine
         n_stop = first[-1]
         self._pool = cf.ThreadPoolExecutor(self.threads, thread_name_prefix="lumos-precompile")
-        keys = [s + (n_stop,) for s in program_shapes(e.num_slots, e.max_len, e.max_prefill_tokens)]
+        shapes = program_shapes(e.num_slots, e.max_len, e.max_prefill_tokens)
+        shapes.sort(key=lambda s: (s[0] != "decode", s[1] * s[2], s[2]))
+        keys = [s + (n_stop,) for s in shapes]
         for key in [first] + [k for k in keys if k != first]:
             self._pending[key] = self._pool.submit(self._compile, key)
         self._pool.shutdown(wait=False)
