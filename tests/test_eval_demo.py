@@ -2,18 +2,22 @@
 
 It runs as a user runs it, in its own process on one CPU device (not the test session's 8 fake
 ones), with a compilation cache private to the test, so the grounder's training reuses the
-planner's compiled step (same shapes): a third less CPU time than in-process."""
+planner's compiled step (same shapes): a third less CPU time than in-process. It compiles with
+the test session's faster XLA:CPU settings (conftest.COMPILE_FLAGS); CI's own demo step runs
+the full-size demo with XLA's defaults."""
 
 import json
 import os
 import subprocess
 import sys
 
+from conftest import COMPILE_FLAGS
+
 
 def test_demo_runs_every_stage(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
     env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", XLA_FLAGS=COMPILE_FLAGS)
     p = subprocess.run([sys.executable, "-m", "lumos_jax", "demo", f"--workdir={tmp_path}", "--steps=2",
                         "--batch=8", "--seq_len=1024", "--train_examples=8", "--num_questions=2",
                         "--max_new_tokens=6", "--no_color"], env=env, capture_output=True, text=True, timeout=900)
