@@ -98,3 +98,38 @@ def test_a_queued_program_is_compiled_at_once_by_its_caller(weights, monkeypatch
     inline = [k for k, name in callers if not name.startswith("lumos-precompile")]
     assert len(inline) >= 2, callers     # the run's other programs, each compiled when first needed
     assert e.programs.stats["ran_precompiled"] == e.stats["prefill_calls"] + e.stats["decode_calls"]
+
+
+def test_engines_of_one_shape_compile_each_program_once(weights, monkeypatch):
+    """Two engines of the same shapes (a planner and a grounder) precompiling side by side
+    share every program being built rather than compiling it twice; each gives the tokens of
+    compile-on-first-use with its own weights. (Builds slowed to 0.3 s, as a 7B compile's
+    ~8 s would be, so that the two engines' builds overlap.)"""
+    import threading
+    import time
+
+    from lumos_jax.inference import precompile
+
+    real_build = precompile.Precompiler._build
+
+    def slow_build(self, key):
+        time.sleep(0.3)
+        return real_build(self, key)
+
+    monkeypatch.setattr(precompile.Precompiler, "_build", slow_build)
+    other = random_decode_params(CONFIG, jax.random.PRNGKey(2), "float32")
+    out = {}
+
+    def go(name, w):
+        out[name] = run(w, 2)
+
+    threads = [threading.Thread(target=go, args=(n, w)) for n, w in (("a", weights), ("b", other))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out["a"][1] == run(weights, 0)[1] and out["b"][1] == run(other, 0)[1]
+    shapes = len(program_shapes(4, 128, 256))
+    built = sum(out[n][0].programs.stats["precompiled"] - out[n][0].programs.stats["shared"] for n in "ab")
+    assert sum(out[n][0].programs.stats["shared"] for n in "ab") > 0
+    assert built < 2 * shapes

@@ -19,6 +19,7 @@ cache, else lowered, compiled and written there; the threads, too, load before c
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import logging
 import threading
 from typing import Any, Callable
@@ -33,6 +34,10 @@ from lumos_jax.inference.sampling import row_keys
 from lumos_jax.inference.steps import RowControls, decode_loop, prefill_step
 
 log = logging.getLogger(__name__)
+# programs being built in this process, by their full key text: an engine of the same shapes
+# that needs one meanwhile waits for it instead of compiling it too
+_SHARED: dict[str, cf.Future] = {}
+_SHARED_LOCK = threading.Lock()
 
 
 def prefill_lengths(max_len: int) -> list[int]:
@@ -76,7 +81,7 @@ class Precompiler:
         self._abstract = None
         self._key_base: tuple[dict, dict] | None = None
         self.stats = {"precompiled": 0, "precompile_failed": 0, "ran_precompiled": 0,
-                      "cache_loaded": 0, "cache_stored": 0}
+                      "cache_loaded": 0, "cache_stored": 0, "shared": 0}
 
     @property
     def cache_dir(self) -> str | None:
@@ -88,15 +93,15 @@ class Precompiler:
         e = self.engine
         self._abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                       (e.params, e.cache))
-        if self.cache is not None:
-            try:
-                engine = {"arguments": abstract_text(self._abstract), "spec": repr(e.spec),
-                          "cache_sharding": describe(e.cache_sharding), "table_width": e.memory.max_blocks}
-                self._key_base = (environment(), engine)
-            except Exception as err:  # noqa: BLE001 - no key, no cache: compile as without one
+        try:  # the key also lets engines of one process with the same shapes share programs
+            engine = {"arguments": abstract_text(self._abstract), "spec": repr(e.spec),
+                      "cache_sharding": describe(e.cache_sharding), "table_width": e.memory.max_blocks}
+            self._key_base = (environment(), engine)
+        except Exception as err:  # noqa: BLE001 - no key, no cache: compile as without one
+            if self.cache is not None:
                 log.warning("program cache %s off for this engine: its key cannot be made (%s: %s)",
                             self.cache.directory, type(err).__name__, err)
-                self.cache = None
+            self.cache = None
 
     def _cache_key(self, key: tuple) -> tuple[str, dict]:
         kind, rows, tokens, n_stop = key
@@ -122,8 +127,37 @@ class Precompiler:
                                  attention=e.decode_attention)
 
     def _compile(self, key: tuple):
-        """The program of `key`: loaded from the disk cache, else lowered and compiled (and
+        """The program of `key`: the one another engine of this process with the same shapes is
+        building right now (a planner and a grounder of one size precompiling side by side: one
+        compile, not two), else loaded from the disk cache, else lowered and compiled (and
         stored); None if that fails (the call then goes through jax.jit)."""
+        if self._key_base is None:
+            return self._build(key)
+        shared = json.dumps(self._cache_key(key)[1], sort_keys=True, default=repr)
+        with _SHARED_LOCK:
+            future = _SHARED.get(shared)
+            owner = future is None
+            if owner:  # registered only by a thread that builds it now, so a waiter never waits on a queue
+                future = _SHARED[shared] = cf.Future()
+        if not owner:
+            compiled = future.result()
+            if compiled is None:
+                return self._build(key)
+            with self._lock:
+                self._ready[key] = compiled
+                self.stats["precompiled"] += 1
+                self.stats["shared"] += 1
+            return compiled
+        compiled = None
+        try:
+            compiled = self._build(key)
+        finally:
+            with _SHARED_LOCK:  # in flight only: a later engine loads it from the disk cache
+                _SHARED.pop(shared, None)
+            future.set_result(compiled)
+        return compiled
+
+    def _build(self, key: tuple):
         compiled = None
         if self.cache is not None:
             label, full = self._cache_key(key)
