@@ -208,3 +208,21 @@ def test_the_default_directory_honours_the_environment(monkeypatch, tmp_path):
     assert engine_settings(program_cache_dir=None)["program_cache_dir"] is None
     monkeypatch.delenv(ENV_VAR)
     assert engine_settings()["program_cache_dir"].endswith(os.path.join(".cache", "lumos_jax", "programs"))
+
+
+def test_an_entry_of_another_user_is_not_loaded(tmp_path, monkeypatch, caplog):
+    """Entries are pickles: one not owned by this user (a shared, writable cache directory)
+    is refused with a warning, never unpickled."""
+    import os
+    import pickle
+
+    from lumos_jax.inference import program_cache
+
+    cache = program_cache.ProgramCache(tmp_path)
+    path, _ = cache.path("decode-r1-t1-s1", {"k": 1})
+    path.write_bytes(b"planted")
+    monkeypatch.setattr(os, "getuid", lambda: path.stat().st_uid + 1)
+    monkeypatch.setattr(pickle, "loads", lambda *_: (_ for _ in ()).throw(AssertionError("unpickled")))
+    with caplog.at_level("WARNING"):
+        assert cache.load("decode-r1-t1-s1", {"k": 1}) is None
+    assert "belongs to another user" in caplog.text

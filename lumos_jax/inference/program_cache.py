@@ -165,10 +165,14 @@ class ProgramCache:
         path, text = self.path(label, key)
         try:
             data = path.read_bytes()
+            owner = path.stat().st_uid
         except FileNotFoundError:
             return None
         except OSError as err:
             log.warning("program cache: cannot read %s (%s); compiling it again", path, err)
+            return None
+        if hasattr(os, "getuid") and owner != os.getuid():  # entries are pickles: only our own are read
+            log.warning("program cache: %s belongs to another user (uid %d); not loading it", path, owner)
             return None
         try:
             return self._decode(data, text)
@@ -203,6 +207,7 @@ class ProgramCache:
             payload, in_tree, out_tree = serialize(compiled)
             body = pickle.dumps({"key": text, "devices": _device_ids(compiled), "payload": payload,
                                  "in_tree": in_tree, "out_tree": out_tree}, protocol=pickle.HIGHEST_PROTOCOL)
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)   # private: entries are pickles
             with _write_lock:   # atomic_path's temp name is per process, not per thread
                 write_atomic(path, MAGIC + hashlib.sha256(body).digest() + body)
         except Exception as err:  # noqa: BLE001 - the run goes on with the program in memory
