@@ -26,6 +26,10 @@ atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# the engines' program cache (lumos_jax.inference.program_cache) of this session, not the user's
+_PROGRAM_CACHE = tempfile.mkdtemp(prefix="lumos-jax-tests-programs-")
+atexit.register(shutil.rmtree, _PROGRAM_CACHE, ignore_errors=True)
+os.environ.setdefault("LUMOS_PROGRAM_CACHE", _PROGRAM_CACHE)
 
 from pathlib import Path  # noqa: E402
 
