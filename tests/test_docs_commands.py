@@ -1,6 +1,7 @@
 """Every fenced shell command in README.md and docs/*.md runs as written, on CPU, the way a new
 user runs it: from an empty folder outside the repository, with a fresh HOME, no `../shared`
-beside the code, and only what `pip install -e .` gives (the tracked files of the checkout).
+beside the code, and only what `pip install -e .` gives (the tracked files of the checkout);
+the one addition is XLA:CPU compile settings that make the tiny programs compile faster.
 
 The commands of one page run in order in that page's folder, so a later command may use what
 an earlier one wrote. A comment line just above a command (or at its end) changes what is
@@ -35,7 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import REPO
+from conftest import COMPILE_FLAGS, REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL = {"bash", "sh", "shell", "console"}
@@ -177,8 +178,10 @@ def user_env(root: Path, clone: Path) -> dict:
     env.update(HOME=str(root / "home"), TMPDIR=str(root / "tmp"), PYTHONPATH=str(clone),
                PATH=f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}", JAX_PLATFORMS="cpu",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               # compiled programs are shared between the commands (speed only)
-               JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+               # compiled programs are shared between the commands, and compiled with the test
+               # session's faster XLA:CPU settings (speed only; conftest.COMPILE_FLAGS)
+               JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               XLA_FLAGS=COMPILE_FLAGS)
     for d in ("home", "tmp"):
         (root / d).mkdir(parents=True, exist_ok=True)
     return env
