@@ -24,8 +24,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import importlib.metadata
+
 import jax
-import jaxlib
+from jax.experimental.serialize_executable import deserialize_and_load, serialize
+
+try:  # private: the hook that keeps this cache's compiles out of jax's own (see fresh_compile)
+    from jax._src import compiler as _jax_compiler
+except ImportError:  # pragma: no cover - a jax without it: such programs are just not stored
+    _jax_compiler = None
 
 from lumos_jax.atomic import write_atomic
 
@@ -91,7 +98,7 @@ def environment() -> dict:
     devices = jax.devices()
     config = {k: repr(v) for k, v in sorted(jax.config.values.items())
               if not any(s in k for s in _CONFIG_IGNORED)}
-    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "source": source_hash(),
+    return {"jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib"), "source": source_hash(),
             "backend": jax.default_backend(), "platform_version": devices[0].client.platform_version,
             "devices": [(d.id, d.platform, d.device_kind, d.process_index) for d in devices],
             "process": (jax.process_index(), jax.process_count()),
@@ -110,7 +117,7 @@ def _install_hooks() -> bool:
             jax.monitoring.register_event_listener(on_event)
             _hooks["bypass"] = False
             try:
-                from jax._src import compiler
+                compiler = _jax_compiler
                 original = compiler._get_cache_key
 
                 def cache_key(*args, **kwargs):
@@ -183,8 +190,6 @@ class ProgramCache:
 
     @staticmethod
     def _decode(data: bytes, text: str):
-        from jax.experimental.serialize_executable import deserialize_and_load
-
         head, digest, body = data[:len(MAGIC)], data[len(MAGIC):len(MAGIC) + 32], data[len(MAGIC) + 32:]
         if head != MAGIC:
             raise ValueError("not a lumos-jax program entry")
@@ -200,8 +205,6 @@ class ProgramCache:
 
     def store(self, label: str, key: dict, compiled) -> bool:
         """Write `compiled` under `key` atomically; False (with a warning) if it cannot be."""
-        from jax.experimental.serialize_executable import serialize
-
         path, text = self.path(label, key)
         try:
             payload, in_tree, out_tree = serialize(compiled)
