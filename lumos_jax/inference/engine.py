@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import jax
@@ -28,29 +27,14 @@ from lumos_jax.checkpoints.native import load_model
 from lumos_jax.inference.decode_attention import resolve_decode_attention
 from lumos_jax.inference.forward import PagedCache
 from lumos_jax.inference.paged import PagedMemory, check_allocatable, pool_blocks, step_reserve_bytes
-from lumos_jax.inference.paged_slots import (Slot, checked_token_ids, decode_inputs, length_bucket,
-                                             prefill_inputs, row_count, row_controls)
+from lumos_jax.inference.paged_slots import (NoFreeSlotError, Slot, TurnResult, checked_token_ids,
+                                             decode_inputs, length_bucket, prefill_inputs, row_count, row_controls)
 from lumos_jax.inference.params import decode_params, layer_layout, layer_weight_bytes, resolve_scan_layers
 from lumos_jax.inference.precompile import Precompiler
 from lumos_jax.inference.sampling import SamplingParams
 from lumos_jax.inference.steps import decode_loop, prefill_step
 from lumos_jax.inference.stops import find_stop_string
 from lumos_jax.sharding import logical_to_spec
-
-
-class NoFreeSlotError(RuntimeError):
-    """`start` was called while every slot is taken."""
-
-
-@dataclass
-class TurnResult:
-    slot: int
-    request_id: Any
-    tokens: list[int]
-    finish_reason: str                 # "stop" or "length"
-    stop: int | str | None = None
-    prompt_tokens: int = 0
-    text: str | None = None
 
 
 CACHE_DTYPES = ("float32", "bfloat16", "float16", "int8")  # int8: per-token-per-head scales

@@ -1,4 +1,4 @@
-"""The host's record of one engine slot, and the shape buckets that bound compilation.
+"""The host's record of one engine slot and of a finished turn, and the shape buckets that bound compilation.
 
 A slot's paging fields (history, cache_len, blocks, keys, registered) are the ones
 `paged.PagedMemory` works on; the rest is the engine's turn bookkeeping.
@@ -13,6 +13,21 @@ import numpy as np
 
 from lumos_jax.inference.sampling import SamplingParams, row_keys
 from lumos_jax.inference.steps import RowControls
+
+
+class NoFreeSlotError(RuntimeError):
+    """`start` was called while every slot is taken."""
+
+
+@dataclass
+class TurnResult:
+    slot: int
+    request_id: Any
+    tokens: list[int]
+    finish_reason: str                 # "stop" or "length"
+    stop: int | str | None = None
+    prompt_tokens: int = 0
+    text: str | None = None
 
 
 @dataclass
