@@ -25,6 +25,7 @@ import argparse
 import faulthandler
 import json
 import logging
+import os
 import shutil
 import sys
 import threading
@@ -110,10 +111,12 @@ def write_checkpoints(args) -> None:
         emit(event="checkpoint", path=str(out), gb=round(total / 2**30, 2), seconds=round(time.perf_counter() - t0, 1))
 
 
-def _sample_memory(dev, predictions: Path, every_s: float = 10.0) -> None:
+def _sample_memory(dev, predictions: Path, every_s: float = 10.0, abort_s: float = 180.0) -> None:
     """Device memory and finished episodes every `every_s`; the first time neither has moved
-    for a minute, every thread's Python stack goes to stderr (on 2026-12-01 the run sat at
-    107.93 GiB with 9 episodes done for 5 minutes and the log could not say where)."""
+    for a minute, every thread's Python stack goes to stdout (on 2026-12-01 the run sat at
+    107.93 GiB with 9 episodes done for 5 minutes and the log could not say where); after
+    `abort_s` without change the stacks are printed again and the process exits (a stalled
+    run would otherwise spend the card's time until its cap)."""
     last, still, dumped = None, 0, False
     while True:
         time.sleep(every_s)
@@ -130,12 +133,15 @@ def _sample_memory(dev, predictions: Path, every_s: float = 10.0) -> None:
             faulthandler.dump_traceback(file=sys.stdout, all_threads=True)
             sys.stdout.flush()
             dumped = True
+        if still * every_s >= abort_s:
+            print(f"[stall] still no change after {abort_s:.0f} s: stacks again, then exit", flush=True)
+            faulthandler.dump_traceback(file=sys.stdout, all_threads=True)
+            sys.stdout.flush()
+            os._exit(3)
 
 
 def run_eval(args) -> None:
     """`lumos-jax eval` in this process, then the device's peak memory and the summary."""
-    import os
-
     import jax
 
     from lumos_jax.cli import main as cli
