@@ -293,3 +293,29 @@ def test_decode_program_updates_the_pool_in_place_and_does_not_grow_with_depth()
         assert mem.alias_size_in_bytes >= pool and mem.temp_size_in_bytes < pool / 8, (layers, mem)
         sizes[layers] = compiled.as_text().count("\n")
     assert abs(sizes[6] - sizes[2]) < 0.05 * sizes[2], sizes          # unrolled: ~3x
+
+
+def test_sessions_sharing_a_prefix_through_a_full_pool_preempt_rarely_and_equal_hf(models):
+    """Regression (7B eval, 2026-12-02): with the pool full, a slot waiting to prefill kept
+    the shared prefix blocks it had matched, was then picked for preemption (freeing
+    nothing), matched them again, and so on: thousands of preemptions, the device idle.
+    Waiting slots now hold nothing and only slots with blocks of their own are preempted."""
+    ours, hf = models
+    rng = np.random.default_rng(12)
+    shared = random_prompts(rng, 1, 12, 13, VOCAB)[0]                          # 3 full blocks
+    prompts = [shared + rng.integers(3, VOCAB, size=3).tolist() for _ in range(8)]
+    engine = Engine(ours, **SMALL)
+    steps = 0
+    for p in prompts:
+        engine.submit(p, SamplingParams(max_new_tokens=14))
+    got = []
+    while engine.busy or engine.pending_requests:
+        got += engine.step()
+        steps += 1
+        assert steps < 200
+    assert sorted(r.tokens for r in got) == sorted(hf_greedy(hf, p, 14) for p in prompts)
+    s = engine.stats
+    assert 0 < s["preemptions"] <= len(prompts), s
+    # each admitted prefill counts its reused prefix once: 3 blocks for every start after the first
+    # admission of each row (recomputes after preemption reuse the prefix too)
+    assert s["prefix_saved_tokens"] <= 12 * (len(prompts) + s["preemptions"]), s
