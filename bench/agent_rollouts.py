@@ -166,6 +166,10 @@ def run_ours(args) -> None:
     if args.warmup:
         w = rollout(min(args.warmup, plan[0][0]), tasks[-args.warmup:])
         emit(side="ours", event="warmup", seconds=round(w["seconds"], 1), episodes=w["episodes"], **clock.read())
+    t = time.perf_counter()
+    left = sum(e.programs.wait() for e in engines.values())   # no compile inside a timed window
+    emit(side="ours", event="precompiled", seconds=round(time.perf_counter() - t, 1), still_building=left,
+         **clock.read())
     for c, n in plan:
         before = clock.read()
         r = rollout(c, tasks[:n])

@@ -45,6 +45,7 @@ def test_precompiled_run_equals_compile_on_first_use(weights):
     assert ahead == lazy
     calls = e.stats["prefill_calls"] + e.stats["decode_calls"]
     assert e.programs.stats["ran_precompiled"] == calls > 0      # every call had its program ready
+    assert e.programs.wait() == 0                                  # then every queued one is built
     assert e.programs.stats["precompiled"] == len(program_shapes(4, 128, 256))
     assert e.programs.stats["precompile_failed"] == 0
     assert lazy_engine.programs.stats["ran_precompiled"] == 0
@@ -91,10 +92,12 @@ def test_a_queued_program_is_compiled_at_once_by_its_caller(weights, monkeypatch
     try:
         e, tokens = run(weights, 1)
         held = not release.is_set()
+        building = e.programs.wait(timeout=0)      # the held compile (and the queue behind it)
     finally:
         release.set()
     _, lazy = run(weights, 0)
-    assert tokens == lazy and held
+    assert tokens == lazy and held and building >= 1
+    assert e.programs.wait(timeout=60) == 0
     inline = [k for k, name in callers if not name.startswith("lumos-precompile")]
     assert len(inline) >= 2, callers     # the run's other programs, each compiled when first needed
     assert e.programs.stats["ran_precompiled"] == e.stats["prefill_calls"] + e.stats["decode_calls"]
