@@ -306,6 +306,7 @@ class ChatModelGenerator(Polling):
         self.backend, self.tok, self.style, self.max_new_tokens = backend, tokenizer, style, max_new_tokens
         self.tokens = backend if hasattr(backend, "submit") and hasattr(backend, "poll") else PollingTokens(backend)
         self._inflight: dict[Any, tuple] = {}
+        self._unencoded: list[tuple] = []     # (handle, request, prompt text) until the next poll
         self.incremental = style == "train" or not retokenize
         self._sessions: dict[str, _Session] = {}
         self.newline_id = tokenizer.encode("\n")[-1]
@@ -350,12 +351,36 @@ class ChatModelGenerator(Polling):
         return ids
 
     def _start(self, handle, r: GenRequest) -> None:
-        prompt = self._prompt_ids(r)
+        if self.style == "reference" and (r.session not in self._sessions or not self.incremental):
+            # the whole text from scratch: encoded with the others of this poll in one batched
+            # call (7B rollouts, c256: one-by-one encoding was 8.5 of the host's 11.4 s)
+            self._unencoded.append((handle, r, reference_prompt_text(r.messages) + r.prefill))
+            return
+        self._submit_tokens(handle, r, self._prompt_ids(r))
+
+    def _submit_tokens(self, handle, r: GenRequest, prompt: list[int]) -> None:
         stops = () if r.ignore_stop else tuple(self.stop_ids)
         bh = self.tokens.submit(r.session, prompt, r.max_new_tokens or self.max_new_tokens, stops)
         self._inflight[bh] = (handle, r, prompt, stops)
 
+    def _encode_queued(self) -> None:
+        queued, self._unencoded = self._unencoded, []
+        if not queued:
+            return
+        try:
+            prompts = self.tok.encode_batch([text for _, _, text in queued])
+        except Exception as e:  # noqa: BLE001 - these requests fail, the run goes on
+            for handle, _, _ in queued:
+                self._finish(handle, error_output(e))
+            return
+        for (handle, r, _), prompt in zip(queued, prompts):
+            try:
+                self._submit_tokens(handle, r, prompt)
+            except Exception as e:  # noqa: BLE001 - this request alone fails
+                self._finish(handle, error_output(e))
+
     def _advance(self) -> None:
+        self._encode_queued()
         if not self._inflight:
             return
         try:
