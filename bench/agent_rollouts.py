@@ -161,7 +161,10 @@ def run_ours(args) -> None:
                     failed=sum(not r.ok for r in results), tokens=sum(g.forced_tokens for g in gens.values()),
                     prefill=delta("prefill_tokens"), prompt=delta("prompt_tokens"),
                     saved=delta("prefix_saved_tokens"), evictions=delta("evictions"),
-                    preemptions=delta("preemptions"), mismatches=len(gold.mismatches))
+                    preemptions=delta("preemptions"), mismatches=len(gold.mismatches),
+                    prefill_s=round(delta("prefill_s"), 2), decode_s=round(delta("decode_s"), 2),
+                    decode_calls=delta("decode_calls"), decode_steps=delta("decode_steps"),
+                    decode_row_steps=delta("decode_row_steps"))
 
     if args.warmup:
         w = rollout(min(args.warmup, plan[0][0]), tasks[-args.warmup:])
@@ -174,7 +177,10 @@ def run_ours(args) -> None:
         before = clock.read()
         r = rollout(c, tasks[:n])
         after = clock.read()
-        extra = {k: r[k] for k in ("failed", "saved", "evictions", "preemptions", "mismatches")}
+        # where the time went: device calls (prefill_s, decode_s: launch to results on the host),
+        # the rest is the host; decode_row_steps / decode_steps = rows busy per decode step
+        extra = {k: r[k] for k in ("failed", "saved", "evictions", "preemptions", "mismatches", "prefill_s",
+                                   "decode_s", "decode_calls", "decode_steps", "decode_row_steps")}
         extra.update(compiles=after["compiles"] - before["compiles"],
                      compile_s=round(after["compile_s"] - before["compile_s"], 1))
         emit(side="ours", **row(c, r, peak()), extra=extra)

@@ -15,6 +15,7 @@ strings); the device owns the pages. See docs/inference.md for the API contract.
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from typing import Any, Sequence
 
@@ -40,7 +41,11 @@ from lumos_jax.sharding import logical_to_spec
 CACHE_DTYPES = ("float32", "bfloat16", "float16", "int8")  # int8: per-token-per-head scales
 STAT_KEYS = ("prefilled_tokens", "generated_tokens", "decode_calls", "prefill_calls",
              "prompt_tokens", "prefill_tokens", "prefix_saved_tokens", "evictions",
-             "preemptions")
+             "preemptions", "decode_steps", "decode_row_steps")
+# decode_steps: loop iterations run; decode_row_steps: rows x iterations of the rows that held
+# a turn (padding excluded). TIMING_KEYS (also in `stats`): seconds from each call's launch until
+# its results were on the host (device time plus dispatch; what a benchmark tells host time by).
+TIMING_KEYS = ("prefill_s", "decode_s")
 
 
 class Engine:
@@ -101,7 +106,7 @@ class Engine:
         self._queue: deque = deque()
         self._ids = itertools.count()
         self._clock = itertools.count(1)
-        self._stats = {k: 0 for k in STAT_KEYS}
+        self._stats = {k: 0 for k in STAT_KEYS + TIMING_KEYS}
         self.programs = Precompiler(self, precompile_threads, program_cache_dir)   # precompile.py
 
     @property
@@ -411,10 +416,12 @@ class Engine:
         rows: list[Slot | None] = [self._slots[i] for i in slots] + [None] * (n - len(slots))
         ids, starts, valid = prefill_inputs(rows, t)
         table = self.memory.table(rows, self._table_width)
+        t0 = time.perf_counter()
         first, self.cache = self.programs.run(
             "prefill", n, t, prefill_step, (self.params, self.cache, table, ids, starts, valid, row_controls(rows)),
             dict(spec=self.spec, cache_sharding=self.cache_sharding))
         first = np.asarray(jax.device_get(first))
+        self.stats["prefill_s"] += time.perf_counter() - t0
         self.stats["prefill_calls"] += 1
         for r, i in enumerate(slots):
             s = self._slots[i]
@@ -445,13 +452,17 @@ class Engine:
         last, lengths, generated, capacity, active = decode_inputs(rows, width, self.block_size,
                                                                    self.max_len)
         table = self.memory.table(rows, width)
+        t0 = time.perf_counter()
         out, self.cache = self.programs.run(
             "decode", b, 1, decode_loop,
             (self.params, self.cache, table, last, lengths, generated, active, capacity, row_controls(rows)),
             dict(spec=self.spec, steps=self.steps_per_call, cache_sharding=self.cache_sharding,
                  attention=self.decode_attention))
         out = jax.device_get(out)
+        self.stats["decode_s"] += time.perf_counter() - t0
         self.stats["decode_calls"] += 1
+        self.stats["decode_steps"] += int(out.steps_run)
+        self.stats["decode_row_steps"] += int(out.steps_run) * len(runnable)
         for r, i in enumerate(runnable):
             s = self._slots[i]
             new = [int(x) for x in out.tokens[r] if x >= 0]
