@@ -8,7 +8,9 @@ included; 0 for a row that is not generating) and returns (B, 1, KV, G, D):
     so the table may be as wide as max_len (one compiled shape) and only used pages are read;
   - 'reduce': the same with multiply + reduce instead of matmuls (one fused pass over keys);
   - 'pallas': our Pallas TPU kernel (lumos_jax.models.attention_tpu), reads only the row's pages;
-  - 'pallas_gpu': JAX's Pallas (Triton) GPU paged-attention kernel, same pool layout.
+  - 'pallas_gpu': JAX's Pallas (Triton) GPU paged-attention kernel, same pool layout;
+  - 'pallas_gpu_mha': our Pallas (Triton) GPU kernel for 1..8 query heads per KV head
+    (lumos_jax.inference.decode_attention_gpu): no 16-row padding, reads only used pages.
 'auto' picks 'pallas' on TPU, 'pallas_gpu' on GPU, 'dot' elsewhere. The Pallas kernels run
 on CPU in interpret mode (tests only).
 """
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as gpu_paged_attention
 from jax.sharding import PartitionSpec
 
+from lumos_jax.inference.decode_attention_gpu import mha_paged_attention
 from lumos_jax.inference.quant import QPages, as_float, take_pages
 from lumos_jax.models.attention_tpu import paged_decode_attention
 from lumos_jax.sharding import logical_to_spec
@@ -135,39 +138,61 @@ def _mesh_or_none():
     return None if mesh is None or mesh.empty or mesh.size == 1 else mesh
 
 
+def _split_scales(kc, vc):
+    """Float pages -> (kc, vc, ()); int8 `QPages` -> (codes, codes, (k scales, v scales)), the
+    GPU kernels' positional arguments."""
+    if isinstance(kc, QPages):
+        (kc, ks), (vc, vs) = kc, vc
+        return kc, vc, (ks, vs)
+    return kc, vc, ()
+
+
+def on_rows_and_heads(local, qh, kc, vc, table, lengths, *scales):
+    """local(qh (B, H, D), kc, vc, table, lengths, *scales) -> (B, H, D), a GPU kernel on one
+    device; under a mesh inside shard_map over rows and kv heads (the rules' cache_batch /
+    cache_kv_heads axes), each device over its own pages."""
+    mesh = _mesh_or_none()
+    if mesh is None:
+        return local(qh, kc, vc, table, lengths, *scales)
+    q_spec = logical_to_spec(("cache_batch", "q_heads", "head_dim"), qh.shape, mesh)
+    page_spec = logical_to_spec(("cache_kv_heads", None, None, None), kc.shape, mesh)
+    if q_spec[1] != page_spec[0]:  # heads split unevenly: keep heads whole, split rows only
+        q_spec, page_spec = PartitionSpec(q_spec[0], None, None), PartitionSpec()
+    rows = PartitionSpec(q_spec[0])
+    scale_specs = (PartitionSpec(*tuple(page_spec)[:3]),) * len(scales)
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, page_spec, page_spec,
+                                                     PartitionSpec(q_spec[0], None), rows,
+                                                     *scale_specs),
+                         out_specs=q_spec, check_vma=False)(qh, kc, vc, table, lengths, *scales)
+
+
 def pallas_gpu(q, kc, vc, table, lengths, *, interpret: bool | None = None):
-    """JAX's GPU paged-attention kernel; under a mesh inside shard_map over rows and kv heads
-    (the rules' cache_batch / cache_kv_heads axes), each device over its own pages."""
+    """JAX's GPU paged-attention kernel (sharded by `on_rows_and_heads`)."""
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     b, _, kv, g, d = q.shape
-    local = functools.partial(_gpu_local, interpret=interpret)
-    scales = ()
-    if isinstance(kc, QPages):
-        (kc, ks), (vc, vs) = kc, vc
-        scales = (ks, vs)
-        q_dtype = q.dtype
-    else:  # the kernel's dots need q in the pages' dtype (fp32 compute over a bf16 cache)
-        q_dtype = kc.dtype
+    kc, vc, scales = _split_scales(kc, vc)
+    # the kernel's dots need q in the pages' dtype (fp32 compute over a bf16 cache); int8
+    # pages are converted to q's dtype inside it
+    q_dtype = q.dtype if scales else kc.dtype
     qh = (q[:, 0].astype(jnp.float32) / math.sqrt(d)).astype(q_dtype).reshape(b, kv * g, d)
-    mesh = _mesh_or_none()
-    if mesh is None:
-        out = local(qh, kc, vc, table, lengths, *scales)
-    else:
-        q_spec = logical_to_spec(("cache_batch", "q_heads", "head_dim"), qh.shape, mesh)
-        page_spec = logical_to_spec(("cache_kv_heads", None, None, None), kc.shape, mesh)
-        if q_spec[1] != page_spec[0]:  # heads split unevenly: keep heads whole, split rows only
-            q_spec, page_spec = PartitionSpec(q_spec[0], None, None), PartitionSpec()
-        rows = PartitionSpec(q_spec[0])
-        scale_specs = (PartitionSpec(*tuple(page_spec)[:3]),) * len(scales)
-        out = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, page_spec, page_spec,
-                                                        PartitionSpec(q_spec[0], None), rows,
-                                                        *scale_specs),
-                            out_specs=q_spec, check_vma=False)(qh, kc, vc, table, lengths, *scales)
+    out = on_rows_and_heads(functools.partial(_gpu_local, interpret=interpret), qh, kc, vc, table, lengths,
+                            *scales)
     return out.reshape(b, 1, kv, g, d).astype(q.dtype)
 
 
-DECODE_ATTENTION = {"dot": _dot, "reduce": _reduce, "pallas": _pallas_tpu, "pallas_gpu": pallas_gpu}
+def pallas_gpu_mha(q, kc, vc, table, lengths, **params):
+    """Our Pallas GPU kernel for few query heads per KV head (decode_attention_gpu), sharded
+    by `on_rows_and_heads`; `params` are its blocking and Triton settings (bench sweeps them)."""
+    b, _, kv, g, d = q.shape
+    kc, vc, scales = _split_scales(kc, vc)
+    out = on_rows_and_heads(functools.partial(mha_paged_attention, **params), q[:, 0].reshape(b, kv * g, d),
+                            kc, vc, table, lengths, *scales)
+    return out.reshape(b, 1, kv, g, d)
+
+
+DECODE_ATTENTION = {"dot": _dot, "reduce": _reduce, "pallas": _pallas_tpu, "pallas_gpu": pallas_gpu,
+                    "pallas_gpu_mha": pallas_gpu_mha}
 
 
 def resolve_decode_attention(name: str) -> str:
