@@ -136,3 +136,32 @@ def test_engines_of_one_shape_compile_each_program_once(weights, monkeypatch):
     built = sum(out[n][0].programs.stats["precompiled"] - out[n][0].programs.stats["shared"] for n in "ab")
     assert sum(out[n][0].programs.stats["shared"] for n in "ab") > 0
     assert built < 2 * shapes
+
+
+def test_prefill_calls_cover_the_rows_with_compiled_shapes_and_pad_least():
+    """A group of k rows is split into calls whose padded shapes are all precompiled, never
+    padding more than one call per `budget` rows did (the 7B rollouts: 70 rows of 64 tokens
+    padded to 256 rows in one call), and exactly as little as a brute-force search."""
+    import itertools
+
+    from lumos_jax.inference.paged_slots import prefill_calls, prefill_rows
+
+    slots, max_len, budget, cost = 512, 4096, 16384, 179
+    shapes = set(program_shapes(slots, max_len, budget))
+    for t in (64, 128, 512):
+        per_call = min(slots, budget // t)
+        for k in (1, 5, 17, 60, 70, 130, 200, 256, 300, 512):
+            calls = prefill_calls(k, t, slots, budget, cost)
+            assert sum(calls) == k and all(0 < c <= per_call for c in calls), (k, t, calls)
+            assert all(("prefill", prefill_rows(c, t, slots, budget), t) in shapes for c in calls)
+            padded = sum(prefill_rows(c, t, slots, budget) for c in calls)
+            chunked = sum(prefill_rows(min(per_call, k - lo), t, slots, budget) for lo in range(0, k, per_call))
+            assert padded <= chunked
+    # brute force over splits into at most 3 calls, small k
+    t = 64
+    for k in range(1, 90):
+        best = min(sum(prefill_rows(c, t, slots, budget) * t + cost for c in split)
+                   for n in (1, 2, 3) for split in itertools.product(range(1, k + 1), repeat=n) if sum(split) == k)
+        calls = prefill_calls(k, t, slots, budget, cost)
+        assert sum(prefill_rows(c, t, slots, budget) * t + cost for c in calls) <= best, k
+    assert sum(prefill_rows(c, 64, slots, budget) for c in prefill_calls(70, 64, slots, budget, cost)) <= 80

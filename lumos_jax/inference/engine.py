@@ -28,8 +28,9 @@ from lumos_jax.checkpoints.native import load_model
 from lumos_jax.inference.decode_attention import resolve_decode_attention
 from lumos_jax.inference.forward import PagedCache
 from lumos_jax.inference.paged import PagedMemory, check_allocatable, pool_blocks, step_reserve_bytes
-from lumos_jax.inference.paged_slots import (NoFreeSlotError, Slot, TurnResult, checked_token_ids,
-                                             decode_inputs, length_bucket, prefill_inputs, row_count, row_controls)
+from lumos_jax.inference.paged_slots import (NoFreeSlotError, Slot, TurnResult, call_cost_tokens,
+                                             checked_token_ids, decode_inputs, length_bucket, prefill_calls,
+                                             prefill_inputs, prefill_rows, row_count, row_controls)
 from lumos_jax.inference.params import decode_params, layer_layout, layer_weight_bytes, resolve_scan_layers
 from lumos_jax.inference.precompile import Precompiler
 from lumos_jax.inference.sampling import SamplingParams
@@ -82,6 +83,7 @@ class Engine:
         self.num_slots, self.max_len, self.steps_per_call = num_slots, max_len, steps_per_call
         self.tokenizer = tokenizer
         self.max_prefill_tokens = max_prefill_tokens
+        self.call_cost = call_cost_tokens(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)))
         self.decode_attention = decode_attention
         self.vocab_size = config.vocab_size
         self.cache_dtype = cache_dtype or config.dtype
@@ -406,13 +408,14 @@ class Engine:
             s = self._slots[i]
             groups.setdefault(length_bucket(len(s.history) - s.cache_len, self.max_len), []).append(i)
         for t, slots in sorted(groups.items()):
-            per_call = max(1, min(self.num_slots, self.max_prefill_tokens // t))
-            for lo in range(0, len(slots), per_call):
-                self._prefill_rows(slots[lo: lo + per_call], t, finished)
+            lo = 0
+            for k in prefill_calls(len(slots), t, self.num_slots, self.max_prefill_tokens, self.call_cost):
+                self._prefill_rows(slots[lo: lo + k], t, finished)
+                lo += k
         return bool(ready)
 
     def _prefill_rows(self, slots: list[int], t: int, finished: list[TurnResult]) -> None:
-        n = max(len(slots), min(self._row_count(len(slots), t), self.max_prefill_tokens // t))
+        n = prefill_rows(len(slots), t, self.num_slots, self.max_prefill_tokens)
         rows: list[Slot | None] = [self._slots[i] for i in slots] + [None] * (n - len(slots))
         ids, starts, valid = prefill_inputs(rows, t)
         table = self.memory.table(rows, self._table_width)

@@ -6,6 +6,8 @@ A slot's paging fields (history, cache_len, blocks, keys, registered) are the on
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -84,6 +86,41 @@ def row_count(n: int, tokens: int, num_slots: int) -> int:
         while rows < max(n, ROW_FLOOR_TOKENS // tokens):
             rows *= 4
     return min(rows, pow2_at_least(num_slots))
+
+
+def prefill_rows(k: int, tokens: int, num_slots: int, budget: int) -> int:
+    """Rows a prefill call of k rows of `tokens` pads to (its compiled shape)."""
+    return max(k, min(row_count(k, tokens, num_slots), budget // tokens))
+
+
+def call_cost_tokens(num_params: int) -> int:
+    """A prefill call's fixed cost in prefill tokens of compute, what splitting a group into
+    more, better-filled calls must save: reading the weights once (~120 tokens' compute at any
+    size, bf16 on a GPU of ~3.4 TB/s and ~400 dense TFLOP/s) plus ~2 ms of launch and host
+    wait, which at 135M parameters is worth thousands of tokens and at 7B about 60."""
+    return int(min(4096, max(128, 120 + 2e-3 * 4e14 / (2 * max(num_params, 1)))))
+
+
+@functools.lru_cache(maxsize=4096)
+def prefill_calls(k: int, tokens: int, num_slots: int, budget: int, call_cost: int = 256) -> tuple[int, ...]:
+    """Row counts of the calls that prefill k rows of `tokens` tokens, largest first, padding
+    least (in tokens, each call costing `call_cost` more). e.g. 70 rows of 64 tokens at 7B:
+    54 + 16 (64 + 16 padded) rather than one call padded to 256 (the 7B rollouts computed
+    3.1x the prefill tokens they needed, 2026-12-02)."""
+    per_call = max(1, min(num_slots, budget // tokens))
+    sizes = sorted({prefill_rows(j, tokens, num_slots, budget) for j in range(1, per_call + 1)})
+    sizes = [n for n in sizes if n <= per_call]
+    best: list[tuple[int, tuple[int, ...]]] = [(0, ())]
+    for r in range(1, k + 1):
+        options = []
+        if r <= per_call:
+            options.append((prefill_rows(r, tokens, num_slots, budget) * tokens + call_cost, (r,)))
+        for n in sizes:
+            if n < r:
+                cost, rest = best[r - n]
+                options.append((cost + n * tokens + call_cost, (n,) + rest))
+        best.append(min(options, key=lambda o: (o[0], len(o[1]))))
+    return tuple(sorted(best[k][1], reverse=True))
 
 
 def pow2_at_least(n: int) -> int:
