@@ -35,18 +35,19 @@ def _check(out, want):
     assert not out[~live].any()        # length 0: zeros (not NaN)
 
 
-@pytest.mark.parametrize("kv,g,ppb,splits", [
-    (4, 1, None, None),    # defaults: one compute block of 4 pages, splits from B * KV
-    (4, 1, 1, 1),          # one page at a time, the program normalises its own output
-    (4, 1, 2, 3),          # shares of 4 pages: the third split of the full row is empty
-    (4, 1, 1, 8),          # a split per page of the full row
-    (2, 3, 2, 2),          # G = 3 query rows per KV head
-    (1, 8, 4, 1),          # G = 8, a compute block wider than the 10-token row
-], ids=["mha-default", "mha-ppb1", "mha-ppb2-s3", "mha-s8", "g3", "g8"])
-def test_mha_kernel_equals_contiguous_attention(kv, g, ppb, splits):
+@pytest.mark.parametrize("kv,g,ppb,splits,prefetch", [
+    (4, 1, None, None, True),    # defaults: one compute block of 4 pages, splits from B * KV
+    (4, 1, 1, 1, True),          # one page at a time, the program normalises its own output
+    (4, 1, 2, 3, True),          # shares of 4 pages: the third split of the full row is empty
+    (4, 1, 2, 3, False),         # the same without the next block loaded ahead
+    (4, 1, 1, 8, True),          # a split per page of the full row
+    (2, 3, 2, 2, True),          # G = 3 query rows per KV head
+    (1, 8, 4, 1, False),         # G = 8, a compute block wider than the 10-token row
+], ids=["mha-default", "mha-ppb1", "mha-ppb2-s3", "mha-ppb2-s3-noprefetch", "mha-s8", "g3", "g8"])
+def test_mha_kernel_equals_contiguous_attention(kv, g, ppb, splits, prefetch):
     q, k, v = _inputs(kv, g)
     out = MHA(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), _poisoned_tables(), jnp.asarray(LENGTHS),
-              pages_per_block=ppb, splits=splits)
+              pages_per_block=ppb, splits=splits, prefetch=prefetch)
     _check(out, _contiguous(q, k, v))
 
 
@@ -90,6 +91,25 @@ def test_default_blocking_and_its_limits():
         mha_paged_attention(q, k[:, :, :3], v[:, :, :3], jnp.asarray(TABLES), jnp.asarray(LENGTHS))
     with pytest.raises(ValueError, match="pages_per_block=3"):
         mha_paged_attention(q, k, v, jnp.asarray(TABLES), jnp.asarray(LENGTHS), pages_per_block=3)
+
+
+@pytest.mark.parametrize("groups,quantized,params", [(1, False, {}), (1, True, dict(splits=3)),
+                                                     (4, False, dict(pages_per_block=8, prefetch=False))],
+                         ids=["mha-bf16", "mha-int8-splits", "g4"])
+def test_mha_kernel_lowers_to_triton(groups, quantized, params):
+    """JAX's Triton lowering (power-of-two loads, supported ops) accepts the kernel at the
+    Llama-2-7B shape, lowered for CUDA here on CPU, so the GPU run does not find out first."""
+    b, kv, d, bs, pages = 64, 32 // groups, 128, 16, 64 * 40
+    args = [jax.ShapeDtypeStruct((b, kv * groups, d), jnp.bfloat16),
+            *[jax.ShapeDtypeStruct((kv, pages, bs, d), jnp.int8 if quantized else jnp.bfloat16)] * 2,
+            jax.ShapeDtypeStruct((b, 256), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32)]
+    args += [jax.ShapeDtypeStruct((kv, pages, bs), jnp.float32)] * (2 * quantized)
+    fn = jax.jit(lambda *a: mha_paged_attention(*a, interpret=False, **params))
+    try:
+        text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    except RuntimeError as e:  # newer JAX needs a GPU (or an abstract one) to lower Triton kernels
+        pytest.skip(f"no Triton lowering without a GPU here: {e}")
+    assert text.count("xla.gpu.triton") == 1
 
 
 def test_engine_with_the_mha_kernel_equals_hf_greedy():

@@ -51,40 +51,42 @@ def default_blocking(batch: int, kv_heads: int, width: int, block_size: int) -> 
 
 
 def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, groups: int, ppb: int, splits: int,
-            quantized: bool):
+            quantized: bool, prefetch: bool):
     """One (row, KV head, split): its share of the row's used pages, online softmax (log2)."""
     if quantized:
         ks_ref, vs_ref, *outs = refs
+        page_refs = (k_ref, v_ref, ks_ref, vs_ref)
     else:
-        ks_ref = vs_ref = None
         outs = refs
+        page_refs = (k_ref, v_ref)
     bs, d = k_ref.shape[-2:]
     n = len_ref[0]
     pages = (n + bs - 1) // bs
     share = ((pages + splits - 1) // splits + ppb - 1) // ppb * ppb   # whole compute blocks
     first = pl.program_id(2) * share
+    last = jnp.minimum(first + share, pages) - 1                      # the split's last page
     blocks = (jnp.clip(pages - first, 0, share) + ppb - 1) // ppb
     scale = LOG2E / math.sqrt(d)
     qs = [q_ref[g, :].astype(jnp.float32) * scale for g in range(groups)]
-    slot = (jnp.arange(ppb, dtype=jnp.int32)[:, None] * bs
-            + jnp.arange(bs, dtype=jnp.int32)[None, :])                        # (ppb, bs)
+    lanes = jnp.arange(ppb, dtype=jnp.int32)
+    slot = lanes[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]     # (ppb, bs)
 
-    def body(i, carry):
-        col = first + i * ppb
-        # the block's pages; columns past the row's last page re-read that page (masked below),
-        # so no page the row does not use is ever read and the table needs no padding
-        ids = table_ref[jnp.minimum(col + jnp.arange(ppb, dtype=jnp.int32), pages - 1)]
-        live2 = col * bs + slot < n                                            # (ppb, bs)
-        live = live2.reshape(ppb * bs)
-        # a used page's tail past the length holds zeros or an earlier row's K/V (finite):
-        # its p is 0 (not sanitised, so that a read of an unused NaN page shows in the tests)
-        k = k_ref[ids].reshape(ppb * bs, d).astype(jnp.float32)
-        v = v_ref[ids].reshape(ppb * bs, d).astype(jnp.float32)
-        if quantized:
-            ks = ks_ref[ids].reshape(ppb * bs)
-            vs = vs_ref[ids].reshape(ppb * bs)
+    def page_ids(i):
+        """Block i's page ids; columns past the split's last page re-read that page (masked in
+        `update`), so no page the row does not use is read and the table needs no padding."""
+        return table_ref[jnp.minimum(first + i * ppb + lanes, last)]
+
+    def fetch(ids):
+        return tuple(ref[ids] for ref in page_refs)          # (ppb, bs, d) K, V [, (ppb, bs) scales]
+
+    def update(i, block, state):
+        live = ((first + i * ppb) * bs + slot < n).reshape(ppb * bs)
+        # a used page's tail past the length holds zeros or an earlier row's K/V (finite): its
+        # p is 0 (not sanitised, so that a read of an unused NaN page shows in the tests)
+        k, v = (x.reshape(ppb * bs, d).astype(jnp.float32) for x in block[:2])
+        ks, vs = (x.reshape(ppb * bs) for x in block[2:]) if quantized else (None, None)
         out = []
-        for g, (m, l, acc) in enumerate(carry):
+        for g, (m, l, acc) in enumerate(state):
             s = jnp.sum(k * qs[g][None, :], axis=1)                            # (ppb * bs,)
             if quantized:
                 s = s * ks
@@ -97,7 +99,21 @@ def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, groups: int, ppb: in
         return out
 
     init = [(jnp.float32(NEG), jnp.float32(0.0), jnp.zeros((d,), jnp.float32)) for _ in range(groups)]
-    final = jax.lax.fori_loop(0, blocks, body, init)
+    if not prefetch:
+        final = jax.lax.fori_loop(0, blocks, lambda i, st: update(i, fetch(page_ids(i)), st), init)
+    else:
+        # Triton pipelines only loads that feed dots, so the loop does it by hand: block i+1's
+        # K/V loads and block i+2's page ids are issued before block i is computed.
+        def body(i, carry):
+            ids_next, block, state = carry
+            return page_ids(i + 2), fetch(ids_next), update(i, block, state)
+
+        def empty():
+            return (jnp.zeros((ppb,), jnp.int32),
+                    tuple(jnp.zeros((ppb, *ref.shape[1:]), ref.dtype) for ref in page_refs))
+
+        ids1, block0 = jax.lax.cond(blocks > 0, lambda: (page_ids(1), fetch(page_ids(0))), empty)
+        _, _, final = jax.lax.fori_loop(0, blocks, body, (ids1, block0, init))
     if splits == 1:
         (o_ref,) = outs
         for g, (_, l, acc) in enumerate(final):
@@ -112,11 +128,14 @@ def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, groups: int, ppb: in
 
 def mha_paged_attention(q, k_pages, v_pages, table, lengths, k_scales=None, v_scales=None, *,
                         pages_per_block: int | None = None, splits: int | None = None,
-                        num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
+                        prefetch: bool = True, num_warps: int = 4, num_stages: int = 2,
+                        interpret: bool | None = None):
     """q (B, KV * G, D) unscaled, pages (KV, P, BS, D) (int8 codes with `k_scales`/`v_scales`
     (KV, P, BS)), table (B, W) page ids, lengths (B,) tokens per row (0: zeros out) ->
     (B, KV * G, D) in q's dtype. `pages_per_block` (a power of two) and `splits` default to
-    `default_blocking`; num_warps / num_stages go to Triton."""
+    `default_blocking`; `prefetch`: load the next block while computing this one (by hand:
+    Triton's pipeliner, num_stages, leaves loads that feed no dot alone); num_warps /
+    num_stages go to Triton."""
     b, h, d = q.shape
     kv, _, bs, _ = k_pages.shape
     g = h // kv
@@ -151,7 +170,8 @@ def mha_paged_attention(q, k_pages, v_pages, table, lengths, k_scales=None, v_sc
         out_specs = [pl.BlockSpec((None, None, None, g, d), lambda r, j, s: (r, j, s, 0, 0)),
                      pl.BlockSpec((None, None, None, g), lambda r, j, s: (r, j, s, 0)),
                      pl.BlockSpec((None, None, None, g), lambda r, j, s: (r, j, s, 0))]
-    kernel = functools.partial(_kernel, groups=g, ppb=ppb, splits=splits, quantized=quantized)
+    kernel = functools.partial(_kernel, groups=g, ppb=ppb, splits=splits, quantized=quantized,
+                               prefetch=prefetch)
     scales = (k_scales, v_scales) if quantized else ()
     outs = pl.pallas_call(
         kernel, grid=(b, kv, splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
