@@ -158,7 +158,7 @@ def run_worker(args) -> None:
         emit(event="start", row=i)
         try:
             if cached is None or cached[0] != row["shape"]:
-                cached = None                                 # free the last pool first
+                cached = inputs = None                        # free the last pool first
                 cached = (row["shape"], *make_inputs(row["shape"], **dims))
             _, inputs, kv_bytes = cached
             t = time_row(attention_fn(row["variant"], row["params"]), inputs, kv_bytes, args.tiny, args.repeats)

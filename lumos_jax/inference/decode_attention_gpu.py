@@ -7,7 +7,9 @@ A decode step only has to read each used page of K and V once; this kernel is sh
 
 - one program per (row, KV head, split); it streams its share of the row's pages a compute
   block (`pages_per_block` pages) at a time with an online softmax in fp32 and stops at the
-  row's length (pages past it are never loaded; the last page's tail is masked);
+  row's length (pages past it are never loaded; the last page's tail is masked); the next
+  block's K/V are loaded before the current one is computed (Triton pipelines only loads
+  that feed a dot, and these feed none);
 - scores and the weighted sum of V are multiply + reduce over D and over the block, one
   query row at a time (G <= 8 rows reuse the loaded block), with no padding of G;
 - splits: a static count from the batch and KV heads (enough programs to fill the card),
@@ -177,7 +179,8 @@ def mha_paged_attention(q, k_pages, v_pages, table, lengths, k_scales=None, v_sc
         kernel, grid=(b, kv, splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         interpret=interpret, compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name=f"mha_paged_attention_ppb{ppb}_s{splits}",
-    )(lengths.astype(jnp.int32).reshape(b, 1), table.astype(jnp.int32), q.reshape(b, kv, g, d), k_pages, v_pages, *scales)
+    )(lengths.astype(jnp.int32).reshape(b, 1), table.astype(jnp.int32), q.reshape(b, kv, g, d),
+      k_pages, v_pages, *scales)
     if splits == 1:
         return outs[0].reshape(b, h, d)
     return combine_splits(*outs).astype(q.dtype).reshape(b, h, d)
