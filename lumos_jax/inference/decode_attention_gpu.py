@@ -71,7 +71,7 @@ def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, groups: int, ppb: in
     scale = LOG2E / math.sqrt(d)
     qs = [q_ref[g, :].astype(jnp.float32) * scale for g in range(groups)]
     lanes = jnp.arange(ppb, dtype=jnp.int32)
-    slot = lanes[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]     # (ppb, bs)
+    slot = jnp.arange(ppb * bs, dtype=jnp.int32)                      # token within a block
 
     def page_ids(i):
         """Block i's page ids; columns past the split's last page re-read that page (masked in
@@ -82,7 +82,7 @@ def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, groups: int, ppb: in
         return tuple(ref[ids] for ref in page_refs)          # (ppb, bs, d) K, V [, (ppb, bs) scales]
 
     def update(i, block, state):
-        live = ((first + i * ppb) * bs + slot < n).reshape(ppb * bs)
+        live = (first + i * ppb) * bs + slot < n
         # a used page's tail past the length holds zeros or an earlier row's K/V (finite): its
         # p is 0 (not sanitised, so that a read of an unused NaN page shows in the tests)
         k, v = (x.reshape(ppb * bs, d).astype(jnp.float32) for x in block[:2])
