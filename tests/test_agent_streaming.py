@@ -195,8 +195,10 @@ def test_a_failing_episode_ends_alone():
 
 
 def test_engine_sessions_beyond_its_slots_are_evicted_and_recomputed_not_failed():
-    """4 concurrent episodes on an engine with 2 slots: idle sessions (waiting on tools) give
-    their slot up and restart later; every episode gives the outputs it gives alone."""
+    """4 concurrent two-round episodes on engines with 2 slots: idle sessions (waiting on the
+    other model or on tools) give their slot up and restart later; every episode gives the
+    outputs it gives alone. (Two rounds: a one-round episode ends, releasing its slots, in
+    the pass its planner turn ends, so nothing needs evicting.)"""
     from lumos_jax.agent.backends import EngineBackend
     from lumos_jax.inference import Engine
     from lumos_jax.models import PRESETS
@@ -206,7 +208,7 @@ def test_engine_sessions_beyond_its_slots_are_evicted_and_recomputed_not_failed(
     tok = Tokenizer(FIXTURES / "stories260k")
     models = {"plan": create_model(PRESETS["tiny"], 0), "ground": create_model(PRESETS["tiny"], 1)}
     tasks = [json.loads(x)["question"] for x in (DATA / "eval/gsm8k_test.jsonl").read_text().splitlines()[:4]]
-    cfg = EpisodeConfig(domain="maths", max_rounds=1)
+    cfg = EpisodeConfig(domain="maths", max_rounds=2)
     reg = build_registry("maths")
 
     def run(slots, concurrent):

@@ -51,10 +51,14 @@ class RunStats:
 class EpisodeRunner:
     def __init__(self, generators: dict, executor_for: Callable[[int], tuple[Executor, ToolContext | None]],
                  cfg: EpisodeConfig, max_concurrent: int = 64, tool_workers: int = 8,
-                 request_options: Callable[[int, Generate], dict] | None = None):
+                 request_options: Callable[[int, Generate], dict] | None = None,
+                 tool_window: float = 0.25, tool_window_max_s: float = 0.05):
         """`executor_for(i)` gives episode i its Executor and (optional) ToolContext (so
         each web episode can have its own environment). `request_options(i, generate)`
-        may add GenRequest fields per turn (e.g. a benchmark's forced token count)."""
+        may add GenRequest fields per turn (e.g. a benchmark's forced token count). After
+        each pass the runner waits up to `tool_window` x that pass's seconds (at most
+        `tool_window_max_s`) for the tools started in it, so an episode whose tool takes a
+        few milliseconds has its next turn in the next pass rather than the one after."""
         if max_concurrent < 1:
             raise ValueError(f"EpisodeRunner: max_concurrent={max_concurrent} must be >= 1")
         polling: dict[int, Any] = {}
@@ -62,6 +66,7 @@ class EpisodeRunner:
         self.executor_for, self.cfg = executor_for, cfg
         self.max_concurrent, self.tool_workers = max_concurrent, tool_workers
         self.request_options = request_options
+        self.tool_window, self.tool_window_max_s = tool_window, tool_window_max_s
         self.stats = RunStats()
 
     def run(self, tasks: Sequence[str]) -> list[EpisodeResult]:
@@ -90,11 +95,15 @@ class EpisodeRunner:
                     if ep is not None:
                         live[ep.index] = ep
                 self.stats.max_live = max(self.stats.max_live, len(live))
+                pass_start = time.perf_counter()
                 self._dispatch(live, done, pool)
-                progressed = self._poll_generators(live, done)
+                progressed = self._poll_generators(live, done, pool)
                 futures = [ep.future for ep in live.values() if ep.future is not None]
                 if futures and not progressed and not self._generating(live):
                     cf.wait(futures, return_when=cf.FIRST_COMPLETED)
+                elif futures:
+                    window = min(self.tool_window * (time.perf_counter() - pass_start), self.tool_window_max_s)
+                    cf.wait(futures, timeout=window)
                 for ep in [e for e in live.values() if e.future is not None and e.future.done()]:
                     fut, ep.future = ep.future, None
                     try:
@@ -140,15 +149,16 @@ class EpisodeRunner:
     def _generating(self, live: dict[int, _Live]) -> bool:
         return any(ep.handle is not None for ep in live.values())
 
-    def _poll_generators(self, live: dict[int, _Live], done) -> bool:
-        """Poll each generator with turns in flight once; resume the episodes that finished."""
-        waiting: dict[int, tuple[Any, dict[Any, _Live]]] = {}
-        for ep in live.values():
-            if ep.handle is not None:
-                gen, h = ep.handle
-                waiting.setdefault(id(gen), (gen, {}))[1][h] = ep
+    def _poll_generators(self, live: dict[int, _Live], done, pool) -> bool:
+        """Poll each generator with turns in flight once, in turn; resume the episodes that
+        finished and dispatch what they ask for next before the next generator is polled, so
+        an episode whose planner turn ends here has its grounder turn in this same pass (before,
+        it waited a whole pass: two engine steps per turn, one of them idle for it)."""
         progressed = False
-        for gen, eps in waiting.values():
+        for gen in dict.fromkeys(self.generators.values()):
+            eps = {ep.handle[1]: ep for ep in live.values() if ep.handle is not None and ep.handle[0] is gen}
+            if not eps:
+                continue
             self.stats.generate_calls += 1
             self.stats.max_batch = max(self.stats.max_batch, len(eps))
             try:
@@ -165,6 +175,7 @@ class EpisodeRunner:
                 ep.handle = None
                 progressed = True
                 self._resume(ep, out, live, done)
+            self._dispatch(live, done, pool)
         return progressed
 
     # -- episode lifecycle ----------------------------------------------------------------------
