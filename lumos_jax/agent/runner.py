@@ -3,8 +3,10 @@
 Up to `max_concurrent` episodes are live at once; a finished episode's place goes to the
 next task at once. Each pass (1) hands every episode's pending tool work to a thread pool,
 (2) submits every pending planner/grounder turn to its (non-blocking) generator, (3) polls
-each generator once — one engine step — and resumes each episode whose own turn finished,
-and (4) resumes episodes whose tools finished. So the planner turns, grounder turns and
+each generator once — one engine step — resuming each episode whose own turn finished and
+submitting what it asks for next before the next generator is polled (a grounder turn runs
+in the pass its planner turn ended), and (4) waits briefly (a quarter of the pass, at most
+50 ms) for the tools started, then resumes the episodes whose tools finished. So the planner turns, grounder turns and
 tools of different episodes overlap; nothing waits for a batch. An episode that raises, or
 whose generation fails, ends alone with the reason in its trace.
 """
