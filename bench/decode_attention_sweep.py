@@ -46,9 +46,11 @@ JAX_GRID = [dict(k_splits=1, pages_per_compute_block=8, num_warps=8),
             dict(k_splits=4, pages_per_compute_block=8, num_warps=8),
             dict(k_splits=8, pages_per_compute_block=4, num_warps=4),
             dict(k_splits=2, pages_per_compute_block=16, num_warps=8)]
-# (num_stages: Triton pipelines only loads that feed dots, so it should not matter; one row checks)
-MHA_GRID = ([dict(pages_per_block=p, num_warps=w) for p in (2, 4, 8) for w in (2, 4, 8)]
+# ours: blocking x warps; without the by-hand prefetch; on unflattened (pages, block, D) blocks;
+# num_stages (Triton pipelines only loads that feed dots, so it should not matter: one row checks)
+MHA_GRID = ([dict(pages_per_block=p, num_warps=w) for p in (2, 4, 8) for w in (2, 4, 8) if (p, w) != (8, 2)]
             + [dict(pages_per_block=p, num_warps=w, prefetch=False) for p, w in ((2, 4), (4, 4), (8, 8))]
+            + [dict(pages_per_block=p, num_warps=w, flat=False) for p, w in ((2, 4), (4, 4), (8, 8))]
             + [dict(num_stages=1)])
 MHA_SPLITS = {1: (4, 8, 32), 64: (2, 4)}   # batch -> splits tried beside the default
 
@@ -58,10 +60,10 @@ def plan(tiny: bool) -> list[dict]:
     (batch 1 and 64, ctx 640, the engine's width), then the defaults at every other shape."""
     if tiny:
         key, rest = [(2, 10, 8)], [(2, 10, 3)]   # a wide table (splits in the grid row) and a tight one
-        jax_grid, mha_grid, mha_splits = JAX_GRID[2:3], MHA_GRID[:1] + MHA_GRID[-2:-1], {}
+        jax_grid, mha_grid, mha_splits = JAX_GRID[2:3], [MHA_GRID[0], MHA_GRID[-2], MHA_GRID[-5]], {}
     else:
         key = [(64, 640, 256), (1, 640, 256)]
-        rest = [(b, ctx, w) for b in (1, 16, 64, 256) for ctx in (640, 2048) for w in (256, ctx // 16)]
+        rest = [(b, ctx, w) for b in (64, 1, 256, 16) for ctx in (640, 2048) for w in (256, ctx // 16)]
         rest = [s for s in rest if s not in key]
         jax_grid, mha_grid, mha_splits = JAX_GRID, MHA_GRID, MHA_SPLITS
 

@@ -35,23 +35,26 @@ def _check(out, want):
     assert not out[~live].any()        # length 0: zeros (not NaN)
 
 
-@pytest.mark.parametrize("kv,g,ppb,splits,prefetch", [
-    (4, 1, None, None, True),    # defaults: one compute block of 4 pages, splits from B * KV
-    (4, 1, 1, 1, True),          # one page at a time, the program normalises its own output
-    (4, 1, 2, 3, True),          # shares of 4 pages: the third split of the full row is empty
-    (4, 1, 2, 3, False),         # the same without the next block loaded ahead
-    (4, 1, 1, 8, True),          # a split per page of the full row
-    (2, 3, 2, 2, True),          # G = 3 query rows per KV head
-    (1, 8, 4, 1, False),         # G = 8, a compute block wider than the 10-token row
-], ids=["mha-default", "mha-ppb1", "mha-ppb2-s3", "mha-ppb2-s3-noprefetch", "mha-s8", "g3", "g8"])
-def test_mha_kernel_equals_contiguous_attention(kv, g, ppb, splits, prefetch):
+@pytest.mark.parametrize("kv,g,ppb,splits,extra", [
+    (4, 1, None, None, {}),      # defaults: one compute block of 4 pages, splits from B * KV
+    (4, 1, 1, 1, {}),            # one page at a time, the program normalises its own output
+    (4, 1, 2, 3, {}),            # shares of 4 pages: the third split of the full row is empty
+    (4, 1, 2, 3, dict(prefetch=False)),   # the same without the next block loaded ahead
+    (4, 1, 2, 3, dict(flat=False)),       # ... and on (pages, block size, D) blocks
+    (4, 1, 1, 8, {}),            # a split per page of the full row
+    (2, 3, 2, 2, dict(flat=False)),       # G = 3 query rows per KV head
+    (1, 8, 4, 1, dict(prefetch=False)),   # G = 8, a compute block wider than the 10-token row
+], ids=["mha-default", "mha-ppb1", "mha-ppb2-s3", "mha-ppb2-s3-noprefetch", "mha-ppb2-s3-paged", "mha-s8",
+        "g3", "g8"])
+def test_mha_kernel_equals_contiguous_attention(kv, g, ppb, splits, extra):
     q, k, v = _inputs(kv, g)
     out = MHA(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), _poisoned_tables(), jnp.asarray(LENGTHS),
-              pages_per_block=ppb, splits=splits, prefetch=prefetch)
+              pages_per_block=ppb, splits=splits, **extra)
     _check(out, _contiguous(q, k, v))
 
 
-def test_mha_kernel_reads_int8_pages():
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "paged"])
+def test_mha_kernel_reads_int8_pages(flat):
     """QPages: codes x per-token scales, against numpy attention over the dequantized K/V; the
     unused pages' scales are NaN."""
     q, k, v = _inputs(2, 2, seed=4)
@@ -62,7 +65,8 @@ def test_mha_kernel_reads_int8_pages():
         scale = np.where(unused[:, :, None], np.nan, scale)
         pools.append(QPages(jnp.asarray(codes), jnp.asarray(scale)))
         deq.append(codes.astype(np.float32) * scale[..., None])
-    out = MHA(jnp.asarray(q), *pools, _poisoned_tables(), jnp.asarray(LENGTHS), pages_per_block=2, splits=2)
+    out = MHA(jnp.asarray(q), *pools, _poisoned_tables(), jnp.asarray(LENGTHS), pages_per_block=2, splits=2,
+              flat=flat)
     _check(out, _contiguous(q, *deq))
 
 
@@ -93,9 +97,10 @@ def test_default_blocking_and_its_limits():
         mha_paged_attention(q, k, v, jnp.asarray(TABLES), jnp.asarray(LENGTHS), pages_per_block=3)
 
 
-@pytest.mark.parametrize("groups,quantized,params", [(1, False, {}), (1, True, dict(splits=3)),
-                                                     (4, False, dict(pages_per_block=8, prefetch=False))],
-                         ids=["mha-bf16", "mha-int8-splits", "g4"])
+@pytest.mark.parametrize("groups,quantized,params", [
+    (1, False, {}), (1, True, dict(splits=3)), (1, True, dict(flat=False)),
+    (4, False, dict(pages_per_block=8, prefetch=False)), (2, False, dict(flat=False, prefetch=False))],
+    ids=["mha-bf16", "mha-int8-splits", "mha-int8-paged", "g4", "g2-paged"])
 def test_mha_kernel_lowers_to_triton(groups, quantized, params):
     """JAX's Triton lowering (power-of-two loads, supported ops) accepts the kernel at the
     Llama-2-7B shape, lowered for CUDA here on CPU, so the GPU run does not find out first."""

@@ -52,8 +52,15 @@ def default_blocking(batch: int, kv_heads: int, width: int, block_size: int) -> 
     return ppb, splits
 
 
+def _over_tokens(reduce, x, keep: int = 0):
+    """`reduce` over x's leading axes until `keep` are left, one axis per op (Triton's)."""
+    while x.ndim > keep:
+        x = reduce(x, axis=0)
+    return x
+
+
 def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, groups: int, ppb: int, splits: int,
-            quantized: bool, prefetch: bool):
+            quantized: bool, prefetch: bool, flat: bool):
     """One (row, KV head, split): its share of the row's used pages, online softmax (log2)."""
     if quantized:
         ks_ref, vs_ref, *outs = refs
@@ -71,7 +78,10 @@ def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, groups: int, ppb: in
     scale = LOG2E / math.sqrt(d)
     qs = [q_ref[g, :].astype(jnp.float32) * scale for g in range(groups)]
     lanes = jnp.arange(ppb, dtype=jnp.int32)
-    slot = jnp.arange(ppb * bs, dtype=jnp.int32)                      # token within a block
+    if flat:                                                          # token within a block
+        slot = jnp.arange(ppb * bs, dtype=jnp.int32)
+    else:
+        slot = lanes[:, None] * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]
 
     def page_ids(i):
         """Block i's page ids; columns past the split's last page re-read that page (masked in
@@ -82,22 +92,26 @@ def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, groups: int, ppb: in
         return tuple(ref[ids] for ref in page_refs)          # (ppb, bs, d) K, V [, (ppb, bs) scales]
 
     def update(i, block, state):
+        # flat: the block as (ppb * bs, d) rows (a reshape, as JAX's kernel does); else kept
+        # (ppb, bs, d) and reduced one axis at a time (Triton reduces one axis per op)
+        tokens = (ppb * bs,) if flat else (ppb, bs)
         live = (first + i * ppb) * bs + slot < n
         # a used page's tail past the length holds zeros or an earlier row's K/V (finite): its
         # p is 0 (not sanitised, so that a read of an unused NaN page shows in the tests)
-        k, v = (x.reshape(ppb * bs, d).astype(jnp.float32) for x in block[:2])
-        ks, vs = (x.reshape(ppb * bs) for x in block[2:]) if quantized else (None, None)
+        k, v = (x.reshape(*tokens, d).astype(jnp.float32) for x in block[:2])
+        ks, vs = (x.reshape(tokens) for x in block[2:]) if quantized else (None, None)
         out = []
         for g, (m, l, acc) in enumerate(state):
-            s = jnp.sum(k * qs[g][None, :], axis=1)                            # (ppb * bs,)
+            s = jnp.sum(k * qs[g], axis=-1)                                    # tokens
             if quantized:
                 s = s * ks
             s = jnp.where(live, s, NEG)
-            m_new = jnp.maximum(m, jnp.max(s))
+            m_new = jnp.maximum(m, _over_tokens(jnp.max, s))
             corr = jnp.exp2(m - m_new)
             p = jnp.exp2(s - m_new)                                            # masked: 0
             w = p * vs if quantized else p
-            out.append((m_new, l * corr + jnp.sum(p), acc * corr + jnp.sum(w[:, None] * v, axis=0)))
+            out.append((m_new, l * corr + _over_tokens(jnp.sum, p),
+                        acc * corr + _over_tokens(jnp.sum, w[..., None] * v, keep=1)))
         return out
 
     init = [(jnp.float32(NEG), jnp.float32(0.0), jnp.zeros((d,), jnp.float32)) for _ in range(groups)]
@@ -130,13 +144,14 @@ def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, groups: int, ppb: in
 
 def mha_paged_attention(q, k_pages, v_pages, table, lengths, k_scales=None, v_scales=None, *,
                         pages_per_block: int | None = None, splits: int | None = None,
-                        prefetch: bool = True, num_warps: int = 4, num_stages: int = 2,
+                        prefetch: bool = True, flat: bool = True, num_warps: int = 4, num_stages: int = 2,
                         interpret: bool | None = None):
     """q (B, KV * G, D) unscaled, pages (KV, P, BS, D) (int8 codes with `k_scales`/`v_scales`
     (KV, P, BS)), table (B, W) page ids, lengths (B,) tokens per row (0: zeros out) ->
     (B, KV * G, D) in q's dtype. `pages_per_block` (a power of two) and `splits` default to
     `default_blocking`; `prefetch`: load the next block while computing this one (by hand:
-    Triton's pipeliner, num_stages, leaves loads that feed no dot alone); num_warps /
+    Triton's pipeliner, num_stages, leaves loads that feed no dot alone); `flat`: compute on
+    the block as (tokens, D) rows (else as (pages, block size, D), no reshape); num_warps /
     num_stages go to Triton."""
     b, h, d = q.shape
     kv, _, bs, _ = k_pages.shape
@@ -173,7 +188,7 @@ def mha_paged_attention(q, k_pages, v_pages, table, lengths, k_scales=None, v_sc
                      pl.BlockSpec((None, None, None, g), lambda r, j, s: (r, j, s, 0)),
                      pl.BlockSpec((None, None, None, g), lambda r, j, s: (r, j, s, 0))]
     kernel = functools.partial(_kernel, groups=g, ppb=ppb, splits=splits, quantized=quantized,
-                               prefetch=prefetch)
+                               prefetch=prefetch, flat=flat)
     scales = (k_scales, v_scales) if quantized else ()
     outs = pl.pallas_call(
         kernel, grid=(b, kv, splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
