@@ -117,8 +117,10 @@ def test_mha_kernel_lowers_to_triton(groups, quantized, params):
     assert text.count("xla.gpu.triton") == 1
 
 
-def test_engine_with_the_mha_kernel_equals_hf_greedy():
-    """stories260k (8 query heads over 4 KV heads, G = 2), block size 8."""
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
+def test_engine_with_the_mha_kernel_equals_hf_greedy(scan_layers):
+    """stories260k (8 query heads over 4 KV heads, G = 2), block size 8; scanned: one pool of
+    all layers (pages offset per layer), unrolled (the GPU default at 7B): a pool per layer."""
     from transformers import LlamaForCausalLM
 
     from lumos_jax.checkpoints.hf import load_hf_model
@@ -126,7 +128,7 @@ def test_engine_with_the_mha_kernel_equals_hf_greedy():
 
     hf = LlamaForCausalLM.from_pretrained(STORIES).eval()
     engine = Engine(load_hf_model(STORIES), num_slots=2, max_len=64, steps_per_call=4, block_size=8,
-                    decode_attention="pallas_gpu_mha")
+                    decode_attention="pallas_gpu_mha", scan_layers=scan_layers)
     prompts = [[1, 403, 407, 261, 378], [1] + list(range(300, 320))]
     for p, r in zip(prompts, engine.generate(prompts, SamplingParams(max_new_tokens=8))):
         assert r.tokens == hf_greedy(hf, p, 8)
