@@ -163,10 +163,12 @@ def run_ours(args) -> None:
     mesh = make_mesh(1, -1, 1)
     peak = lambda: round((dev.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30, 2)  # noqa: E731
     base = dict(device=dev.device_kind, attention_impl=impl, remat=args.remat, grad_accum=args.grad_accum,
+                mu_dtype=args.mu_dtype or "float32",
                 jax=jax.__version__, **extra)
     with jax.set_mesh(mesh):
         t0 = time.perf_counter()
-        setup = state_lib.build_setup(config, mesh, 1000, state_lib.optimizer_settings(learning_rate=1e-5))
+        setup = state_lib.build_setup(config, mesh, 1000,
+                                      state_lib.optimizer_settings(learning_rate=1e-5, mu_dtype=args.mu_dtype))
         timings: dict = {}
         state = state_lib.random_state(setup, 0, timings=timings)
         jax.block_until_ready(state)
@@ -345,6 +347,8 @@ def parse(argv):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--vocab_multiple", type=int, default=1)
     p.add_argument("--attention", default="auto", help="ours: auto (cudnn if it passes the check) | xla | cudnn")
+    p.add_argument("--mu_dtype", choices=["float32", "bfloat16"],
+                   help="ours: Adam's first moment in bf16 (optimizer_settings.mu_dtype; 7B on one card)")
     p.add_argument("--loop", action="store_true", help="ours: also time train() itself")
     p.add_argument("--loop_steps", type=int, default=80)
     p.add_argument("--skip_torch_compile", action="store_true",

@@ -32,13 +32,19 @@ logger = logging.getLogger(__name__)
 def optimizer_settings(learning_rate: float = 2e-5, warmup_ratio: float = 0.03,
                        warmup_steps: int | None = None, schedule: str = "linear",
                        weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
-                       eps: float = 1e-8, max_grad_norm: float | None = 1.0) -> dict:
-    """AdamW + linear warmup/decay, the reference recipe's defaults (HF Trainer's)."""
+                       eps: float = 1e-8, max_grad_norm: float | None = 1.0,
+                       mu_dtype: str | None = None) -> dict:
+    """AdamW + linear warmup/decay, the reference recipe's defaults (HF Trainer's).
+    `mu_dtype='bfloat16'` keeps Adam's first moment in bf16 (optax's `mu_dtype`): 2 bytes a
+    parameter less, 13.4 GB at 7B, for a full fine-tune on one 141 GB card; not the
+    reference's fp32 optimizer, so off by default."""
     if schedule not in ("linear", "constant"):
         raise ValueError(f"optimizer_settings.schedule={schedule!r}; expected 'linear' or 'constant'")
+    if mu_dtype not in (None, "float32", "bfloat16"):
+        raise ValueError(f"optimizer_settings.mu_dtype={mu_dtype!r}; expected None, 'float32' or 'bfloat16'")
     return dict(learning_rate=learning_rate, warmup_ratio=warmup_ratio, warmup_steps=warmup_steps,
                 schedule=schedule, weight_decay=weight_decay, b1=b1, b2=b2, eps=eps,
-                max_grad_norm=max_grad_norm)
+                max_grad_norm=max_grad_norm, mu_dtype=mu_dtype)
 
 
 def make_schedule(total_steps: int, s: dict) -> Callable:
@@ -65,7 +71,9 @@ def decay_mask(params: dict) -> dict:
 def make_optimizer(total_steps: int, s: dict) -> tuple[optax.GradientTransformation, Callable]:
     schedule = make_schedule(total_steps, s)
     parts = [] if not s["max_grad_norm"] else [optax.clip_by_global_norm(s["max_grad_norm"])]
+    mu_dtype = s.get("mu_dtype")
     parts.append(optax.adamw(schedule, b1=s["b1"], b2=s["b2"], eps=s["eps"],
+                             mu_dtype=jnp.dtype(mu_dtype) if mu_dtype else None,
                              weight_decay=s["weight_decay"], mask=decay_mask))
     return optax.chain(*parts), schedule
 
