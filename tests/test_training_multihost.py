@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from conftest import REPO
+from conftest import COMPILE_FLAGS, REPO
 from lumos_jax.config import parse_gin
 from lumos_jax.training.loop import train
 
@@ -36,7 +36,7 @@ def start_two(workdir, gin) -> list:
     procs = []
     for pid in range(2):
         env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-                   XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {COMPILE_FLAGS}",
                    LUMOS_COORDINATOR_ADDRESS=f"localhost:{port}", LUMOS_NUM_PROCESSES="2",
                    LUMOS_PROCESS_ID=str(pid))
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
