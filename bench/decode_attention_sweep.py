@@ -121,13 +121,24 @@ def make_inputs(shape, kv, d, bs, dtype, seed=0):
     pages = b * used + 1
     kq, kk, kvk = jax.random.split(jax.random.key(seed), 3)
     q = jax.random.normal(kq, (b, 1, kv, 1, d), dtype)
-    k = jax.random.normal(kk, (kv, pages, bs, d), dtype)
-    v = jax.random.normal(kvk, (kv, pages, bs, d), dtype)
+    k, v = (tiled_normal(key, (kv, pages, bs, d), dtype) for key in (kk, kvk))
     table = np.zeros((b, width), np.int32)
     table[:, :used] = np.random.default_rng(seed).permutation(np.arange(1, pages)).reshape(b, used)
     lengths = jnp.full((b,), ctx, jnp.int32)
     kv_bytes = 2 * b * used * bs * kv * d * jnp.dtype(dtype).itemsize
     return (q, k, v, jnp.asarray(table), lengths), kv_bytes
+
+
+def tiled_normal(key, shape, dtype, tile: int = 4096):
+    """Random pages, `tile` of them drawn and repeated along the page axis: a pool of 2^31+
+    elements (batch 256 x 2048 tokens) is never one random draw."""
+    import jax
+    import jax.numpy as jnp
+
+    kv, pages, *rest = shape
+    base = jax.random.normal(key, (kv, min(pages, tile), *rest), dtype)
+    reps = -(-pages // base.shape[1])
+    return jnp.broadcast_to(base[:, None], (kv, reps, *base.shape[1:])).reshape(kv, -1, *rest)[:, :pages]
 
 
 def time_row(attn, inputs, kv_bytes, tiny: bool, repeats: int) -> float:
