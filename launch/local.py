@@ -9,6 +9,7 @@ devices, exactly like hosts of a pod. Collectives between processes use gloo.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +20,16 @@ from launch.env import distributed_env, free_port
 from launch.procs import Worker, run_workers
 
 
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def worker_xla_flags(devices_per_process: int, existing: str | None = None) -> str:
+    """The fake-device count, then the user's own XLA_FLAGS (default: this process's), kept
+    and appended; a device count among them is dropped (--devices_per_process decides it)."""
+    existing = os.environ.get("XLA_FLAGS", "") if existing is None else existing
+    kept = [f for f in existing.split() if f.split("=", 1)[0] != DEVICE_COUNT_FLAG]
+    return " ".join([f"{DEVICE_COUNT_FLAG}={devices_per_process}", *kept])
+
 
 def build_workers(args, forwarded: Sequence[str]) -> list[Worker]:
     port = args.port or free_port()
@@ -27,7 +38,7 @@ def build_workers(args, forwarded: Sequence[str]) -> list[Worker]:
     for i in range(args.num_processes):
         env = {
             "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={args.devices_per_process}",
+            "XLA_FLAGS": worker_xla_flags(args.devices_per_process),
             "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
             **distributed_env(coordinator, args.num_processes, i),
         }

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import COMPILE_FLAGS
 
 from launch import local
 from launch.procs import Worker, run_workers
@@ -18,14 +19,25 @@ from launch.testing import assert_matches_golden, dry_run_output
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_dry_run_golden():
+def test_dry_run_golden(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
     out = dry_run_output(local.main, ["--num_processes=2", "--devices_per_process=2", "--python=python",
                                       "--gin_file=experiments/tiny_train.gin", "--workdir=runs/tiny"])
     assert_matches_golden(out, "local_2proc.txt")
 
 
+def test_user_xla_flags_are_kept_after_the_device_count():
+    assert local.worker_xla_flags(2, "") == "--xla_force_host_platform_device_count=2"
+    assert local.worker_xla_flags(2, "--xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/d "
+                                     "--xla_backend_optimization_level=1") == (
+        "--xla_force_host_platform_device_count=2 --xla_dump_to=/tmp/d --xla_backend_optimization_level=1")
+
+
 def _clean_env():
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    """This session's environment: its XLA_FLAGS (8 fake devices and conftest's compile flags)
+    reach the workers after the launcher's own device count, which wins (the selftest checks)."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=8 {COMPILE_FLAGS}"
     env["PYTHONPATH"] = str(REPO)
     return env
 
@@ -84,7 +96,7 @@ def test_two_process_training_matches_one_process(tmp_path):
                             f"--workdir={tmp_path / 'one'}"], cwd=REPO, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            env={**env, "JAX_PLATFORMS": "cpu",
-                                "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+                                "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {COMPILE_FLAGS}"})
     two = subprocess.run([sys.executable, "-m", "launch.local", "--num_processes=2",
                           f"--log_dir={tmp_path / 'logs'}", "--echo=none", "--timeout=300",
                           f"--gin_file={gin_file}", f"--workdir={tmp_path / 'two'}"],
