@@ -31,6 +31,9 @@ from lumos_jax.training.metrics import MetricsWriter
 BASE = ["--gin_file=runs/cpu_debug.gin", "--gin_file=mesh/fsdp.gin",
         "--gin.training_data.source='synthetic'", "--gin.training_data.synthetic_vocab=512",
         "--gin.model_config.overrides={}", "--gin.train.seq_len=32", "--gin.train.global_batch=8"]
+# A learning rate that does not depend on max_steps: runs of BASE with different max_steps
+# compile the same step program, so they share the session's XLA compilation cache.
+FLAT_LR = ["--gin.optimizer_settings.schedule='constant'", "--gin.optimizer_settings.warmup_steps=0"]
 
 
 @pytest.fixture
@@ -133,7 +136,7 @@ def test_cli_run_writes_metrics_checkpoint_and_hf_export(tmp_path):
 def test_workdir_of_another_model_fails_in_one_line(tmp_path, capsys):
     """Resuming from a checkpoint written for other shapes names the array and both shapes,
     before orbax reads anything."""
-    run = [f"--workdir={tmp_path}", *BASE, "--gin.train.max_steps=1", "--gin.train.save_every=1",
+    run = [f"--workdir={tmp_path}", *BASE, *FLAT_LR, "--gin.train.max_steps=1", "--gin.train.save_every=1",
            "--gin.train.progress_bar=False"]
     assert cli_main(["train", *run]) == 0
     capsys.readouterr()
@@ -148,10 +151,11 @@ def test_ctrl_c_saves_at_a_step_boundary_and_exits_130(tmp_path):
     """ctrl-C (SIGINT) lets the step in flight finish, saves it, prints one line and exits 130;
     the resumed run's metrics.jsonl has each step once."""
     work = tmp_path / "run"
-    cmd = [sys.executable, "-m", "lumos_jax", "train", f"--workdir={work}", *BASE, "--gin.train.max_steps=100000",
+    cmd = [sys.executable, "-m", "lumos_jax", "train", f"--workdir={work}", *BASE, *FLAT_LR, "--gin.train.max_steps=100000",
            "--gin.train.save_every=100000", "--gin.train.progress_bar=False"]
-    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    # the session's XLA compilation cache (conftest.py, inherited), FLAT_LR: both runs reuse the
+    # step program test_workdir_of_another_model compiled in-process, the resumed run the first's
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     metrics = work / "logs/metrics.jsonl"
     t0 = time.time()
