@@ -12,8 +12,6 @@ import json
 import time
 from typing import Callable
 
-import openai
-
 # statuses worth another attempt (rate limit, timeout, conflict, server side); others are final
 RETRIED_STATUS = (408, 409, 429)
 
@@ -29,6 +27,9 @@ class ChatClient:
                  max_retries: int = 5, backoff: float = 1.0, sleep: Callable[[float], None] = time.sleep):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.max_retries, self.backoff, self.sleep = model, max_retries, backoff, sleep
+        import openai  # ~1.5 s to import: only where a chat endpoint is used, not in every CLI start
+
+        self._errors = openai.APIStatusError, openai.APIConnectionError
         # a local endpoint needs no key, but the package refuses to start without one
         self.client = openai.OpenAI(base_url=base_url.rstrip("/"), api_key=api_key or "no-key",
                                     timeout=timeout, max_retries=0)
@@ -37,18 +38,19 @@ class ChatClient:
                  accept: Callable[[str], bool] = bool) -> str:
         """The reply's text; `accept(text)` false (default: empty text) counts as a failed attempt."""
         last = "no attempt"
+        status_error, connection_error = self._errors
         for attempt in range(self.max_retries + 1):
             if attempt:
                 self.sleep(self.backoff * 2 ** (attempt - 1))
             try:
                 reply = self.client.chat.completions.create(
                     model=self.model, messages=messages, temperature=temperature, max_tokens=max_tokens)
-            except openai.APIStatusError as e:
+            except status_error as e:
                 last = f"HTTP {e.status_code}"
                 if e.status_code not in RETRIED_STATUS and e.status_code < 500:
                     raise ChatError(f"{self.url}: HTTP {e.status_code} (not retried)") from None
                 continue
-            except openai.APIConnectionError as e:  # timeouts included
+            except connection_error as e:  # timeouts included
                 last = f"network error ({e})"
                 continue
             except json.JSONDecodeError:

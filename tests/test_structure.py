@@ -395,6 +395,7 @@ LOCAL_IMPORT_REASONS: dict[tuple[str, str], str] = {
     ("lumos_jax/evaluation/tfds_source.py", "lumos_jax.data.tfds_builders"): _TFDS,
     ("data_pipeline/cli.py", "lumos_jax.data.tfds_builders"): _TFDS + " (`lumos-jax data build`)",
     ("lumos_jax/training/metrics.py", "tensorboardX"): "only with tensorboard logging on (seconds to import)",
+    ("lumos_jax/openai_chat.py", "openai"): "only when a chat endpoint is used (1-2 s to import, in every CLI start)",
 }
 # Heavy packages the tree works without, or that take seconds to import and serve one path:
 # imported where used.
