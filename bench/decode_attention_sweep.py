@@ -46,12 +46,15 @@ JAX_GRID = [dict(k_splits=1, pages_per_compute_block=8, num_warps=8),
             dict(k_splits=4, pages_per_compute_block=8, num_warps=8),
             dict(k_splits=8, pages_per_compute_block=4, num_warps=4),
             dict(k_splits=2, pages_per_compute_block=16, num_warps=8)]
-# ours: blocking x warps; without the by-hand prefetch; on unflattened (pages, block, D) blocks;
-# num_stages (Triton pipelines only loads that feed dots, so it should not matter: one row checks)
-MHA_GRID = ([dict(pages_per_block=p, num_warps=w) for p in (2, 4, 8) for w in (2, 4, 8) if (p, w) != (8, 2)]
-            + [dict(pages_per_block=p, num_warps=w, prefetch=False) for p, w in ((2, 4), (4, 4), (8, 8))]
-            + [dict(pages_per_block=p, num_warps=w, flat=False) for p, w in ((2, 4), (4, 4), (8, 8))]
-            + [dict(num_stages=1)])
+# ours: blocking x warps (the register use of each, ptxas for sm_90a: ppb 2/4/8 at 4 warps
+# 112/186/255 registers, 8 at 2 warps spills); without the by-hand prefetch; on unflattened
+# (pages, block, D) blocks; on tensor cores (dots: Triton pipelines the loads through shared
+# memory, num_stages deep; without dots num_stages changes nothing, no loads are pipelined)
+MHA_GRID = ([dict(pages_per_block=p, num_warps=w) for p, w in ((2, 2), (2, 4), (2, 8), (4, 4), (4, 8), (8, 4), (8, 8))]
+            + [dict(pages_per_block=p, num_warps=w, prefetch=False) for p, w in ((4, 4), (8, 8))]
+            + [dict(pages_per_block=p, num_warps=4, flat=False) for p in (2, 4)]
+            + [dict(pages_per_block=p, num_warps=w, num_stages=st, dots=True)
+               for p, w, st in ((2, 4, 5), (4, 4, 3), (4, 4, 5), (4, 8, 3), (8, 4, 3))])
 MHA_SPLITS = {1: (4, 8, 32), 64: (2, 4)}   # batch -> splits tried beside the default
 
 
@@ -60,7 +63,7 @@ def plan(tiny: bool) -> list[dict]:
     (batch 1 and 64, ctx 640, the engine's width), then the defaults at every other shape."""
     if tiny:
         key, rest = [(2, 10, 8)], [(2, 10, 3)]   # a wide table (splits in the grid row) and a tight one
-        jax_grid, mha_grid, mha_splits = JAX_GRID[2:3], [MHA_GRID[0], MHA_GRID[-2], MHA_GRID[-5]], {}
+        jax_grid, mha_grid, mha_splits = JAX_GRID[2:3], [MHA_GRID[0], MHA_GRID[7], MHA_GRID[9], MHA_GRID[-1]], {}
     else:
         key = [(64, 640, 256), (1, 640, 256)]
         rest = [(b, ctx, w) for b in (64, 1, 256, 16) for ctx in (640, 2048) for w in (256, ctx // 16)]
@@ -191,7 +194,7 @@ def describe(row: dict) -> dict:
 
 def table_line(rec: dict) -> str:
     params = ",".join(f"{k}={v}" for k, v in rec["params"].items()) or "default"
-    head = f"{rec['variant']:<15} {params:<52} b={rec['batch']:<4} ctx={rec['ctx']:<5} w={rec['width']:<4}"
+    head = f"{rec['variant']:<15} {params:<60} b={rec['batch']:<4} ctx={rec['ctx']:<5} w={rec['width']:<4}"
     if "error" in rec:
         return f"{head} ERROR {rec['error'][:100]}"
     return f"{head} {rec['us_per_call']:>10.1f} us {rec['gb_s']:>8.1f} GB/s {rec['fraction_of_copy']:>6.3f}"

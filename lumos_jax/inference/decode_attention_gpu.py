@@ -17,7 +17,11 @@ A decode step only has to read each used page of K and V once; this kernel is sh
   table costs nothing; with one split the program writes the normalised output itself, with
   more their (acc, max, sum) are combined by a few XLA ops over (B, KV, splits, G, D) fp32.
 
-int8 pages (`QPages`' codes and per-token scales) are read as codes and scaled in fp32.
+`dots=True` instead pads the query rows to 16 and computes scores and p @ V as tensor-core
+dots (JAX's way, without its splits): the K/V loads then feed dots, so Triton's pipeliner
+streams them through shared memory (`num_stages`); which wins is the sweep's to say
+(bench/decode_attention_sweep.py). int8 pages (`QPages`' codes and per-token scales) are
+read as codes and scaled in fp32.
 On CPU it runs in interpret mode (tests).
 """
 
@@ -37,6 +41,7 @@ BLOCK_TOKENS = 64        # default tokens per compute block (pages_per_block * b
 TARGET_PROGRAMS = 1024   # splits are chosen so that B * KV * splits reaches about this many
 MAX_SPLITS = 16
 MAX_GROUPS = 8           # query heads per KV head handled by one program's loop
+DOT_ROWS = 16            # `dots=True`: the query rows padded to this (Triton's smallest dot)
 
 
 def _pow2_at_most(n: int) -> int:
@@ -59,8 +64,43 @@ def _over_tokens(reduce, x, keep: int = 0):
     return x
 
 
+def _dot_loop(qs, blocks, page_ids, fetch, slot, start, n, tokens, quantized, dot_dtype):
+    """The block loop on tensor cores: the G query rows padded to DOT_ROWS (zeros), scores and
+    p @ V as dots, so that Triton's pipeliner streams the K/V loads through shared memory
+    (num_stages deep). q and p go to the dots in the pages' dtype, int8 codes in q's (as in
+    JAX's kernel).
+    Returns the per-row (max, sum, acc) of the flat-path loop."""
+    d = qs[0].shape[0]
+    rows = jnp.arange(DOT_ROWS, dtype=jnp.int32)[:, None]
+    q16 = jnp.zeros((DOT_ROWS, d), jnp.float32)
+    for g, qg in enumerate(qs):
+        q16 = jnp.where(rows == g, qg[None, :], q16)
+    q16 = q16.astype(dot_dtype)
+
+    def body(i, state):
+        m, l, acc = state
+        block = fetch(page_ids(i))
+        k, v = (x.reshape(tokens, d).astype(dot_dtype) for x in block[:2])
+        s = plgpu.dot(q16, k, trans_b=True)                                     # (DOT_ROWS, tokens)
+        if quantized:
+            s = s * block[2].reshape(tokens)[None, :]
+        s = jnp.where((start + i * tokens + slot < n)[None, :], s, NEG)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        corr = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        w = p * block[3].reshape(tokens)[None, :] if quantized else p
+        return m_new, l * corr + jnp.sum(p, axis=1), acc * corr[:, None] + plgpu.dot(w.astype(dot_dtype), v)
+
+    init = (jnp.full((DOT_ROWS,), NEG, jnp.float32), jnp.zeros((DOT_ROWS,), jnp.float32),
+            jnp.zeros((DOT_ROWS, d), jnp.float32))
+    m, l, acc = jax.lax.fori_loop(0, blocks, body, init)
+    pick = lambda x, g: jnp.sum(jnp.where(rows[:, 0] == g, x, 0.0) if x.ndim == 1  # noqa: E731
+                                else jnp.where(rows == g, x, 0.0), axis=0)
+    return [(pick(m, g), pick(l, g), pick(acc, g)) for g in range(len(qs))]
+
+
 def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, groups: int, ppb: int, splits: int,
-            quantized: bool, prefetch: bool, flat: bool):
+            quantized: bool, prefetch: bool, flat: bool, dots: bool):
     """One (row, KV head, split): its share of the row's used pages, online softmax (log2)."""
     if quantized:
         ks_ref, vs_ref, *outs = refs
@@ -115,7 +155,10 @@ def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, groups: int, ppb: in
         return out
 
     init = [(jnp.float32(NEG), jnp.float32(0.0), jnp.zeros((d,), jnp.float32)) for _ in range(groups)]
-    if not prefetch:
+    if dots:
+        final = _dot_loop(qs, blocks, page_ids, fetch, slot, first * bs, n, ppb * bs, quantized,
+                          q_ref.dtype if quantized else k_ref.dtype)
+    elif not prefetch:
         final = jax.lax.fori_loop(0, blocks, lambda i, st: update(i, fetch(page_ids(i)), st), init)
     else:
         # Triton pipelines only loads that feed dots, so the loop does it by hand: block i+1's
@@ -144,14 +187,16 @@ def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, groups: int, ppb: in
 
 def mha_paged_attention(q, k_pages, v_pages, table, lengths, k_scales=None, v_scales=None, *,
                         pages_per_block: int | None = None, splits: int | None = None,
-                        prefetch: bool = True, flat: bool = True, num_warps: int = 4, num_stages: int = 2,
-                        interpret: bool | None = None):
+                        prefetch: bool = True, flat: bool = True, dots: bool = False, num_warps: int = 4,
+                        num_stages: int = 2, interpret: bool | None = None):
     """q (B, KV * G, D) unscaled, pages (KV, P, BS, D) (int8 codes with `k_scales`/`v_scales`
     (KV, P, BS)), table (B, W) page ids, lengths (B,) tokens per row (0: zeros out) ->
     (B, KV * G, D) in q's dtype. `pages_per_block` (a power of two) and `splits` default to
     `default_blocking`; `prefetch`: load the next block while computing this one (by hand:
     Triton's pipeliner, num_stages, leaves loads that feed no dot alone); `flat`: compute on
-    the block as (tokens, D) rows (else as (pages, block size, D), no reshape); num_warps /
+    the block as (tokens, D) rows (else as (pages, block size, D), no reshape); `dots`: scores
+    and p @ V on tensor cores with the query rows padded to 16, so Triton pipelines the loads
+    itself, `num_stages` deep (no `prefetch`; flat blocks of >= 16 tokens); num_warps /
     num_stages go to Triton."""
     b, h, d = q.shape
     kv, _, bs, _ = k_pages.shape
@@ -169,6 +214,9 @@ def mha_paged_attention(q, k_pages, v_pages, table, lengths, k_scales=None, v_sc
     if ppb & (ppb - 1):
         raise ValueError(f"pages_per_block={ppb} must be a power of two (Triton's loads)")
     splits = splits or auto_splits
+    if dots and (not flat or ppb * bs < DOT_ROWS or d < DOT_ROWS):
+        raise ValueError(f"dots=True needs flat blocks of >= {DOT_ROWS} tokens and head_dim >= {DOT_ROWS} "
+                         f"(Triton's smallest dot); got flat={flat}, {ppb} x {bs} tokens, head_dim={d}")
     width = table.shape[1]
     quantized = k_scales is not None
     page_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda r, j, s: (j, 0, 0, 0))
@@ -188,7 +236,7 @@ def mha_paged_attention(q, k_pages, v_pages, table, lengths, k_scales=None, v_sc
                      pl.BlockSpec((None, None, None, g), lambda r, j, s: (r, j, s, 0)),
                      pl.BlockSpec((None, None, None, g), lambda r, j, s: (r, j, s, 0))]
     kernel = functools.partial(_kernel, groups=g, ppb=ppb, splits=splits, quantized=quantized,
-                               prefetch=prefetch, flat=flat)
+                               prefetch=prefetch, flat=flat, dots=dots)
     scales = (k_scales, v_scales) if quantized else ()
     outs = pl.pallas_call(
         kernel, grid=(b, kv, splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
