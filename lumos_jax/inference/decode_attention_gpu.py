@@ -68,8 +68,7 @@ def _dot_loop(qs, blocks, page_ids, fetch, slot, start, n, tokens, quantized, do
     """The block loop on tensor cores: the G query rows padded to DOT_ROWS (zeros), scores and
     p @ V as dots, so that Triton's pipeliner streams the K/V loads through shared memory
     (num_stages deep). q and p go to the dots in the pages' dtype, int8 codes in q's (as in
-    JAX's kernel).
-    Returns the per-row (max, sum, acc) of the flat-path loop."""
+    JAX's kernel). Returns each query row's (max, sum, acc), as the multiply-reduce loop does."""
     d = qs[0].shape[0]
     rows = jnp.arange(DOT_ROWS, dtype=jnp.int32)[:, None]
     q16 = jnp.zeros((DOT_ROWS, d), jnp.float32)
@@ -94,8 +93,9 @@ def _dot_loop(qs, blocks, page_ids, fetch, slot, start, n, tokens, quantized, do
     init = (jnp.full((DOT_ROWS,), NEG, jnp.float32), jnp.zeros((DOT_ROWS,), jnp.float32),
             jnp.zeros((DOT_ROWS, d), jnp.float32))
     m, l, acc = jax.lax.fori_loop(0, blocks, body, init)
-    pick = lambda x, g: jnp.sum(jnp.where(rows[:, 0] == g, x, 0.0) if x.ndim == 1  # noqa: E731
-                                else jnp.where(rows == g, x, 0.0), axis=0)
+    def pick(x, g):                     # row g of a (DOT_ROWS, ...) state (no value slicing in Triton)
+        return jnp.sum(jnp.where(rows == g if x.ndim == 2 else rows[:, 0] == g, x, 0.0), axis=0)
+
     return [(pick(m, g), pick(l, g), pick(acc, g)) for g in range(len(qs))]
 
 
