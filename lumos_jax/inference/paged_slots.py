@@ -53,8 +53,9 @@ class Slot:
 
 # Compiled shapes, bucketed so that an agent run compiles few programs: a prefill call's
 # rows are a power of four (at least ROW_FLOOR_TOKENS tokens in all: a call that small is
-# bound by reading the weights, so padding rows cost nothing) and its length a power of
-# two (at least PREFILL_MIN); a decode call's rows a power of two, at least DECODE_ROW_FLOOR.
+# bound by reading the weights, so padding rows cost nothing) and its length one of
+# `prefill_lengths` (at least PREFILL_MIN); a decode call's rows a power of two, at least
+# DECODE_ROW_FLOOR.
 ROW_FLOOR_TOKENS = 256
 PREFILL_MIN = 64
 DECODE_ROW_FLOOR = 16
@@ -71,9 +72,25 @@ def checked_token_ids(ids: Sequence[int], vocab_size: int, what: str) -> list[in
     return ids
 
 
-def length_bucket(n: int, max_len: int, minimum: int = PREFILL_MIN) -> int:
+@functools.lru_cache(maxsize=64)
+def prefill_lengths(max_len: int) -> tuple[int, ...]:
+    """Every prefill length a call can have: PREFILL_MIN times 1, 1.5, 2, 3, 4, 6, ...
+    (powers of two and the midpoints between them), capped at max_len. The midpoints cut the
+    padding of a row's new tokens from ~25% to ~15% on average: on a replay of the 7B
+    rollouts the length padding was 158k prefill tokens for 311k needed with powers of two
+    alone, the largest waste left (2026-12-02), for ~1.8x the prefill programs."""
+    out, t = [], PREFILL_MIN
+    while t < max_len:
+        out.append(t)
+        if t * 3 // 2 < max_len:
+            out.append(t * 3 // 2)
+        t *= 2
+    return tuple(out) + (max_len,)
+
+
+def length_bucket(n: int, max_len: int) -> int:
     """The prefill length of a row with n new tokens (capped at max_len)."""
-    return min(max_len, max(minimum, pow2_at_least(n)))
+    return next((t for t in prefill_lengths(max_len) if t >= n), max_len)
 
 
 def row_count(n: int, tokens: int, num_slots: int) -> int:

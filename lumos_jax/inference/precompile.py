@@ -27,7 +27,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from lumos_jax.inference.paged_slots import DECODE_ROW_FLOOR, PREFILL_MIN, pow2_at_least, row_count
+from lumos_jax.inference.paged_slots import DECODE_ROW_FLOOR, pow2_at_least, prefill_lengths, row_count
 from lumos_jax.inference.program_cache import (ProgramCache, abstract_text, describe, entry_key, environment,
                                                fresh_compile)
 from lumos_jax.inference.sampling import row_keys
@@ -38,15 +38,6 @@ log = logging.getLogger(__name__)
 # that needs one meanwhile waits for it instead of compiling it too
 _SHARED: dict[str, cf.Future] = {}
 _SHARED_LOCK = threading.Lock()
-
-
-def prefill_lengths(max_len: int) -> list[int]:
-    """Every `length_bucket` value: powers of two from PREFILL_MIN, capped at max_len."""
-    out, t = [], PREFILL_MIN
-    while t < max_len:
-        out.append(t)
-        t *= 2
-    return out + [max_len]
 
 
 def program_shapes(num_slots: int, max_len: int, max_prefill_tokens: int) -> list[tuple]:
