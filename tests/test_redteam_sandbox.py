@@ -174,11 +174,14 @@ def agent_side(world: dict, isolation: str, audit_hook: bool = True) -> dict:
 
     batch = call(_batch_program(batch_attempts(world)))
     jobs = [(name, code) for name, code, _ in single_attempts(world)] if audit_hook else []
-    with ThreadPoolExecutor(4) as pool:
-        singles = dict(zip([n for n, _ in jobs], pool.map(lambda job: call(job[1]), jobs)))
+    with ThreadPoolExecutor(5) as pool:  # the victim's thread and four for the floods
         victim = pool.submit(call, VICTIM)  # a concurrent episode's sandbox, alive while the killer runs
         time.sleep(0.3)
-        singles["sibling killer"] = call(SIBLING_KILLER)
+        killer = call(SIBLING_KILLER)
+        # the floods start once the killer is done (before, a thread bomb's tasks could take the
+        # killer's process slot), while the victim still sleeps: its 2 s overlap their wall time
+        singles = dict(zip([n for n, _ in jobs], pool.map(lambda job: call(job[1]), jobs)))
+        singles["sibling killer"] = killer
         singles["sibling victim"] = victim.result()
     return {"batch": batch, "singles": singles, "agent_pid": os.getpid(), "uid": os.geteuid()}
 
