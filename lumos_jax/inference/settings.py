@@ -32,7 +32,8 @@ def engine_settings(num_slots: int = 8, max_len: int = 2048, steps_per_call: int
     device for all engines together, else `kv_memory_fraction` of the free device memory
     after the weights (backends that report no memory, e.g. CPU: num_slots x max_len).
     `decode_attention`: 'auto' (the Pallas paged kernel on TPU, JAX's Pallas GPU paged kernel
-    on GPU, 'dot' elsewhere), 'dot', 'reduce', 'pallas' or 'pallas_gpu'.
+    on GPU, 'dot' elsewhere), 'dot', 'reduce', 'pallas', 'pallas_gpu' or 'pallas_gpu_mha'
+    (ours, for few query heads per KV head; not yet measured on a GPU).
     `weight_dtype='int8'`: every matmul weight int8 with per-channel scales, converted at
     load time (an int8 checkpoint loads as it is); `kv_dtype='int8'`: int8 K/V pages with
     a scale per token and head ('bf16': the float dtypes of `inference_dtypes`).
