@@ -10,6 +10,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from conftest import FIXTURES
+from smollm2 import transformers_reads_gguf_once
 from test_tokenization import TEXTS
 
 from lumos_jax.checkpoints.gguf import GGUFFile, load_gguf_model, write_hf_sidecar
@@ -176,8 +177,9 @@ def test_model_equals_transformers_gguf_loader(tiny):
     from transformers import AutoModelForCausalLM
 
     _, _, path = tiny
-    ref_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                     dtype=torch.float32).eval()
+    with transformers_reads_gguf_once():
+        ref_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                         dtype=torch.float32).eval()
     ours = load_gguf_model(path)
     c = ours.config
     assert (c.num_attention_heads, c.num_key_value_heads, c.rope_theta, c.tie_word_embeddings,

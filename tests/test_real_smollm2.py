@@ -5,13 +5,9 @@ prompts (one rendered by the model's chat template) and tokenization of varied t
 
 Where the file comes from: tests/smollm2.py."""
 
-import functools
-import os
-
-import gguf
 import numpy as np
 import pytest
-from smollm2 import SHA256, gguf_path
+from smollm2 import SHA256, gguf_path, transformers_reads_gguf_once
 
 GSM8K_Q = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
            "in May. How many clips did Natalia sell altogether in April and May?")
@@ -41,30 +37,12 @@ def reference(gguf_file):
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gguf, "GGUFReader", _one_parse_per_file(gguf.GGUFReader))
-        mp.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
+    with transformers_reads_gguf_once():
         model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
                                                      dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
     yield model, tok
     torch.set_num_threads(threads)
-
-
-def _one_parse_per_file(reader_class):
-    """transformers reads the GGUF's metadata afresh for the config, the model and the
-    tokenizer (each parse ~4 s: gguf's reader walks the 49k-token vocabulary field by field),
-    and builds gguf's (pure, read-only) tensor-name map once per submodule (~400 times, ~6 s):
-    here its loads share one parse of the file and one map, the same objects it would build
-    each time. Our converter parses the file on its own."""
-    parsed = {}
-
-    def reader(path, mode="r"):
-        key = (os.path.realpath(path), mode)
-        if key not in parsed:
-            parsed[key] = reader_class(path, mode)
-        return parsed[key]
-    return reader
 
 
 @pytest.fixture(scope="module")

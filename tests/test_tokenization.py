@@ -109,7 +109,7 @@ def test_chat_encoding_rejects_unknown_role(llama2_tokenizer):
 
 @pytest.fixture(scope="module")
 def bpe(tmp_path_factory):
-    from smollm2 import gguf_path
+    from smollm2 import gguf_path, transformers_reads_gguf_once
     from transformers import AutoTokenizer
 
     from lumos_jax.checkpoints.gguf import write_hf_sidecar
@@ -117,7 +117,9 @@ def bpe(tmp_path_factory):
     path = gguf_path()
     out = tmp_path_factory.mktemp("smollm2_tok")
     write_hf_sidecar(path, out)
-    return Tokenizer(out, add_pad_token=True), AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    with transformers_reads_gguf_once():
+        reference = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return Tokenizer(out, add_pad_token=True), reference
 
 
 def _open_instruct_encode(messages, tok, max_len):
