@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -56,6 +57,21 @@ def local_mirror_for(remote_dir) -> Path:
     return Path(tempfile.gettempdir()) / "lumos_jax_logs" / scheme / rest.strip("/")
 
 
+def _tensorboardx_writer():
+    """tensorboardX's SummaryWriter, imported without torch when torch is not loaded yet: its
+    writer imports torch only to accept torch tensors (~1 s of every `lumos-jax train` start);
+    we log Python floats. Torch stays importable as usual once this returns."""
+    blocked = "torch" not in sys.modules
+    if blocked:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX allows
+    try:
+        from tensorboardX import SummaryWriter  # only with tensorboard on
+    finally:
+        if blocked:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Appends one JSON line per record, and TensorBoard scalars when tensorboardX is
     installed; only the lead process writes.
@@ -89,7 +105,7 @@ class MetricsWriter:
             drop_rows_after(log_dir / "metrics.jsonl", resume_step)
         self._file = open(log_dir / "metrics.jsonl", "a", encoding="utf-8")
         try:
-            from tensorboardX import SummaryWriter  # seconds to import; only with tensorboard on
+            SummaryWriter = _tensorboardx_writer()
         except ImportError:
             logger.info("lumos-jax train: tensorboardX not installed; metrics go to metrics.jsonl only")
         else:
