@@ -16,8 +16,11 @@ from conftest import COMPILE_FLAGS, REPO
 from lumos_jax.config import parse_gin
 from lumos_jax.training.loop import train
 
+# A learning rate that does not depend on max_steps (constant, no warmup): both tests' workers
+# compile the same step program, so the second test's come from the session's compilation cache.
 GIN = ["model_config.preset = 'tiny'", "make_mesh.fsdp = -1", "training_data.source = 'synthetic'",
        "training_data.synthetic_vocab = 512", "optimizer_settings.learning_rate = 1e-3",
+       "optimizer_settings.schedule = 'constant'", "optimizer_settings.warmup_steps = 0",
        "train.seq_len = 32", "train.global_batch = 8", "train.max_steps = 6", "train.save_every = 3",
        "train.log_every = 1", "train.progress_bar = False"]
 
