@@ -7,14 +7,15 @@ import os
 import subprocess
 import sys
 
-from conftest import FIXTURES, REPO
+from conftest import COMPILE_FLAGS, FIXTURES, REPO
 from lumos_jax.cli import main
 
 STORIES = FIXTURES / "stories260k"
 
 
 def lumos(*args, **kw):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": ""}
+    # one CPU device as a user has (no fake ones), compiled with the session's faster settings
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": COMPILE_FLAGS}
     return subprocess.run([sys.executable, "-m", "lumos_jax", *map(str, args)], capture_output=True,
                           text=True, env=env, timeout=300, **kw)
 
