@@ -102,10 +102,10 @@ def test_script_runs_a_two_task_jax_job(tmp_path):
 
 def test_usr1_requeues_and_waits_for_the_tasks(tmp_path):
     def send_usr1(proc):
-        time.sleep(2.0)
+        time.sleep(1.0)  # the script's trap is set (its first lines), the tasks run 2 s more
         proc.send_signal(signal.SIGUSR1)
 
-    entry = "timeit -n 1 -r 1 'import time; time.sleep(4)'"
+    entry = "timeit -n 1 -r 1 'import time; time.sleep(3)'"
     code, output, out_dir, job = _run_script(tmp_path, entry, wait_then=send_usr1)
     assert code == 0, output
     assert f"requeueing job {job}" in output
