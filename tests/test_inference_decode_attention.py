@@ -79,9 +79,10 @@ def test_gpu_blocking_fits_the_kernel_constraints():
         resolve_decode_attention("flash")
 
 
-@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
-def test_engine_with_the_gpu_kernel_equals_hf_greedy(scan_layers):
-    """Unrolled: the GPU default, the kernel over each layer's own page array."""
+def assert_engine_equals_hf_greedy(attention: str, scan_layers: bool) -> None:
+    """stories260k (8 query heads over 4 KV heads), block size 8, through `attention`: greedy
+    tokens equal HF's. Scanned: one pool of all layers; unrolled (the GPU default at 7B): the
+    kernel over each layer's own page array."""
     from transformers import LlamaForCausalLM
 
     from lumos_jax.checkpoints.hf import load_hf_model
@@ -89,10 +90,15 @@ def test_engine_with_the_gpu_kernel_equals_hf_greedy(scan_layers):
 
     hf = LlamaForCausalLM.from_pretrained(STORIES).eval()
     engine = Engine(load_hf_model(STORIES), num_slots=2, max_len=64, steps_per_call=4, block_size=8,
-                    decode_attention="pallas_gpu", scan_layers=scan_layers)
+                    decode_attention=attention, scan_layers=scan_layers)
     prompts = [[1, 403, 407, 261, 378], [1] + list(range(300, 320))]
     for p, r in zip(prompts, engine.generate(prompts, SamplingParams(max_new_tokens=8))):
         assert r.tokens == hf_greedy(hf, p, 8)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
+def test_engine_with_the_gpu_kernel_equals_hf_greedy(scan_layers):
+    assert_engine_equals_hf_greedy("pallas_gpu", scan_layers)
 
 
 @pytest.mark.parametrize("chunk_tokens", [4, 8, 512])

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from inference_helpers import STORIES, hf_greedy
-from test_inference_decode_attention import BS, LENGTHS, PAGES, TABLES, _contiguous, _inputs
+from test_inference_decode_attention import (BS, LENGTHS, PAGES, TABLES, _contiguous, _inputs,
+                                             assert_engine_equals_hf_greedy)
 
 from lumos_jax.inference.decode_attention import DECODE_ATTENTION
 from lumos_jax.inference.decode_attention_gpu import (BLOCK_TOKENS, MAX_SPLITS, TARGET_PROGRAMS,
@@ -124,16 +124,4 @@ def test_mha_kernel_lowers_to_triton(groups, quantized, params):
 
 @pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
 def test_engine_with_the_mha_kernel_equals_hf_greedy(scan_layers):
-    """stories260k (8 query heads over 4 KV heads, G = 2), block size 8; scanned: one pool of
-    all layers (pages offset per layer), unrolled (the GPU default at 7B): a pool per layer."""
-    from transformers import LlamaForCausalLM
-
-    from lumos_jax.checkpoints.hf import load_hf_model
-    from lumos_jax.inference import Engine, SamplingParams
-
-    hf = LlamaForCausalLM.from_pretrained(STORIES).eval()
-    engine = Engine(load_hf_model(STORIES), num_slots=2, max_len=64, steps_per_call=4, block_size=8,
-                    decode_attention="pallas_gpu_mha", scan_layers=scan_layers)
-    prompts = [[1, 403, 407, 261, 378], [1] + list(range(300, 320))]
-    for p, r in zip(prompts, engine.generate(prompts, SamplingParams(max_new_tokens=8))):
-        assert r.tokens == hf_greedy(hf, p, 8)
+    assert_engine_equals_hf_greedy("pallas_gpu_mha", scan_layers)
