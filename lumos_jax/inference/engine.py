@@ -202,7 +202,7 @@ class Engine(Scheduling):
             s.params = sampling
         s.history.extend(ids)
         s.turn_prompt, s.new_turn, s.state = len(ids), True, "prefill"
-        self.stats["prompt_tokens"] += len(s.history)
+        self._stats["prompt_tokens"] += len(s.history)
 
     def cancel(self, request_id: Any) -> bool:
         """Drop a submitted request: unqueue it, or free its slot mid-turn (nothing is
@@ -300,7 +300,7 @@ class Engine(Scheduling):
         slot = free[0]
         self._slots[slot] = Slot(sampling, request_id, auto_release, history=list(ids),
                                   turn_prompt=len(ids), order=next(self._clock))
-        self.stats["prompt_tokens"] += len(ids)
+        self._stats["prompt_tokens"] += len(ids)
         return slot
 
     # -- memory -----------------------------------------------------------------------------
@@ -350,15 +350,15 @@ class Engine(Scheduling):
             "prefill", n, t, prefill_step, (self.params, self.cache, table, ids, starts, valid, row_controls(rows)),
             dict(spec=self.spec, cache_sharding=self.cache_sharding))
         first = np.asarray(jax.device_get(first))
-        self.stats["prefill_s"] += time.perf_counter() - t0
-        self.stats["prefill_calls"] += 1
+        self._stats["prefill_s"] += time.perf_counter() - t0
+        self._stats["prefill_calls"] += 1
         for r, i in enumerate(slots):
             s = self._slots[i]
             s.cache_len += int(valid[r])
-            self.stats["prefill_tokens"] += int(valid[r])
+            self._stats["prefill_tokens"] += int(valid[r])
             if s.new_turn:
                 s.prefilled += s.turn_prompt
-                self.stats["prefilled_tokens"] += s.turn_prompt
+                self._stats["prefilled_tokens"] += s.turn_prompt
                 s.generated, s.new_turn = [], False
             s.state = "generating"
             self._accept(i, s, [int(first[r])], s.cache_len, True, finished)
@@ -388,10 +388,10 @@ class Engine(Scheduling):
             dict(spec=self.spec, steps=self.steps_per_call, cache_sharding=self.cache_sharding,
                  attention=self.decode_attention))
         out = jax.device_get(out)
-        self.stats["decode_s"] += time.perf_counter() - t0
-        self.stats["decode_calls"] += 1
-        self.stats["decode_steps"] += int(out.steps_run)
-        self.stats["decode_row_steps"] += int(out.steps_run) * len(runnable)
+        self._stats["decode_s"] += time.perf_counter() - t0
+        self._stats["decode_calls"] += 1
+        self._stats["decode_steps"] += int(out.steps_run)
+        self._stats["decode_row_steps"] += int(out.steps_run) * len(runnable)
         for r, i in enumerate(runnable):
             s = self._slots[i]
             new = [int(x) for x in out.tokens[r] if x >= 0]
@@ -407,7 +407,7 @@ class Engine(Scheduling):
         s.generated.extend(new)
         s.history.extend(new)
         s.cache_len = cache_len
-        self.stats["generated_tokens"] += len(new)
+        self._stats["generated_tokens"] += len(new)
         p = s.params
         reason, stop = None, None
         if p.stop_strings and new:
@@ -418,7 +418,7 @@ class Engine(Scheduling):
                 del s.generated[keep:]
                 del s.history[len(s.history) - drop:]
                 self.memory.truncate(s, s.cache_len - drop)
-                self.stats["generated_tokens"] -= drop
+                self._stats["generated_tokens"] -= drop
                 reason = "stop"
         self.memory.register(s)
         if reason is None:

@@ -14,7 +14,7 @@ from lumos_jax.inference.paged_slots import Slot, TurnResult
 
 
 class Scheduling:
-    """Needs the Engine's `_slots`, `memory`, `stats`, `block_size`, `steps_per_call`,
+    """Needs the Engine's `_slots`, `memory`, `_stats`, `block_size`, `steps_per_call`,
     `max_len` and `_finish`."""
 
     def _evict_idle(self, keep: Slot) -> bool:
@@ -25,7 +25,7 @@ class Scheduling:
             return False
         victim = min(idle, key=lambda s: s.last_used)
         self.memory.drop(victim)
-        self.stats["evictions"] += 1
+        self._stats["evictions"] += 1
         return True
 
     def _grow(self, s: Slot, tokens: int) -> bool:
@@ -44,7 +44,7 @@ class Scheduling:
             self.memory.drop(victim)
             if victim.state == "generating":
                 victim.state = "prefill"
-            self.stats["preemptions"] += 1
+            self._stats["preemptions"] += 1
             return
         s = running[0]
         slot = next(i for i, v in self._slots.items() if v is s)
@@ -87,7 +87,7 @@ class Scheduling:
             if (todo and todo[0] in upcoming) or pool.available < need + keep or not self._grow(s, len(s.history)):
                 self.memory.truncate(s, before)   # holds nothing new while it waits
                 continue
-            self.stats["prefix_saved_tokens"] += saved
+            self._stats["prefix_saved_tokens"] += saved
             ready.append(i)
             upcoming.update(todo)
         return ready
