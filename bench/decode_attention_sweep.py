@@ -8,7 +8,9 @@ ctx 640 and 2048, table width 256 (the agent engine's, max_len 4096) and tight (
 A row's figure: microseconds per call (a jitted loop of calls, each fed the last one's output
 as its query, best of --repeats after a warm-up; no dispatch in the timing), and the achieved
 bandwidth: K + V bytes of the rows' used pages / time, also as a fraction of the H200's
-measured copy bandwidth (3.36 TB/s).
+measured copy bandwidth (3.36 TB/s). Every row's output is also checked against 'dot' (the
+gathered-pages reference) on the same inputs: `rel_err` = max |out - dot| / max |dot|, and a row
+past REL_TOL is marked `wrong` (so the sweep on the GPU doubles as the kernels' GPU check).
 
 Rows run in a worker process; one that crashes (Triton shared memory, OOM) or runs past
 --row-timeout loses only its row (the worker restarts after it); rows past --budget seconds
@@ -38,6 +40,7 @@ sys.path.insert(0, str(REPO))
 from bench.sides import RESULT, emit, write_json  # noqa: E402
 
 COPY_GBPS = 3360.0   # H200, measured copy bandwidth (docs/benchmarks.md)
+REL_TOL = 2e-2       # bf16 pages and outputs: a few bf16 ulps of the largest output
 FULL = dict(kv=32, d=128, bs=16, dtype="bfloat16")
 TINY = dict(kv=2, d=16, bs=4, dtype="bfloat16")
 
@@ -163,8 +166,18 @@ def time_row(attn, inputs, kv_bytes, tiny: bool, repeats: int) -> float:
     return best
 
 
+def relative_error(out, ref) -> float:
+    """max |out - ref| / max |ref|, in fp32."""
+    import jax.numpy as jnp
+
+    out, ref = (jnp.asarray(a, jnp.float32) for a in (out, ref))
+    return float(jnp.max(jnp.abs(out - ref)) / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30))
+
+
 def run_worker(args) -> None:
     import jax
+
+    from lumos_jax.inference.decode_attention import DECODE_ATTENTION
 
     dims = TINY if args.tiny else FULL
     rows = plan(args.tiny)
@@ -175,12 +188,16 @@ def run_worker(args) -> None:
         try:
             if cached is None or cached[0] != row["shape"]:
                 cached = inputs = None                        # free the last pool first
-                cached = (row["shape"], *make_inputs(row["shape"], **dims))
-            _, inputs, kv_bytes = cached
-            t = time_row(attention_fn(row["variant"], row["params"]), inputs, kv_bytes, args.tiny, args.repeats)
+                inputs, kv_bytes = make_inputs(row["shape"], **dims)
+                cached = (row["shape"], inputs, kv_bytes, jax.jit(DECODE_ATTENTION["dot"])(*inputs))
+            _, inputs, kv_bytes, reference = cached
+            attn = attention_fn(row["variant"], row["params"])
+            err = relative_error(jax.jit(attn)(*inputs), reference)
+            t = time_row(attn, inputs, kv_bytes, args.tiny, args.repeats)
             gbps = kv_bytes / t / 1e9
             emit(row=i, us_per_call=round(t * 1e6, 2), gb_s=round(gbps, 1),
                  fraction_of_copy=round(gbps / COPY_GBPS, 3), kv_bytes=kv_bytes,
+                 rel_err=float(f"{err:.3g}"), wrong=bool(not err <= REL_TOL),
                  device=jax.devices()[0].device_kind)
         except Exception as e:  # noqa: BLE001 - one bad setting loses only its row
             emit(row=i, error=f"{type(e).__name__}: {str(e)[:1000]}")
@@ -197,7 +214,9 @@ def table_line(rec: dict) -> str:
     head = f"{rec['variant']:<15} {params:<60} b={rec['batch']:<4} ctx={rec['ctx']:<5} w={rec['width']:<4}"
     if "error" in rec:
         return f"{head} ERROR {rec['error'][:100]}"
-    return f"{head} {rec['us_per_call']:>10.1f} us {rec['gb_s']:>8.1f} GB/s {rec['fraction_of_copy']:>6.3f}"
+    flag = "  WRONG" if rec.get("wrong") else ""
+    return (f"{head} {rec['us_per_call']:>10.1f} us {rec['gb_s']:>8.1f} GB/s {rec['fraction_of_copy']:>6.3f}"
+            f"  err {rec.get('rel_err', float('nan')):.2g}{flag}")
 
 
 def start_worker(args, start: int):
@@ -270,8 +289,10 @@ def drive(args) -> int:
                     done.add(msg["row"])
                     add(msg.pop("row"), **msg)
     failed = sum("error" in r for r in record["rows"])
-    print(f"{len(record['rows'])} rows, {failed} failed or skipped, {time.monotonic() - t0:.0f} s", flush=True)
-    return 0
+    wrong = sum(bool(r.get("wrong")) for r in record["rows"])
+    print(f"{len(record['rows'])} rows, {failed} failed or skipped, {wrong} wrong (rel_err > {REL_TOL}), "
+          f"{time.monotonic() - t0:.0f} s", flush=True)
+    return 1 if wrong else 0
 
 
 def main(argv=None) -> int:
