@@ -39,14 +39,14 @@ def _check(out, want):
     (4, 1, None, None, {}),      # defaults: one compute block of 4 pages, splits from B * KV
     (4, 1, 1, 1, {}),            # one page at a time, the program normalises its own output
     (4, 1, 2, 3, {}),            # shares of 4 pages: the third split of the full row is empty
-    (4, 1, 2, 3, dict(prefetch=False)),   # the same without the next block loaded ahead
+    (4, 1, 2, 3, dict(prefetch=True)),    # the same with the next block loaded ahead (by hand)
     (4, 1, 2, 3, dict(flat=False)),       # ... and on (pages, block size, D) blocks
     (4, 1, 1, 8, {}),            # a split per page of the full row
     (2, 3, 2, 2, dict(flat=False)),       # G = 3 query rows per KV head
     (1, 8, 4, 1, dict(prefetch=False)),   # G = 8, a compute block wider than the 10-token row
     (4, 1, 4, 3, dict(dots=True)),        # tensor-core dots over 16 padded query rows
     (2, 3, 8, 2, dict(dots=True)),
-], ids=["mha-default", "mha-ppb1", "mha-ppb2-s3", "mha-ppb2-s3-noprefetch", "mha-ppb2-s3-paged", "mha-s8",
+], ids=["mha-default", "mha-ppb1", "mha-ppb2-s3", "mha-ppb2-s3-prefetch", "mha-ppb2-s3-paged", "mha-s8",
         "g3", "g8", "mha-dots-s3", "g3-dots"])
 def test_mha_kernel_equals_contiguous_attention(kv, g, ppb, splits, extra):
     q, k, v = _inputs(kv, g)

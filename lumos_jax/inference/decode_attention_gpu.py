@@ -42,6 +42,10 @@ TARGET_PROGRAMS = 1024   # splits are chosen so that B * KV * splits reaches abo
 MAX_SPLITS = 16
 MAX_GROUPS = 8           # query heads per KV head handled by one program's loop
 DOT_ROWS = 16            # `dots=True`: the query rows padded to this (Triton's smallest dot)
+# The by-hand prefetch is off by default: on one H200 (2026-12-02, bench/decode_attention_sweep.py,
+# 7B shape, batch 64, ctx 640) 4 pages x 4 warps took 191 us a layer without it against 216-222 us
+# with it (8 x 8: 202 against 265 us); at batch 1 the two were within the run's noise (18-19 us).
+PREFETCH = False
 
 
 def _pow2_at_most(n: int) -> int:
@@ -187,7 +191,7 @@ def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, groups: int, ppb: in
 
 def mha_paged_attention(q, k_pages, v_pages, table, lengths, k_scales=None, v_scales=None, *,
                         pages_per_block: int | None = None, splits: int | None = None,
-                        prefetch: bool = True, flat: bool = True, dots: bool = False, num_warps: int = 4,
+                        prefetch: bool = PREFETCH, flat: bool = True, dots: bool = False, num_warps: int = 4,
                         num_stages: int = 2, interpret: bool | None = None):
     """q (B, KV * G, D) unscaled, pages (KV, P, BS, D) (int8 codes with `k_scales`/`v_scales`
     (KV, P, BS)), table (B, W) page ids, lengths (B,) tokens per row (0: zeros out) ->
