@@ -33,6 +33,7 @@ from lumos_jax.inference.paged_slots import (NoFreeSlotError, Slot, TurnResult, 
                                              prefill_inputs, prefill_rows, row_count, row_controls)
 from lumos_jax.inference.params import decode_params, layer_layout, layer_weight_bytes, resolve_scan_layers
 from lumos_jax.inference.precompile import Precompiler
+from lumos_jax.inference.quant import check_int8_matmul
 from lumos_jax.inference.sampling import SamplingParams
 from lumos_jax.inference.scheduling import Scheduling
 from lumos_jax.inference.steps import decode_loop, prefill_step
@@ -71,11 +72,13 @@ class Engine(Scheduling):
                decode_attention: str = "auto", block_size: int = 16, num_blocks: int | None = None,
                kv_memory_gb: float | None = None, kv_memory_fraction: float | None = None,
                cache_dtype: str | None = None, scan_layers="auto", precompile_threads: int = 0,
-               program_cache_dir: str | None = None):
+               program_cache_dir: str | None = None, int8_matmul: str = "xla"):
         if num_slots < 1 or max_len < 2 or steps_per_call < 1:
             raise ValueError(f"Engine: num_slots={num_slots}, max_len={max_len}, "
                              f"steps_per_call={steps_per_call} must be positive (max_len >= 2)")
         decode_attention = resolve_decode_attention(decode_attention)
+        # int8 weights' matmuls (quant.qeinsum), a static fact of every compiled forward
+        spec = spec._replace(int8_matmul=check_int8_matmul(int8_matmul, mesh))
         self.scan_layers = resolve_scan_layers(scan_layers, layer_weight_bytes(params))
         params = layer_layout(params, self.scan_layers)
         if cache_dtype not in (None, *CACHE_DTYPES):
@@ -122,11 +125,12 @@ class Engine(Scheduling):
     def resized(self, **changes) -> "Engine":
         """A fresh engine sharing these weights, with other sizes (num_slots, max_len,
         steps_per_call, max_prefill_tokens, decode_attention, tokenizer, block_size,
-        num_blocks, kv_memory_gb, kv_memory_fraction, cache_dtype). Drop this engine first
-        if its cache should be freed."""
+        num_blocks, kv_memory_gb, kv_memory_fraction, cache_dtype, int8_matmul). Drop this
+        engine first if its cache should be freed."""
         kw = dict(num_slots=self.num_slots, max_len=self.max_len, steps_per_call=self.steps_per_call,
                   tokenizer=self.tokenizer, max_prefill_tokens=self.max_prefill_tokens,
                   decode_attention=self.decode_attention, scan_layers=self.scan_layers,
+                  int8_matmul=self.spec.int8_matmul,
                   precompile_threads=self.programs.threads, program_cache_dir=self.programs.cache_dir,
                   **self._budget)
         bad = set(changes) - set(kw)

@@ -91,7 +91,7 @@ def _qkv(lyr, x, positions, inv_freq, spec: ForwardSpec):
     """x (N, T, E) -> q (N, T, KV, G, D), k, v (N, T, KV, D), RoPE applied."""
     n, t, _ = x.shape
     h = rms_norm(x, lyr["attn_norm"], spec.rms_norm_eps)
-    qkv = qeinsum("nte,ekgd->ntkgd", h, lyr["wqkv"])
+    qkv = qeinsum("nte,ekgd->ntkgd", h, lyr["wqkv"], matmul=spec.int8_matmul)
     g = spec.groups
     q = qkv[:, :, :, :g].reshape(n, t, spec.num_heads, spec.head_dim)
     q = apply_rope(q, positions, inv_freq).reshape(n, t, spec.num_kv_heads, g, spec.head_dim)
@@ -101,12 +101,13 @@ def _qkv(lyr, x, positions, inv_freq, spec: ForwardSpec):
 
 def _mlp(lyr, x, spec: ForwardSpec):
     h = rms_norm(x, lyr["mlp_norm"], spec.rms_norm_eps)
-    gu = qeinsum("nte,ewi->ntwi", h, lyr["w_gate_up"])
-    return qeinsum("nti,ie->nte", jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1], lyr["w_down"])
+    gu = qeinsum("nte,ewi->ntwi", h, lyr["w_gate_up"], matmul=spec.int8_matmul)
+    return qeinsum("nti,ie->nte", jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1], lyr["w_down"],
+                   matmul=spec.int8_matmul)
 
 
-def _out(lyr, attn, x):
-    return x + qeinsum("ntkgd,kgde->nte", attn, lyr["wo"])
+def _out(lyr, attn, x, spec: ForwardSpec):
+    return x + qeinsum("ntkgd,kgde->nte", attn, lyr["wo"], matmul=spec.int8_matmul)
 
 
 def embed(params, ids, dtype):
@@ -116,7 +117,8 @@ def embed(params, ids, dtype):
 def logits(params, hidden, spec: ForwardSpec):
     """hidden (..., E) -> fp32 logits over the padded vocab, padding at -1e30."""
     h = rms_norm(hidden, params["norm"], spec.rms_norm_eps)
-    out = qeinsum("...e,ev->...v", h, params["lm_head"], preferred_element_type=jnp.float32)
+    out = qeinsum("...e,ev->...v", h, params["lm_head"], preferred_element_type=jnp.float32,
+                  matmul=spec.int8_matmul)
     vocab_ok = jnp.arange(out.shape[-1]) < spec.vocab_size
     return jnp.where(vocab_ok, out, NEG)
 
@@ -160,7 +162,7 @@ def _scan_layers(params, cache: PagedCache, spec: ForwardSpec, x, positions, blo
         q, k, v = _qkv(lyr, x, positions, params["inv_freq"], spec)
         kc = _write(kc, k, at, offsets, pages)
         vc = _write(vc, v, at, offsets, pages)
-        x = _out(lyr, attend_fn(q, kc, vc, base), x)
+        x = _out(lyr, attend_fn(q, kc, vc, base), x, spec)
         return x + _mlp(lyr, x, spec), kc, vc
 
     if cache.per_layer:

@@ -30,6 +30,7 @@ class ForwardSpec(NamedTuple):
     rms_norm_eps: float
     vocab_size: int
     dtype: str
+    int8_matmul: str = "xla"   # how int8 weights multiply (engine_settings.int8_matmul; quant.qeinsum)
 
     @property
     def groups(self) -> int:

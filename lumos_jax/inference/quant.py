@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from lumos_jax.checkpoints.native import copy_tokenizer
+from lumos_jax.inference.int8_matmul_gpu import MAX_ROWS, int8_matmul
 from lumos_jax.inference.params import forward_spec, param_shardings
 from lumos_jax.models.config import LlamaConfig
 
@@ -125,15 +126,23 @@ def _broadcast_to_output(scale, ws: str, out: str, drop: str):
     return s.reshape(shape)
 
 
-def qeinsum(subscripts: str, x, w, preferred_element_type=None):
+def qeinsum(subscripts: str, x, w, preferred_element_type=None, matmul: str = "xla"):
     """`jnp.einsum(subscripts, x, w)` for a plain or a `QTensor` weight (second operand).
     For int8 the weight converts to x's dtype inside the dot, the dot accumulates in fp32
     and the scale multiplies its output; the result is `preferred_element_type` or x's
-    dtype."""
+    dtype. `matmul='pallas_gpu'` (engine_settings.int8_matmul): an einsum that is a plain
+    2-D matmul after reshapes, of at most int8_matmul_gpu.MAX_ROWS rows, goes to the Pallas
+    GPU kernel (int8_matmul_gpu); anything else stays on XLA's dot."""
     if not isinstance(w, QTensor):
         return jnp.einsum(subscripts, x, w, preferred_element_type=preferred_element_type)
     out_dtype = preferred_element_type or x.dtype
     xs, ws, out = _parse(subscripts, x.ndim)
+    if matmul == "pallas_gpu":
+        y = _pallas_matmul(xs, ws, out, x, w, out_dtype)
+        if y is not None:
+            return y
+    elif matmul != "xla":
+        raise ValueError(f"int8_matmul={matmul!r}; expected one of {INT8_MATMULS}")
     subscripts = f"{xs},{ws}->{out}"
     contracted = "".join(c for c in ws if c not in out)
     grouped = [c for c in contracted if w.scale.shape[ws.index(c)] != 1]
@@ -155,6 +164,40 @@ def qeinsum(subscripts: str, x, w, preferred_element_type=None):
     drop = "".join(ch for ch in contracted if ch != c)
     s = _broadcast_to_output(w.scale, ws_s, g + out, drop)
     return jnp.sum(y * s, axis=0).astype(out_dtype)
+
+
+INT8_MATMULS = ("xla", "pallas_gpu")
+
+
+def check_int8_matmul(value: str, mesh=None) -> str:
+    """`engine_settings.int8_matmul`: 'xla' anywhere; 'pallas_gpu' on one GPU (interpret
+    mode on CPU: tests), never on TPU or over a mesh of several devices (the kernel is not
+    sharded)."""
+    if value not in INT8_MATMULS:
+        raise ValueError(f"engine_settings.int8_matmul={value!r}; expected one of {INT8_MATMULS}")
+    if value == "pallas_gpu" and (jax.default_backend() not in ("gpu", "cpu")
+                                  or (mesh is not None and mesh.size > 1)):
+        raise ValueError(f"engine_settings.int8_matmul='pallas_gpu' runs on one GPU; got backend "
+                         f"{jax.default_backend()!r}, {1 if mesh is None else mesh.size} devices (use 'xla')")
+    return value
+
+
+def _pallas_matmul(xs, ws, out, x, w: QTensor, out_dtype):
+    """x @ w by int8_matmul_gpu when the einsum is x (lead..., C...) x w (C..., free...) ->
+    (lead..., free...) with per-channel scales, or per-group scales over a single contracted
+    axis, and at most MAX_ROWS rows; else None."""
+    c = "".join(ch for ch in ws if ch not in out)
+    lead, free = xs[: len(xs) - len(c)], ws[len(c):]
+    if not c or not xs.endswith(c) or not ws.startswith(c) or out != lead + free:
+        return None
+    lead_shape, free_shape = x.shape[: len(lead)], w.q.shape[len(c):]
+    rows, k, n = int(np.prod(lead_shape)), int(np.prod(w.q.shape[: len(c)])), int(np.prod(free_shape))
+    groups = w.scale.shape[: len(c)]
+    if not 1 <= rows <= MAX_ROWS or (len(c) > 1 and any(g != 1 for g in groups)):
+        return None
+    y = int8_matmul(x.reshape(rows, k), w.q.reshape(k, n), w.scale.reshape(int(np.prod(groups)), n),
+                    out_dtype=out_dtype)
+    return y.reshape(*lead_shape, *free_shape)
 
 
 # -- the KV cache --------------------------------------------------------------------------

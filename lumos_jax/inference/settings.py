@@ -14,7 +14,8 @@ from lumos_jax.inference.engine import Engine
 from lumos_jax.inference.paged import free_device_bytes, step_reserve_bytes
 from lumos_jax.inference.params import decode_params, layer_layout, layer_weight_bytes, resolve_scan_layers
 from lumos_jax.inference.program_cache import default_cache_dir
-from lumos_jax.inference.quant import check_quant_dtype, convert_weights, is_int8_checkpoint, load_int8
+from lumos_jax.inference.quant import (check_int8_matmul, check_quant_dtype, convert_weights, is_int8_checkpoint,
+                                      load_int8)
 from lumos_jax.inference.sampling import SamplingParams
 from lumos_jax.sharding import make_mesh
 
@@ -25,7 +26,7 @@ def engine_settings(num_slots: int = 8, max_len: int = 2048, steps_per_call: int
                     kv_memory_gb: float | None = None, kv_memory_fraction: float | None = 0.8,
                     decode_attention: str = "auto", weight_dtype: str = "bf16",
                     kv_dtype: str = "bf16", scan_layers="auto", precompile_threads: int = 0,
-                    program_cache_dir: str | None = "default") -> dict:
+                    program_cache_dir: str | None = "default", int8_matmul: str = "xla") -> dict:
     """Engine size: slots (concurrent sequences; a slot costs only a block-table row),
     the longest sequence, decode steps per device call, the most tokens one prefill call
     may process, and the KV pool: `block_size` tokens per block, `kv_memory_gb` GiB per
@@ -35,7 +36,9 @@ def engine_settings(num_slots: int = 8, max_len: int = 2048, steps_per_call: int
     on GPU, 'dot' elsewhere), 'dot', 'reduce', 'pallas', 'pallas_gpu' or 'pallas_gpu_mha'
     (ours, for few query heads per KV head; not yet measured on a GPU).
     `weight_dtype='int8'`: every matmul weight int8 with per-channel scales, converted at
-    load time (an int8 checkpoint loads as it is); `kv_dtype='int8'`: int8 K/V pages with
+    load time (an int8 checkpoint loads as it is), multiplied by `int8_matmul`: 'xla' (the
+    int8 operand converted inside XLA's dot) or 'pallas_gpu' (our Pallas kernel for decode's
+    few rows, lumos_jax.inference.int8_matmul_gpu; one GPU; not yet measured); `kv_dtype='int8'`: int8 K/V pages with
     a scale per token and head ('bf16': the float dtypes of `inference_dtypes`).
     `scan_layers`: 'auto' (unrolled on GPU for layers of 32 MiB or more, else scanned), True or False; see
     `lumos_jax.inference.params.resolve_scan_layers`. `precompile_threads` > 0: the first
@@ -51,7 +54,8 @@ def engine_settings(num_slots: int = 8, max_len: int = 2048, steps_per_call: int
                 weight_dtype=check_quant_dtype(weight_dtype, "weight_dtype"),
                 kv_dtype=check_quant_dtype(kv_dtype, "kv_dtype"),
                 scan_layers=scan_layers, precompile_threads=int(precompile_threads),
-                program_cache_dir=default_cache_dir() if program_cache_dir == "default" else program_cache_dir or None)
+                program_cache_dir=default_cache_dir() if program_cache_dir == "default" else program_cache_dir or None,
+                int8_matmul=check_int8_matmul(int8_matmul))
 
 
 @gin.configurable
