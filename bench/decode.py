@@ -139,7 +139,8 @@ def run_ours(args) -> None:
                               max_len=args.max_len or args.prompt_len + args.new_tokens,
                               steps_per_call=args.steps_per_call,
                               max_prefill_tokens=args.max_prefill_tokens,
-                              cache_dtype="int8" if args.kv == "int8" else None)
+                              cache_dtype="int8" if args.kv == "int8" else None,
+                              int8_matmul=args.int8_matmul)
     emit(**variant, event="setup", device=str(dev.device_kind), seconds=round(time.perf_counter() - t0, 1),
          weights_gb=gb(params_bytes(params)), peak_gb=mem())
     rng = np.random.default_rng(0)
@@ -161,6 +162,7 @@ def run_ours(args) -> None:
         assert all(len(r.tokens) == args.new_tokens for r in out[-1])
         emit(**variant, batch=b, peak_gb=mem(), compile_s=round(compile_s, 1),
              first_call_s=round(first_call_s, 1), attention=engine.decode_attention,
+             int8_matmul=engine.spec.int8_matmul,
              steps_per_call=args.steps_per_call, max_len=engine.max_len,
              **figures(b, args.prompt_len, args.new_tokens, prefill_s, total_s))
         del engine
@@ -272,6 +274,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="bf16/bf16,int8/bf16,int8/int8",
                    help="ours: WEIGHTS/KV pairs, each bf16 or int8")
     p.add_argument("--attention", default="auto", help="ours: decode attention (engine_settings names)")
+    p.add_argument("--int8_matmul", default="xla", help="ours: how int8 weights multiply (engine_settings.int8_matmul: "
+                   "xla or pallas_gpu)")
     p.add_argument("--max_len", type=int, help="ours: cache length per slot (default prompt + new)")
     p.add_argument("--steps_per_call", type=int, default=32)
     p.add_argument("--max_prefill_tokens", type=int, default=16384)
