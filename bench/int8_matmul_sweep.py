@@ -9,8 +9,9 @@ only); (K, N) = (4096, 12288) fused q/k/v, (4096, 4096) o_proj, (4096, 22016) ga
 jitted loop of calls, each one's input nudged by the last one's output so that none is hoisted
 or merged; best of --repeats after a warm-up), and the weight bandwidth: the weight's bytes
 (int8 codes + scales; bf16 for the bf16 dot) / time, also as a fraction of the H200's measured
-copy bandwidth (3.36 TB/s). Each kernel row's output is checked against XLA's int8 path on the
-same inputs (`rel_err` = max |out - xla| / max |xla|; past REL_TOL the row is marked `wrong`).
+copy bandwidth (3.36 TB/s). Each row's output is checked against XLA's int8 path on the same
+inputs (`rel_err` = max |out - xla| / max |xla|; past REL_TOL the row is marked `wrong`; the
+bf16 dot multiplies the dequantized weight rounded to bf16).
 
 Rows run in a worker process; a row past --row-timeout (SIGALRM, which also ends a hung
 compile) or a crash loses only that row (the worker restarts after it); rows past --budget
@@ -44,7 +45,8 @@ M1_GRID = [dict(mode="fma", block_n=256, block_k=32, num_warps=4), dict(mode="fm
 # M = 64: tensor-core tiles, pipelining depth, row blocks, splits
 M64_GRID = [dict(block_n=128, block_k=128, num_stages=4), dict(block_n=64, block_k=128, num_stages=3),
             dict(block_n=128, block_k=64, num_stages=5, num_warps=8), dict(block_n=256, block_k=64, num_warps=8),
-            dict(block_m=16), dict(block_m=32, block_n=64), dict(k_splits=1)]
+            dict(block_m=16), dict(block_m=32, block_n=64), dict(k_splits=1), dict(k_splits=4),
+            dict(block_n=64, k_splits=4)]
 
 
 def plan(tiny: bool) -> list[dict]:
@@ -88,21 +90,24 @@ def matmul_fn(variant: str, params: dict):
     return lambda x, w, _: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)   # bf16 weight
 
 
-def time_row(fn, args, weight_bytes, tiny: bool, repeats: int) -> float:
-    """Seconds per call: a jitted loop of `iters` calls, x nudged by each output (a dependency)."""
+def time_row(fn, args, weight_bytes, tiny: bool, repeats: int):
+    """(seconds per call, the last call's output): a jitted loop of `iters` calls, x nudged by
+    each output (a dependency; 1e-30 of an output leaves bf16 x as it is), one compile a row."""
     import jax
 
     iters = 2 if tiny else max(3, min(200, round(0.01 / (weight_bytes / 3e12 + 5e-6))))
 
     @jax.jit
     def loop(x, w, s):
-        def body(_, x):
-            return x + (fn(x, w, s)[:1, :1] * 1e-30).astype(x.dtype)
-        return jax.lax.fori_loop(0, iters, body, x)
+        def body(_, carry):
+            y = fn(carry[0], w, s)
+            return carry[0] + (y[:1, :1] * 1e-30).astype(x.dtype), y
+        return jax.lax.fori_loop(0, iters, body, (x, fn(x, w, s)))[1]
 
-    run = lambda: jax.block_until_ready(loop(*args))  # noqa: E731
+    out = []
+    run = lambda: out.append(jax.block_until_ready(loop(*args)))  # noqa: E731
     run()                                                      # compile + warm-up
-    return timed(run, repeats) / iters
+    return timed(run, repeats) / iters, out[0]
 
 
 def figures(seconds: float, weight_bytes: int, err: float) -> dict:
@@ -130,10 +135,11 @@ def run_worker(args) -> None:
                 cached = (shape, (x, q, s), jax.jit(matmul_fn("xla", {}))(x, q, s))
             _, (x, q, s), reference = cached
             fn = matmul_fn(row["variant"], row["params"])
-            args_ = (x, q.astype(jnp.bfloat16), s) if row["variant"] == "bf16" else (x, q, s)
-            weight_bytes = args_[1].nbytes + (s.nbytes if row["variant"] != "bf16" else 0)
-            err = relative_error(jax.jit(fn)(*args_), reference) if row["variant"] == "pallas_gpu" else 0.0
-            seconds = time_row(fn, args_, weight_bytes, args.tiny, args.repeats)
+            bf16 = row["variant"] == "bf16"     # the dequantized weight in bf16
+            args_ = (x, (q.astype(jnp.float32) * s).astype(jnp.bfloat16), s) if bf16 else (x, q, s)
+            weight_bytes = args_[1].nbytes + (0 if bf16 else s.nbytes)
+            seconds, out = time_row(fn, args_, weight_bytes, args.tiny, args.repeats)
+            err = relative_error(out, reference)
             emit(row=i, device=jax.devices()[0].device_kind, **figures(seconds, weight_bytes, err))
         except Exception as e:  # noqa: BLE001 - one bad setting loses only its row
             emit(row=i, error=f"{type(e).__name__}: {str(e)[:1000]}")

@@ -30,9 +30,12 @@ def _operands(m, k, n, groups, dtype=np.float32, seed=0):
     (5, 200, 100, 1, {}),                                          # dot: 5 rows padded to 16
     (5, 128, 96, 2, dict(mode="fma", block_k=32, block_n=64)),     # 5 unrolled rows, groups
     (16, 256, 384, 4, dict(k_splits=3)),                          # a ragged last split
+    (1, 256, 64, 1, dict(block_k=32, k_splits=3)),                 # 3 + 3 + 2 tiles, prefetched
+    (2, 256, 64, 1, dict(mode="reduce", block_k=64, k_splits=3)),  # 2 + 2 + 0 tiles: an empty split
     (64, 256, 256, 1, dict(block_m=16, k_splits=2)),               # 4 row blocks
     (64, 136, 120, 1, dict(block_n=32, block_k=32)),               # everything ragged
 ], ids=["m1", "m1-ragged", "m1-reduce-g4", "m1-fma-g3", "m5-dot-ragged", "m5-fma-g2", "m16-g4-s3",
+        "m1-s3-short-last", "m2-s3-empty-last",
         "m64-bm16", "m64-ragged"])
 def test_kernel_equals_float64_matmul(m, k, n, groups, params):
     x, q, s, want = _operands(m, k, n, groups)
@@ -55,7 +58,9 @@ def test_bf16_activations_give_bf16_or_fp32_out(mode):
 
 def test_defaults_and_bad_parameters_are_one_clear_error():
     assert resolve_mode("auto", 1) == "fma" and resolve_mode("auto", 16) == "dot"
-    assert default_splits(32, 32) == 8 and default_splits(1024, 32) == 1 and default_splits(96, 86) == 2
+    assert default_splits(32, 32, 1, 4096) == 8 and default_splits(1024, 32, 1, 4096) == 1
+    assert default_splits(16, 344, 1, 11008) == 16       # 22 tiles a split, the last one 14
+    assert default_splits(32, 32, 64, 4096) == 2         # the fp32 partials <= 1/4 of the codes' bytes
     x, q, s, _ = _operands(2, 64, 32, 2)
     for kw, match in [(dict(block_n=48), "powers of two"), (dict(block_k=64), "divide the group size"),
                       (dict(k_splits=9, block_k=8), "k_splits=9"), (dict(mode="dot", block_m=8), "block_m=8"),

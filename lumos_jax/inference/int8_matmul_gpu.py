@@ -70,26 +70,34 @@ def resolve_mode(mode: str, rows: int) -> str:
     return mode
 
 
-def default_splits(programs: int, k_blocks: int) -> int:
-    """The largest divisor of k_blocks (so no split has a ragged share) that keeps the grid
-    at most about TARGET_PROGRAMS and every program at least MIN_STEPS tiles of K."""
+def default_splits(programs: int, k_blocks: int, rows: int, k: int) -> int:
+    """K splits for a grid of `programs` column x row blocks: the grid up to about
+    TARGET_PROGRAMS, every split at least MIN_STEPS tiles of K, and the fp32 partials
+    (splits x rows x N x 4 bytes, written and read back) at most a quarter of the codes'
+    K x N bytes; then as few splits as give the same tiles per split (no empty split)."""
     want = max(1, TARGET_PROGRAMS // max(1, programs))
-    limit = min(MAX_SPLITS, want, max(1, k_blocks // MIN_STEPS))
-    return max(s for s in range(1, limit + 1) if k_blocks % s == 0)
+    splits = max(1, min(MAX_SPLITS, want, k_blocks // MIN_STEPS, k // (32 * rows)))
+    return -(-k_blocks // -(-k_blocks // splits))
 
 
-def _kernel(x_ref, q_ref, s_ref, o_ref, *, mode, rows, block_m, block_n, block_k, steps, group,
-            k_size, n_size, mask_m, mask_k, mask_n, scale_out, prefetch, precision):
-    """One (row block, column block, K split): `steps` tiles of K, then the scaled or partial sums."""
+def _kernel(x_ref, q_ref, s_ref, o_ref, *, mode, rows, block_m, block_n, block_k, steps, k_splits, k_blocks,
+            group, k_size, n_size, mask_m, mask_k, mask_n, scale_out, prefetch, precision):
+    """One (row block, column block, K split): its (up to `steps`) tiles of K, then the scaled
+    or partial sums."""
     m0 = pl.program_id(0) * block_m
     n0 = pl.multiple_of(pl.program_id(1) * block_n, block_n)
     first = pl.program_id(2) * steps                        # the split's first K tile
+    ragged = steps * k_splits != k_blocks
+    # the last split's share may be shorter (or empty): a dynamic trip count, and tile ids
+    # clamped to the last tile (a prefetch past the share re-reads a valid tile, never used)
+    count = jnp.clip(k_blocks - first, 0, steps) if ragged else steps
     cols = n0 + jnp.arange(block_n, dtype=jnp.int32)
     col_ok = cols < n_size if mask_n else None
     cdt = jnp.float32 if mode != "dot" else x_ref.dtype      # what the codes convert to
 
     def k_tile(i):
-        k0 = pl.multiple_of((first + i) * block_k, block_k)
+        tile = jnp.minimum(first + i, k_blocks - 1) if ragged else first + i
+        k0 = pl.multiple_of(tile * block_k, block_k)
         ks = k0 + jnp.arange(block_k, dtype=jnp.int32)
         return k0, (ks < k_size if mask_k else None)
 
@@ -118,7 +126,7 @@ def _kernel(x_ref, q_ref, s_ref, o_ref, *, mode, rows, block_m, block_n, block_k
             d = plgpu.dot(xt.astype(cdt), q.astype(cdt), precision=precision)
             return acc + (d * s[None, :] if group else d)
 
-        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((block_m, block_n), jnp.float32))
+        acc = jax.lax.fori_loop(0, count, body, jnp.zeros((block_m, block_n), jnp.float32))
         if scale_out:
             acc = acc * _load(s_ref.at[jnp.int32(0), pl.ds(n0, block_n)], col_ok)[None, :]
         mask = _and(None if row_ok is None else row_ok[:, None], None if col_ok is None else col_ok[None, :])
@@ -143,11 +151,11 @@ def _kernel(x_ref, q_ref, s_ref, o_ref, *, mode, rows, block_m, block_n, block_k
         # tile i + 1 is loaded before tile i is computed; the last step re-reads its own tile
         def body(i, carry):
             tile, accs = carry
-            return fetch(jnp.minimum(i + 1, steps - 1)), update(tile, accs)
+            return fetch(jnp.minimum(i + 1, count - 1)), update(tile, accs)
 
-        _, accs = jax.lax.fori_loop(0, steps, body, (fetch(0), init))
+        _, accs = jax.lax.fori_loop(0, count, body, (fetch(0), init))
     else:
-        accs = jax.lax.fori_loop(0, steps, lambda i, a: update(fetch(i), a), init)
+        accs = jax.lax.fori_loop(0, count, lambda i, a: update(fetch(i), a), init)
     out_scale = _load(s_ref.at[jnp.int32(0), pl.ds(n0, block_n)], col_ok) if scale_out else None
     for r, acc in enumerate(accs):
         if mode == "fma":
@@ -209,7 +217,7 @@ def int8_matmul(x, q, scale, *, out_dtype=None, mode: str = "auto", block_n: int
             raise ValueError(f"int8_matmul: mode={mode!r} unrolls its rows: at most {MAX_UNROLLED_ROWS}; got {m}")
         block_m = m
     m_blocks, n_blocks, k_blocks = -(-m // block_m), -(-n // block_n), -(-k // block_k)
-    k_splits = k_splits or default_splits(m_blocks * n_blocks, k_blocks)
+    k_splits = k_splits or default_splits(m_blocks * n_blocks, k_blocks, m, k)
     if not 1 <= k_splits <= k_blocks:
         raise ValueError(f"int8_matmul: k_splits={k_splits} must be in 1..{k_blocks} (K tiles of {block_k})")
     steps = -(-k_blocks // k_splits)
@@ -218,8 +226,9 @@ def int8_matmul(x, q, scale, *, out_dtype=None, mode: str = "auto", block_n: int
     precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
     kernel = functools.partial(
         _kernel, mode=mode, rows=m, block_m=block_m, block_n=block_n, block_k=block_k, steps=steps,
+        k_splits=k_splits, k_blocks=k_blocks,
         group=group, k_size=k, n_size=n, mask_m=mode == "dot" and m % block_m != 0,
-        mask_k=k_splits * steps * block_k != k, mask_n=n % block_n != 0,
+        mask_k=k % block_k != 0, mask_n=n % block_n != 0,
         scale_out=not group, prefetch=prefetch, precision=precision)
     whole = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)  # noqa: E731
     if k_splits == 1:
