@@ -46,7 +46,9 @@ class LlamaConfig:
     vocab_multiple: int = 1
     param_dtype: str = "float32"
     dtype: str = "float32"
-    # "none", "full" (recompute each layer) or "dots" (save matmul outputs only).
+    # "none" (no matmul or attention recomputed; scanned, the elementwise ops between them are
+    # remade in the backward pass: llama.save_matmuls_and_attention), "full" (recompute each
+    # layer) or "dots" (save the non-batched matmul outputs only: attention is recomputed).
     remat_policy: str = "none"
     # "xla" (einsum + mask, any backend), "cudnn" (cuDNN flash attention on NVIDIA GPUs,
     # same segment/causal mask; bf16/fp16 only), "splash" (Pallas splash attention on TPU;
@@ -57,6 +59,9 @@ class LlamaConfig:
     # False, unrolled over static slices of the same stacked weights (a switch to measure:
     # in decode on GPU, XLA copied each scanned layer's dynamic slice of the weights).
     scan_layers: bool = True
+    # Layers per scan iteration (lax.scan's unroll): 1 = one layer body, compile time flat in
+    # depth; k > 1 lets XLA schedule and fuse across k layers, compile time ~k times the body.
+    scan_unroll: int = 1
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -73,6 +78,8 @@ class LlamaConfig:
         if self.remat_policy not in ("none", "full", "dots"):
             raise ValueError(f"LlamaConfig.remat_policy={self.remat_policy!r}; "
                              "expected 'none', 'full' or 'dots'")
+        if not isinstance(self.scan_unroll, int) or isinstance(self.scan_unroll, bool) or self.scan_unroll < 1:
+            raise ValueError(f"LlamaConfig.scan_unroll={self.scan_unroll!r}; expected an integer >= 1")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"LlamaConfig.attention_impl={self.attention_impl!r}; "
                              f"expected one of {ATTENTION_IMPLS}")
@@ -182,12 +189,13 @@ PRESETS: dict[str, LlamaConfig] = {
 def model_config(preset: str = "tiny", hf_dir: str | None = None, overrides: dict | None = None,
                  param_dtype: str | None = None, dtype: str | None = None,
                  remat_policy: str | None = None, vocab_multiple: int | None = None,
-                 attention_impl: str | None = None, scan_layers: bool | None = None) -> LlamaConfig:
+                 attention_impl: str | None = None, scan_layers: bool | None = None,
+                 scan_unroll: int | None = None) -> LlamaConfig:
     """The config a run uses: a named preset or an HF directory's config.json, plus overrides."""
     overrides = dict(overrides or {})
     for key, value in dict(param_dtype=param_dtype, dtype=dtype, remat_policy=remat_policy,
                            vocab_multiple=vocab_multiple, attention_impl=attention_impl,
-                           scan_layers=scan_layers).items():
+                           scan_layers=scan_layers, scan_unroll=scan_unroll).items():
         if value is not None:
             overrides[key] = value
     bad = set(overrides) - {f.name for f in dataclasses.fields(LlamaConfig)}
