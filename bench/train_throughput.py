@@ -4,10 +4,14 @@
     python bench/train_throughput.py --model smollm2_135m --loop     # seq 1024, batch 32
     python bench/train_throughput.py --model llama2_7b               # full fine-tune, one card
     python bench/train_throughput.py --tiny --skip_torch_compile     # CPU check
+    python bench/train_throughput.py --sides ours --scan_layers 1,0 --scan_unroll 1,2,4
+                                     # ours scanned (unroll 1, 2, 4) and unrolled: 4 rows
 
 Sides, each in its own subprocess (bench/sides.py `run_sides`: an OOM loses one side):
 - ours: fp32 params + AdamW state, bf16 compute, the whole step (loss, grads, clipping,
-  AdamW) as `lumos-jax train` runs it; `--loop` also times `train()` itself (prefetching
+  AdamW) as `lumos-jax train` runs it; layers scanned (LlamaConfig.scan_layers, scan_unroll:
+  `--scan_layers 1,0 --scan_unroll 1,2` runs one ours subprocess per combination, each its
+  own row); `--loop` also times `train()` itself (prefetching
   thread, metrics read every log_every steps) on in-memory packed data, as `loop_*` fields.
 - hf_eager / hf_compiled: fp32 params, bf16 autocast, SDPA, fused AdamW (CUDA), clip 1.0;
   hf_compiled adds `torch.compile(model)`. llama2_7b turns on HF gradient checkpointing
@@ -159,10 +163,13 @@ def run_ours(args) -> None:
             extra["attention_check"] = check
             impl = "cudnn" if check.get("ok") else "xla"
     config = model_shape(args.model).replace(param_dtype="float32", dtype=args.dtype, attention_impl=impl,
-                                             remat_policy=args.remat, vocab_multiple=args.vocab_multiple)
+                                             remat_policy=args.remat, vocab_multiple=args.vocab_multiple,
+                                             scan_layers=bool(args.scan_layers[0]),
+                                             scan_unroll=args.scan_unroll[0])
     mesh = make_mesh(1, -1, 1)
     peak = lambda: round((dev.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30, 2)  # noqa: E731
     base = dict(device=dev.device_kind, attention_impl=impl, remat=args.remat, grad_accum=args.grad_accum,
+                scan_layers=config.scan_layers, scan_unroll=config.scan_unroll,
                 mu_dtype=args.mu_dtype or "float32",
                 jax=jax.__version__, **extra)
     with jax.set_mesh(mesh):
@@ -304,7 +311,33 @@ def run_hf(args) -> None:
 
 # ---------------------------------------------------------------- driver
 def row_key(r: dict) -> tuple:
-    return (r.get("side"), r.get("model"), r.get("seq"), r.get("batch"), r.get("measure", "step"))
+    """A re-measured row replaces its old one; ours rows differ by layer layout too (rows from
+    before the fields existed were the scanned model, unroll 1)."""
+    layout = (r.get("scan_layers", True), r.get("scan_unroll", 1)) if r.get("side") == "ours" else None
+    return (r.get("side"), r.get("model"), r.get("seq"), r.get("batch"), r.get("measure", "step"), layout)
+
+
+def layouts(args) -> list[tuple[int, int]]:
+    """(scan_layers, scan_unroll) of each ours run: every unroll for scanned, one unrolled."""
+    out = []
+    for scan in args.scan_layers:
+        for unroll in (args.scan_unroll if scan else [1]):
+            if (scan, unroll) not in out:
+                out.append((scan, unroll))
+    return out
+
+
+def with_option(argv: list[str], name: str, value) -> list[str]:
+    """argv with every `name X` / `name=X` dropped and `name value` appended."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out + [name, str(value)]
 
 
 def drive(args, argv) -> int:
@@ -323,14 +356,31 @@ def drive(args, argv) -> int:
         record["rows"] = [r for r in record["rows"] if row_key(r) != row_key(res)] + [res]
         write_json(args.out, record)
 
-    status = run_sides(__file__, args, argv, REPO, record, on_result)
+    for side in args.sides.split(","):
+        one = argparse.Namespace(**{**vars(args), "sides": side})
+        for layout in (layouts(args) if side == "ours" else [None]):
+            side_argv = argv if layout is None else with_option(
+                with_option(argv, "--scan_layers", layout[0]), "--scan_unroll", layout[1])
+            run_sides(__file__, one, side_argv, REPO, record, on_result)
+    status = 1 if record["errors"] else 0
     print("\n| side | model | seq x batch | tokens/s | MFU (measured) | peak GiB | init s | compile s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in record["rows"]:
         side = r["side"] + (" (train loop)" if r.get("measure") == "train_loop" else "")
+        if r["side"] == "ours":
+            side += (f" scanned, unroll {r.get('scan_unroll', 1)}" if r.get("scan_layers", True)
+                     else " unrolled")
         print(f"| {side} | {r['model']} | {r['seq']} x {r['batch']} | {r.get('tokens_per_s', r.get('error'))} "
               f"| {r.get('mfu_measured')} | {r.get('peak_gib')} | {r.get('init_s')} | {r.get('compile_s')} |")
     return status
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
+    return values
 
 
 def parse(argv):
@@ -349,6 +399,10 @@ def parse(argv):
     p.add_argument("--attention", default="auto", help="ours: auto (cudnn if it passes the check) | xla | cudnn")
     p.add_argument("--mu_dtype", choices=["float32", "bfloat16"],
                    help="ours: Adam's first moment in bf16 (optimizer_settings.mu_dtype; 7B on one card)")
+    p.add_argument("--scan_layers", default="1", type=int_list,
+                   help="ours: 1 = layers scanned, 0 = unrolled; a list (1,0) runs each")
+    p.add_argument("--scan_unroll", default="1", type=int_list,
+                   help="ours, scanned: layers per scan iteration (LlamaConfig.scan_unroll); a list runs each")
     p.add_argument("--loop", action="store_true", help="ours: also time train() itself")
     p.add_argument("--loop_steps", type=int, default=80)
     p.add_argument("--skip_torch_compile", action="store_true",
@@ -363,6 +417,9 @@ def parse(argv):
     p.add_argument("--out", help="default: bench/results/train_throughput.json "
                    "($TMPDIR/train_throughput_tiny.json with --tiny)")
     args = p.parse_args(argv)
+    if any(v not in (0, 1) for v in args.scan_layers) or any(v < 1 for v in args.scan_unroll):
+        p.error(f"--scan_layers takes 1/0, --scan_unroll integers >= 1 (got {args.scan_layers}, "
+                f"{args.scan_unroll})")
     if args.out is None:
         args.out = (os.path.join(os.environ.get("TMPDIR", "/tmp"), "train_throughput_tiny.json") if args.tiny
                     else str(REPO / "bench/results/train_throughput.json"))
