@@ -28,17 +28,16 @@ WIDE = PRESETS["tiny"].replace(vocab_size=512, hidden_size=256, intermediate_siz
 BATCH, SEQ = 2, 128
 
 
-def _scans(jaxpr, found):
+def _eqns(jaxpr):
+    """Every equation of a jaxpr, those of nested jaxprs (scan bodies, checkpoints) included."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "scan":
-            found.append(eqn)
+        yield eqn
         for value in eqn.params.values():
             for sub in value if isinstance(value, (list, tuple)) else [value]:
                 if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    _scans(sub.jaxpr, found)
+                    yield from _eqns(sub.jaxpr)
                 elif isinstance(sub, jax.extend.core.Jaxpr):
-                    _scans(sub, found)
-    return found
+                    yield from _eqns(sub)
 
 
 def forward_residuals(config, batch=BATCH, seq=SEQ):
@@ -52,7 +51,8 @@ def forward_residuals(config, batch=BATCH, seq=SEQ):
         return jnp.sum(hidden.astype(jnp.float32))
 
     jaxpr = jax.make_jaxpr(jax.grad(loss))(params, ids)
-    layer_scans = [e for e in _scans(jaxpr.jaxpr, []) if e.params["length"] == config.num_hidden_layers]
+    layer_scans = [e for e in _eqns(jaxpr.jaxpr)
+                   if e.primitive.name == "scan" and e.params["length"] == config.num_hidden_layers]
     fwd = max(layer_scans, key=lambda e: len(e.outvars) - e.params["num_carry"])
     return [(v.aval.dtype, tuple(v.aval.shape[1:])) for v in fwd.outvars[fwd.params["num_carry"]:]]
 
@@ -75,6 +75,27 @@ def test_scanned_layers_keep_only_matmul_and_attention_outputs():
     scores = BATCH * c.num_attention_heads * SEQ * SEQ
     want = 2 * (tokens * (3 * c.hidden_size + 2 * kv_dim + q_dim + 2 * c.intermediate_size) + scores)
     assert per_layer <= want, (per_layer, want, res)
+
+
+def test_cudnn_attention_forward_runs_once(monkeypatch):
+    """The policy keeps cuDNN's forward outputs (by primitive name): had JAX renamed the
+    primitive, the backward scan would run the attention forward again. Traced only (no GPU
+    needed): cuDNN's version and capability checks are stubbed; skipped if they moved."""
+    fa = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+    if not (hasattr(fa, "check_cudnn_version") and hasattr(fa, "check_compute_capability")):
+        pytest.skip("JAX's cuDNN attention checks moved")
+    monkeypatch.setattr(fa, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(fa, "check_compute_capability", lambda capability: True)
+    config = WIDE.replace(attention_impl="cudnn")
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: create_model(config, 0)))
+
+    def loss(p, ids):
+        return jnp.sum(nnx.merge(graphdef, p)(ids, return_hidden=True).astype(jnp.float32))
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(params, jax.ShapeDtypeStruct((BATCH, SEQ), jnp.int32))
+    names = [eqn.primitive.name for eqn in _eqns(jaxpr.jaxpr)]
+    forwards = [n for n in names if "dot_product_attention" in n and "fwd" in n]
+    assert len(forwards) == 1, forwards
 
 
 def _temp_bytes(config, layers):
