@@ -77,16 +77,18 @@ def test_scanned_layers_keep_only_matmul_and_attention_outputs():
     assert per_layer <= want, (per_layer, want, res)
 
 
-def test_cudnn_attention_forward_runs_once(monkeypatch):
-    """The policy keeps cuDNN's forward outputs (by primitive name): had JAX renamed the
-    primitive, the backward scan would run the attention forward again. Traced only (no GPU
-    needed): cuDNN's version and capability checks are stubbed; skipped if they moved."""
+@pytest.mark.parametrize("remat", ["none", "dots"])
+def test_cudnn_attention_forward_runs_once(monkeypatch, remat):
+    """The policies 'none' and 'dots' keep cuDNN's forward outputs (by primitive name): had
+    JAX renamed the primitive, the backward scan would run the attention forward again. Traced
+    only (no GPU needed): cuDNN's version and capability checks are stubbed; skipped if they
+    moved."""
     fa = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
     if not (hasattr(fa, "check_cudnn_version") and hasattr(fa, "check_compute_capability")):
         pytest.skip("JAX's cuDNN attention checks moved")
     monkeypatch.setattr(fa, "check_cudnn_version", lambda: 91000)
     monkeypatch.setattr(fa, "check_compute_capability", lambda capability: True)
-    config = WIDE.replace(attention_impl="cudnn")
+    config = WIDE.replace(attention_impl="cudnn", remat_policy=remat)
     graphdef, params = nnx.split(nnx.eval_shape(lambda: create_model(config, 0)))
 
     def loss(p, ids):

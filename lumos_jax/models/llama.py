@@ -211,7 +211,8 @@ class LlamaModel(nnx.Module):
 
 # Primitives whose outputs remat_policy 'none' keeps for the backward pass: every matmul
 # and the attention kernels (cuDNN's forward; Pallas splash on TPU).
-_SAVED_UNDER_NONE = frozenset({"dot_general", "dot_product_attention_fwd_wrapper", "pallas_call"})
+_ATTENTION_KERNELS = frozenset({"dot_product_attention_fwd_wrapper", "pallas_call"})
+_SAVED_UNDER_NONE = frozenset({"dot_general"}) | _ATTENTION_KERNELS
 
 
 def save_matmuls_and_attention(prim, *_, **__) -> bool:
@@ -225,10 +226,19 @@ def save_matmuls_and_attention(prim, *_, **__) -> bool:
     return prim.name in _SAVED_UNDER_NONE
 
 
+def save_dots_and_attention(prim, *args, **params) -> bool:
+    """remat_policy 'dots': JAX's `checkpoint_dots_with_no_batch_dims` (the projections'
+    outputs), plus the attention kernels' outputs, which that policy would drop and the backward
+    pass would recompute (a second cuDNN forward per layer) for about one (tokens, q heads x
+    head_dim) tensor a layer."""
+    return (prim.name in _ATTENTION_KERNELS
+            or jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims(prim, *args, **params))
+
+
 _REMAT_POLICIES = {
     "none": save_matmuls_and_attention,
     "full": None,  # save nothing: recompute the whole layer in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots": save_dots_and_attention,
 }
 
 
