@@ -116,17 +116,20 @@ def test_index_sharded_bf16_checkpoint_imports(tmp_path):
 
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
-def test_grads_match_hf_per_layer(tmp_path, remat):
+@pytest.mark.parametrize("remat,layout", [("none", {}), ("full", {}), ("dots", {}), ("none", dict(scan_unroll=2)),
+                                          ("none", dict(scan_layers=False))],
+                         ids=["none", "full", "dots", "none-unroll2", "none-unrolled"])
+def test_grads_match_hf_per_layer(tmp_path, remat, layout):
     """d(masked cross-entropy)/d(weights) against torch autograd on the HF model: row i of
-    each stacked leaf is HF's model.layers.{i} tensor's gradient (with and without remat)."""
+    each stacked leaf is HF's model.layers.{i} tensor's gradient, for every remat policy and
+    layer layout (scanned, two layers per scan iteration, unrolled)."""
     import jax
     from flax import nnx
 
     from lumos_jax.checkpoints.hf import hf_tensors
 
     hf = make_hf(tmp_path, **CASES["gqa_8q_2kv"])
-    ours = load_hf_model(tmp_path, remat_policy=remat)
+    ours = load_hf_model(tmp_path, remat_policy=remat, **layout)
     ids, mask, positions = padded_batch(256, [11, 6], 12, left=False, seed=2)
     targets = np.roll(ids, -1, axis=1)
     logits = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),

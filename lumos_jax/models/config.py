@@ -48,7 +48,8 @@ class LlamaConfig:
     dtype: str = "float32"
     # "none" (no matmul or attention recomputed; scanned, the elementwise ops between them are
     # remade in the backward pass: llama.save_matmuls_and_attention), "full" (recompute each
-    # layer) or "dots" (save the non-batched matmul outputs only: attention is recomputed).
+    # layer) or "dots" (save the non-batched matmul outputs and the attention kernel's:
+    # llama.save_dots_and_attention).
     remat_policy: str = "none"
     # "xla" (einsum + mask, any backend), "cudnn" (cuDNN flash attention on NVIDIA GPUs,
     # same segment/causal mask; bf16/fp16 only), "splash" (Pallas splash attention on TPU;
