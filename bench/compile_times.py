@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from bench.sides import layer_layouts  # noqa: E402
 from lumos_jax.models import PRESETS  # noqa: E402
 from lumos_jax.sharding import make_mesh  # noqa: E402
 from lumos_jax.training import state as state_lib  # noqa: E402
@@ -78,11 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="JSON file (rewritten after every row)")
     args = p.parse_args(argv)
     rows = []
-    layouts = []
-    for scan in (int(v) for v in args.scan_layers.split(",")):
-        for unroll in ((int(v) for v in args.scan_unroll.split(",")) if scan else [1]):
-            if (bool(scan), unroll) not in layouts:
-                layouts.append((bool(scan), unroll))
+    layouts = layer_layouts(args.scan_layers.split(","), args.scan_unroll.split(","))
     for preset, (scan, unroll) in ((p_, lay) for p_ in args.presets.split(",") for lay in layouts):
         row = train_step_compile_s(preset, args.seq, args.batch, args.remat, scan, unroll, args.attention)
         row["tag"] = args.tag

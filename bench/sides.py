@@ -85,3 +85,14 @@ class CompileClock:
 
     def read(self) -> dict:
         return {"compiles": self.count, "compile_s": round(self.seconds, 1)}
+
+
+def layer_layouts(scan_layers, scan_unroll) -> list[tuple[bool, int]]:
+    """(scanned, unroll) of each run asked for by `--scan_layers 1,0 --scan_unroll 1,2,4`:
+    every unroll for scanned, one unrolled run; in order, without repeats."""
+    out = []
+    for scan in (bool(int(v)) for v in scan_layers):
+        for unroll in ((int(u) for u in scan_unroll) if scan else [1]):
+            if (scan, unroll) not in out:
+                out.append((scan, unroll))
+    return out

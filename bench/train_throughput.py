@@ -37,7 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench.sides import emit, run_sides, write_json  # noqa: E402
+from bench.sides import emit, layer_layouts, run_sides, write_json  # noqa: E402
 
 SIDES = ("ours", "hf_eager", "hf_compiled")
 # name -> (seq, batch, remat, shape overrides on a preset, or a full shape)
@@ -317,16 +317,6 @@ def row_key(r: dict) -> tuple:
     return (r.get("side"), r.get("model"), r.get("seq"), r.get("batch"), r.get("measure", "step"), layout)
 
 
-def layouts(args) -> list[tuple[int, int]]:
-    """(scan_layers, scan_unroll) of each ours run: every unroll for scanned, one unrolled."""
-    out = []
-    for scan in args.scan_layers:
-        for unroll in (args.scan_unroll if scan else [1]):
-            if (scan, unroll) not in out:
-                out.append((scan, unroll))
-    return out
-
-
 def with_option(argv: list[str], name: str, value) -> list[str]:
     """argv with every `name X` / `name=X` dropped and `name value` appended."""
     out, skip = [], False
@@ -358,9 +348,9 @@ def drive(args, argv) -> int:
 
     for side in args.sides.split(","):
         one = argparse.Namespace(**{**vars(args), "sides": side})
-        for layout in (layouts(args) if side == "ours" else [None]):
+        for layout in (layer_layouts(args.scan_layers, args.scan_unroll) if side == "ours" else [None]):
             side_argv = argv if layout is None else with_option(
-                with_option(argv, "--scan_layers", layout[0]), "--scan_unroll", layout[1])
+                with_option(argv, "--scan_layers", int(layout[0])), "--scan_unroll", layout[1])
             run_sides(__file__, one, side_argv, REPO, record, on_result)
     status = 1 if record["errors"] else 0
     print("\n| side | model | seq x batch | tokens/s | MFU (measured) | peak GiB | init s | compile s |")
