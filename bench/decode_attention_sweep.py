@@ -50,14 +50,11 @@ JAX_GRID = [dict(k_splits=1, pages_per_compute_block=8, num_warps=8),
             dict(k_splits=8, pages_per_compute_block=4, num_warps=4),
             dict(k_splits=2, pages_per_compute_block=16, num_warps=8)]
 # ours: blocking x warps (the register use of each, ptxas for sm_90a: ppb 2/4/8 at 4 warps
-# 112/186/255 registers, 8 at 2 warps spills); without the by-hand prefetch; on unflattened
-# (pages, block, D) blocks; on tensor cores (dots: Triton pipelines the loads through shared
-# memory, num_stages deep; without dots num_stages changes nothing, no loads are pipelined)
+# 112/186/255 registers, 8 at 2 warps spills); with the by-hand prefetch (off by default since
+# the 2026-12-02 sweep); on unflattened (pages, block, D) blocks
 MHA_GRID = ([dict(pages_per_block=p, num_warps=w) for p, w in ((2, 2), (2, 4), (2, 8), (4, 4), (4, 8), (8, 4), (8, 8))]
-            + [dict(pages_per_block=p, num_warps=w, prefetch=False) for p, w in ((4, 4), (8, 8))]
-            + [dict(pages_per_block=p, num_warps=4, flat=False) for p in (2, 4)]
-            + [dict(pages_per_block=p, num_warps=w, num_stages=st, dots=True)
-               for p, w, st in ((2, 4, 5), (4, 4, 3), (4, 4, 5), (4, 8, 3), (8, 4, 3))])
+            + [dict(pages_per_block=p, num_warps=w, prefetch=True) for p, w in ((4, 4), (8, 8))]
+            + [dict(pages_per_block=p, num_warps=4, flat=False) for p in (2, 4)])
 MHA_SPLITS = {1: (4, 8, 32), 64: (2, 4)}   # batch -> splits tried beside the default
 
 

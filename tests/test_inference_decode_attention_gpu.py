@@ -43,11 +43,9 @@ def _check(out, want):
     (4, 1, 2, 3, dict(flat=False)),       # ... and on (pages, block size, D) blocks
     (4, 1, 1, 8, {}),            # a split per page of the full row
     (2, 3, 2, 2, dict(flat=False)),       # G = 3 query rows per KV head
-    (1, 8, 4, 1, dict(prefetch=False)),   # G = 8, a compute block wider than the 10-token row
-    (4, 1, 4, 3, dict(dots=True)),        # tensor-core dots over 16 padded query rows
-    (2, 3, 8, 2, dict(dots=True)),
+    (1, 8, 4, 1, dict(prefetch=True)),    # G = 8, a compute block wider than the 10-token row
 ], ids=["mha-default", "mha-ppb1", "mha-ppb2-s3", "mha-ppb2-s3-prefetch", "mha-ppb2-s3-paged", "mha-s8",
-        "g3", "g8", "mha-dots-s3", "g3-dots"])
+        "g3", "g8"])
 def test_mha_kernel_equals_contiguous_attention(kv, g, ppb, splits, extra):
     q, k, v = _inputs(kv, g)
     out = MHA(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), _poisoned_tables(), jnp.asarray(LENGTHS),
@@ -56,7 +54,7 @@ def test_mha_kernel_equals_contiguous_attention(kv, g, ppb, splits, extra):
 
 
 @pytest.mark.parametrize("layout", [dict(pages_per_block=2), dict(pages_per_block=2, flat=False),
-                                    dict(pages_per_block=4, dots=True)], ids=["flat", "paged", "dots"])
+                                    dict(pages_per_block=4, prefetch=True)], ids=["flat", "paged", "prefetch"])
 def test_mha_kernel_reads_int8_pages(layout):
     """QPages: codes x per-token scales, against numpy attention over the dequantized K/V; the
     unused pages' scales are NaN."""
@@ -97,15 +95,12 @@ def test_default_blocking_and_its_limits():
         mha_paged_attention(q, k[:, :, :3], v[:, :, :3], jnp.asarray(TABLES), jnp.asarray(LENGTHS))
     with pytest.raises(ValueError, match="pages_per_block=3"):
         mha_paged_attention(q, k, v, jnp.asarray(TABLES), jnp.asarray(LENGTHS), pages_per_block=3)
-    with pytest.raises(ValueError, match="dots=True needs"):     # 2 pages x 4 tokens < 16 rows
-        mha_paged_attention(q, k, v, jnp.asarray(TABLES), jnp.asarray(LENGTHS), pages_per_block=2, dots=True)
 
 
 @pytest.mark.parametrize("groups,quantized,params", [
     (1, False, {}), (1, True, dict(splits=3)), (1, True, dict(flat=False)),
-    (4, False, dict(pages_per_block=8, prefetch=False)), (2, False, dict(flat=False, prefetch=False)),
-    (1, False, dict(dots=True, num_stages=3)), (1, True, dict(dots=True, splits=2))],
-    ids=["mha-bf16", "mha-int8-splits", "mha-int8-paged", "g4", "g2-paged", "mha-dots", "mha-int8-dots"])
+    (4, False, dict(pages_per_block=8, prefetch=True)), (2, False, dict(flat=False, prefetch=True))],
+    ids=["mha-bf16", "mha-int8-splits", "mha-int8-paged", "g4-prefetch", "g2-paged-prefetch"])
 def test_mha_kernel_lowers_to_triton(groups, quantized, params):
     """JAX's Triton lowering (power-of-two loads, supported ops) accepts the kernel at the
     Llama-2-7B shape, lowered for CUDA here on CPU, so the GPU run does not find out first."""

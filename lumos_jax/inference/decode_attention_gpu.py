@@ -7,9 +7,9 @@ A decode step only has to read each used page of K and V once; this kernel is sh
 
 - one program per (row, KV head, split); it streams its share of the row's pages a compute
   block (`pages_per_block` pages) at a time with an online softmax in fp32 and stops at the
-  row's length (pages past it are never loaded; the last page's tail is masked); the next
-  block's K/V are loaded before the current one is computed (Triton pipelines only loads
-  that feed a dot, and these feed none);
+  row's length (pages past it are never loaded; the last page's tail is masked); with
+  `prefetch` the next block's K/V are loaded by hand before the current one is computed
+  (Triton pipelines only loads that feed a dot, and these feed none; off by default, PREFETCH);
 - scores and the weighted sum of V are multiply + reduce over D and over the block, one
   query row at a time (G <= 8 rows reuse the loaded block), with no padding of G;
 - splits: a static count from the batch and KV heads (enough programs to fill the card),
@@ -17,10 +17,10 @@ A decode step only has to read each used page of K and V once; this kernel is sh
   table costs nothing; with one split the program writes the normalised output itself, with
   more their (acc, max, sum) are combined by a few XLA ops over (B, KV, splits, G, D) fp32.
 
-`dots=True` instead pads the query rows to 16 and computes scores and p @ V as tensor-core
-dots (JAX's way, without its splits): the K/V loads then feed dots, so Triton's pipeliner
-streams them through shared memory (`num_stages`); which wins is the sweep's to say
-(bench/decode_attention_sweep.py). int8 pages (`QPages`' codes and per-token scales) are
+Padding the query rows to 16 for tensor-core dots instead (JAX's way, so that Triton's
+pipeliner streams the K/V loads) was tried and measured slower on an H200 (2026-12-02, 7B
+shape, batch 64: 296-372 us a layer against 191-222; bench/results/decode_attention_sweep.json),
+so it is gone. int8 pages (`QPages`' codes and per-token scales) are
 read as codes and scaled in fp32.
 On CPU it runs in interpret mode (tests).
 """
@@ -41,7 +41,6 @@ BLOCK_TOKENS = 64        # default tokens per compute block (pages_per_block * b
 TARGET_PROGRAMS = 1024   # splits are chosen so that B * KV * splits reaches about this many
 MAX_SPLITS = 16
 MAX_GROUPS = 8           # query heads per KV head handled by one program's loop
-DOT_ROWS = 16            # `dots=True`: the query rows padded to this (Triton's smallest dot)
 # The by-hand prefetch is off by default: on one H200 (2026-12-02, bench/decode_attention_sweep.py,
 # 7B shape, batch 64, ctx 640) 4 pages x 4 warps took 191 us a layer without it against 216-222 us
 # with it (8 x 8: 202 against 265 us); at batch 1 the two were within the run's noise (18-19 us).
@@ -68,43 +67,8 @@ def _over_tokens(reduce, x, keep: int = 0):
     return x
 
 
-def _dot_loop(qs, blocks, page_ids, fetch, slot, start, n, tokens, quantized, dot_dtype):
-    """The block loop on tensor cores: the G query rows padded to DOT_ROWS (zeros), scores and
-    p @ V as dots, so that Triton's pipeliner streams the K/V loads through shared memory
-    (num_stages deep). q and p go to the dots in the pages' dtype, int8 codes in q's (as in
-    JAX's kernel). Returns each query row's (max, sum, acc), as the multiply-reduce loop does."""
-    d = qs[0].shape[0]
-    rows = jnp.arange(DOT_ROWS, dtype=jnp.int32)[:, None]
-    q16 = jnp.zeros((DOT_ROWS, d), jnp.float32)
-    for g, qg in enumerate(qs):
-        q16 = jnp.where(rows == g, qg[None, :], q16)
-    q16 = q16.astype(dot_dtype)
-
-    def body(i, state):
-        m, l, acc = state
-        block = fetch(page_ids(i))
-        k, v = (x.reshape(tokens, d).astype(dot_dtype) for x in block[:2])
-        s = plgpu.dot(q16, k, trans_b=True)                                     # (DOT_ROWS, tokens)
-        if quantized:
-            s = s * block[2].reshape(tokens)[None, :]
-        s = jnp.where((start + i * tokens + slot < n)[None, :], s, NEG)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        corr = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
-        w = p * block[3].reshape(tokens)[None, :] if quantized else p
-        return m_new, l * corr + jnp.sum(p, axis=1), acc * corr[:, None] + plgpu.dot(w.astype(dot_dtype), v)
-
-    init = (jnp.full((DOT_ROWS,), NEG, jnp.float32), jnp.zeros((DOT_ROWS,), jnp.float32),
-            jnp.zeros((DOT_ROWS, d), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(0, blocks, body, init)
-    def pick(x, g):                     # row g of a (DOT_ROWS, ...) state (no value slicing in Triton)
-        return jnp.sum(jnp.where(rows == g if x.ndim == 2 else rows[:, 0] == g, x, 0.0), axis=0)
-
-    return [(pick(m, g), pick(l, g), pick(acc, g)) for g in range(len(qs))]
-
-
 def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, groups: int, ppb: int, splits: int,
-            quantized: bool, prefetch: bool, flat: bool, dots: bool):
+            quantized: bool, prefetch: bool, flat: bool):
     """One (row, KV head, split): its share of the row's used pages, online softmax (log2)."""
     if quantized:
         ks_ref, vs_ref, *outs = refs
@@ -159,10 +123,7 @@ def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, groups: int, ppb: in
         return out
 
     init = [(jnp.float32(NEG), jnp.float32(0.0), jnp.zeros((d,), jnp.float32)) for _ in range(groups)]
-    if dots:
-        final = _dot_loop(qs, blocks, page_ids, fetch, slot, first * bs, n, ppb * bs, quantized,
-                          q_ref.dtype if quantized else k_ref.dtype)
-    elif not prefetch:
+    if not prefetch:
         final = jax.lax.fori_loop(0, blocks, lambda i, st: update(i, fetch(page_ids(i)), st), init)
     else:
         # Triton pipelines only loads that feed dots, so the loop does it by hand: block i+1's
@@ -191,16 +152,14 @@ def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, groups: int, ppb: in
 
 def mha_paged_attention(q, k_pages, v_pages, table, lengths, k_scales=None, v_scales=None, *,
                         pages_per_block: int | None = None, splits: int | None = None,
-                        prefetch: bool = PREFETCH, flat: bool = True, dots: bool = False, num_warps: int = 4,
+                        prefetch: bool = PREFETCH, flat: bool = True, num_warps: int = 4,
                         num_stages: int = 2, interpret: bool | None = None):
     """q (B, KV * G, D) unscaled, pages (KV, P, BS, D) (int8 codes with `k_scales`/`v_scales`
     (KV, P, BS)), table (B, W) page ids, lengths (B,) tokens per row (0: zeros out) ->
     (B, KV * G, D) in q's dtype. `pages_per_block` (a power of two) and `splits` default to
     `default_blocking`; `prefetch`: load the next block while computing this one (by hand:
     Triton's pipeliner, num_stages, leaves loads that feed no dot alone); `flat`: compute on
-    the block as (tokens, D) rows (else as (pages, block size, D), no reshape); `dots`: scores
-    and p @ V on tensor cores with the query rows padded to 16, so Triton pipelines the loads
-    itself, `num_stages` deep (no `prefetch`; flat blocks of >= 16 tokens); num_warps /
+    the block as (tokens, D) rows (else as (pages, block size, D), no reshape); num_warps /
     num_stages go to Triton."""
     b, h, d = q.shape
     kv, _, bs, _ = k_pages.shape
@@ -218,9 +177,6 @@ def mha_paged_attention(q, k_pages, v_pages, table, lengths, k_scales=None, v_sc
     if ppb & (ppb - 1):
         raise ValueError(f"pages_per_block={ppb} must be a power of two (Triton's loads)")
     splits = splits or auto_splits
-    if dots and (not flat or ppb * bs < DOT_ROWS or d < DOT_ROWS):
-        raise ValueError(f"dots=True needs flat blocks of >= {DOT_ROWS} tokens and head_dim >= {DOT_ROWS} "
-                         f"(Triton's smallest dot); got flat={flat}, {ppb} x {bs} tokens, head_dim={d}")
     width = table.shape[1]
     quantized = k_scales is not None
     page_spec = pl.BlockSpec((None, *k_pages.shape[1:]), lambda r, j, s: (j, 0, 0, 0))
@@ -240,7 +196,7 @@ def mha_paged_attention(q, k_pages, v_pages, table, lengths, k_scales=None, v_sc
                      pl.BlockSpec((None, None, None, g), lambda r, j, s: (r, j, s, 0)),
                      pl.BlockSpec((None, None, None, g), lambda r, j, s: (r, j, s, 0))]
     kernel = functools.partial(_kernel, groups=g, ppb=ppb, splits=splits, quantized=quantized,
-                               prefetch=prefetch, flat=flat, dots=dots)
+                               prefetch=prefetch, flat=flat)
     scales = (k_scales, v_scales) if quantized else ()
     outs = pl.pallas_call(
         kernel, grid=(b, kv, splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
