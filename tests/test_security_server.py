@@ -15,7 +15,7 @@ import pytest
 from inference_helpers import STORIES, hf_greedy
 
 KEY = "s3cret-key"
-LIMITS = dict(max_body_bytes=64 * 1024, request_timeout_s=1.5, io_timeout_s=3.0, max_connections=200)
+LIMITS = dict(max_body_bytes=64 * 1024, request_timeout_s=2.5, io_timeout_s=3.0, max_connections=200)
 
 
 @pytest.fixture(scope="module")
@@ -351,13 +351,14 @@ def test_bounded_load_50_clients(server, hf):
         p = prompts[i % len(prompts)]
         for _ in range(2):
             status, _, body = post(server, {"prompt": p, "max_tokens": 6, "temperature": 0})
-            results.append(status == 200 and body["choices"][0]["text"] == expected[p])
+            ok = status == 200 and body["choices"][0]["text"] == expected[p]
+            results.append(("good", ok, status))
 
     def slow_client(i):
         s = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10)
         try:
             s.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: 500\r\n")
-            for _ in range(40):  # a byte every 0.1 s: longer than the request deadline
+            for _ in range(60):  # a byte every 0.1 s: longer than the request deadline
                 s.sendall(b"X")
                 time.sleep(0.1)
         except OSError:
@@ -369,13 +370,13 @@ def test_bounded_load_50_clients(server, hf):
     def bad_client(i):
         bodies = [b'{"prompt": "hi", "top_k": 10000000000}', b"\xff", b"{", b'{"prompt": "\\udc00"}']
         status, _, _ = post(server, bodies[i % len(bodies)])
-        results.append(status == 400)
+        results.append(("bad", status == 400, status))
 
     def big_client(i):  # 2 MB actually sent against a 64 KB limit
         head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
                 b"\r\nContent-Length: 2000000\r\n\r\n")
         status, _, _ = raw(server, head + b"y" * 2_000_000, timeout=10)
-        results.append(status == 413)
+        results.append(("big", status == 413, status))
 
     kinds = [good_client] * 20 + [slow_client] * 15 + [bad_client] * 10 + [big_client] * 5
     threads = [threading.Thread(target=f, args=(i,)) for i, f in enumerate(kinds)]
@@ -386,9 +387,10 @@ def test_bounded_load_50_clients(server, hf):
         t.join(max(0.0, t0 + 90 - time.monotonic()))
     assert not any(t.is_alive() for t in threads)
     assert not errors
-    assert len(results) == 20 * 2 + 10 + 5 and all(results), results
+    assert len(results) == 20 * 2 + 10 + 5, results
+    assert all(ok for _, ok, _ in results), [r for r in results if not r[1]]
     assert server.worker.healthy and server.worker.step_failures == failures0 and health(server) == 200
     _wait_for(lambda: threading.active_count() <= base_threads and server.open_connections() == 0,
-              LIMITS["request_timeout_s"] + 1)
+              LIMITS["request_timeout_s"] + 4)
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     assert grown_mb < 200, f"peak RSS grew {grown_mb:.0f} MB"

@@ -41,7 +41,8 @@ from lumos_jax.tokenization import Tokenizer
 
 logger = logging.getLogger(__name__)  # `lumos-jax serve` shows INFO on stderr (lumos_jax/cli.py)
 
-_LINGER_S, _LINGER_BYTES = 1.0, 8 << 20  # draining a refused request's unread body
+_LINGER_S, _LINGER_BYTES = 3.0, 8 << 20  # draining a refused request's unread body (at most)
+_LINGER_IDLE_S = 0.25  # ... and it ends once the client pauses this long
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,10 +204,13 @@ class _Handler(BaseHTTPRequestHandler):
         the reply. Bounded in time and bytes; nothing is kept."""
         self._error(status, message, close=True)
         self.wfile.flush()
+        # The drain has its own bound: the request deadline would cut it off mid-body on a
+        # loaded machine, and the reset would lose the reply (seen in CI, 2 MB at 64 KB).
+        end, left = time.monotonic() + _LINGER_S, _LINGER_BYTES
+        self.server.set_deadline(self.connection, end + 0.5)
         try:
             self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(0.25)
-            end, left = time.monotonic() + _LINGER_S, _LINGER_BYTES
+            self.connection.settimeout(_LINGER_IDLE_S)
             while left > 0 and time.monotonic() < end:
                 data = self.connection.recv(min(left, 65536))
                 if not data:
