@@ -36,6 +36,7 @@ DEBUG_ENV = ("LUMOS_DEBUG", "LUMOS_JAX_DEBUG")  # the second: the old name
 
 SUBCOMMANDS = {
     "convert": ("lumos_jax.checkpoints.convert:main", "HF directory <-> lumos-jax checkpoint"),
+    "quantize": ("lumos_jax.inference.quantize_cli:main", "an int8-weight checkpoint for decoding"),
     "generate": ("lumos_jax.generation:main", "generate text from prompts (file, stdin or --prompt)"),
     "demo": ("lumos_jax.demo:main", "the CPU demo on the bundled model and data"),
     "assets": ("lumos_jax.assets:main", "list the bundled model and data (`bundled:NAME` paths)"),

@@ -165,21 +165,24 @@ def _int8_engine(model, **kw):
     return Engine.from_params(model.config, convert_weights(params, "int8"), spec, **kw)
 
 
-def _hf_int8(hf):
+def _hf_int8(hf, group_size=None):
     """The HF model with every linear weight replaced by its per-output-row int8 rounding
     (our quantizer's rule written again in torch: scale = max|row| / 127, round half to
-    even, clip to +-127): the outside reference for int8 weights."""
+    even, clip to +-127), or per `group_size` consecutive inputs of a row (o_proj, whose
+    inputs are our three contracted axes, stays per row): the outside reference for int8."""
     import copy
 
     import torch
 
     ref = copy.deepcopy(hf)
     with torch.no_grad():
-        for mod in ref.modules():
+        for name, mod in ref.named_modules():
             if isinstance(mod, torch.nn.Linear):
                 w = mod.weight
-                s = w.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127
-                mod.weight.copy_(torch.clamp(torch.round(w / s), -127, 127) * s)
+                g = w.shape[1] if group_size is None or name.endswith("o_proj") else group_size
+                wg = w.reshape(w.shape[0], -1, g)
+                s = wg.abs().amax(dim=2, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127
+                mod.weight.copy_((torch.clamp(torch.round(wg / s), -127, 127) * s).reshape(w.shape))
     return ref
 
 
@@ -306,3 +309,45 @@ def test_gin_switches_load_int8_sharded_and_from_an_int8_checkpoint(stories, tmp
             load_engines([str(STORIES)], mesh=mesh, weight_dtype="int4")
     finally:
         gin.clear_config()
+
+
+@pytest.mark.parametrize("group_size", [None, 4])
+def test_quantize_command_writes_a_checkpoint_every_loader_reads_as_int8(stories, tmp_path, group_size):
+    """`lumos-jax quantize SRC DST` on the HF fixture: DST loads through the one loader as int8
+    (no conversion), and its greedy tokens are HF generate's on the int8-rounded weights
+    (per channel, or per group of 4 inputs)."""
+    import gin
+    from inference_helpers import STORIES, hf_greedy, random_prompts
+
+    from lumos_jax.cli import main
+    from lumos_jax.inference import SamplingParams
+    from lumos_jax.inference.quant import is_int8_checkpoint
+    from lumos_jax.inference.settings import load_engines
+
+    dst = tmp_path / "q8"
+    extra = [] if group_size is None else ["--group_size", str(group_size)]
+    assert main(["quantize", str(STORIES), str(dst), "--dtype", "float32", *extra]) == 0
+    assert is_int8_checkpoint(dst) and (dst / "tokenizer.model").exists()
+    gin.parse_config(["inference_dtypes.compute = 'float32'"])
+    try:
+        (eng,) = load_engines([str(dst)], num_slots=4, max_len=96).values()
+    finally:
+        gin.clear_config()
+    wqkv = eng.params["layers"]["wqkv"]
+    assert isinstance(wqkv, QTensor) and wqkv.q.dtype == jnp.int8
+    assert wqkv.scale.size == wqkv.q.size // (group_size or 64)  # hidden 64: one scale per row or per 4
+    ref = _hf_int8(stories[1], group_size)
+    prompts = [[1, 403, 407, 261, 378]] + random_prompts(np.random.default_rng(11), 3, 2, 30, 512)
+    for p, r in zip(prompts, eng.generate(prompts, SamplingParams(max_new_tokens=16))):
+        assert r.tokens == hf_greedy(ref, p, 16), f"prompt of {len(p)} tokens"
+
+
+def test_quantize_command_bad_group_size_is_one_clear_error(tmp_path, capsys):
+    from inference_helpers import STORIES
+
+    from lumos_jax.cli import main
+
+    assert main(["quantize", str(STORIES), str(tmp_path / "q"), "--group_size", "5"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "group_size=5" in err[0], err
+    assert not (tmp_path / "q").exists()
