@@ -270,9 +270,12 @@ class LlamaForCausalLM(nnx.Module):
             return nnx.merge(graphdef, one_layer)(h, positions, segment_ids, inv_freq), None
 
         if c.remat_policy != "none" or c.scan_layers:
-            # Inside a scan, CSE cannot undo the recomputation, so prevent_cse is not needed.
-            # Unrolled, 'none' stays unwrapped: XLA fuses the elementwise residuals itself.
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=False)
+            # Inside a scan, CSE cannot undo the recomputation, so prevent_cse is not needed;
+            # unrolled, it is (else XLA may merge the backward's recomputation with the
+            # forward and keep the activations remat was to drop). Unrolled, 'none' stays
+            # unwrapped: XLA fuses the elementwise residuals itself.
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat_policy],
+                                  prevent_cse=not c.scan_layers)
         if c.scan_layers:
             x, _ = jax.lax.scan(body, x, layer_state, unroll=c.scan_unroll)
         else:
